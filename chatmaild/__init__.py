@@ -1,0 +1,1 @@
+"""chatmaild: the daemons a chatmail relay's Dovecot and MTA talk to."""

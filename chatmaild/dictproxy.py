@@ -1,0 +1,264 @@
+"""Dovecot's dict protocol (``proxy:`` dict driver) over a UNIX stream socket.
+
+Parsing is pure (:func:`parse_request`); :class:`DictProxy` is the thin I/O shell that
+daemons subclass, implementing only the hooks they need. Transactions live per
+connection because Dovecot reuses transaction ids across connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socketserver
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+
+
+def _unescape_tab(value: str) -> str:
+    """Undo Dovecot's tab-escaping (``\\x01`` + one character)."""
+    if "\x01" not in value:
+        return value
+    table = {"0": "\0", "1": "\x01", "t": "\t", "r": "\r", "n": "\n"}
+    out, chars = [], iter(value)
+    for ch in chars:
+        out.append(table.get(next(chars, ""), "") if ch == "\x01" else ch)
+    return "".join(out)
+
+
+def _escape_tab(value: str) -> str:
+    return (
+        value.replace("\x01", "\x011")
+        .replace("\0", "\x010")
+        .replace("\t", "\x01t")
+        .replace("\r", "\x01r")
+        .replace("\n", "\x01n")
+    )
+
+
+@dataclass(frozen=True)
+class Hello:
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Lookup:
+    key: str
+    user: str
+
+
+@dataclass(frozen=True)
+class Iterate:
+    flags: int
+    max_rows: int
+    prefix: str
+    user: str
+
+
+@dataclass(frozen=True)
+class Begin:
+    tid: str
+    user: str
+
+
+@dataclass(frozen=True)
+class Set:
+    tid: str
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Unset:
+    tid: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    tid: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    tid: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A request we acknowledge by silence (timestamps, atomic increments, ...)."""
+
+    command: str
+
+
+class ProtocolError(ValueError):
+    """A line that is not a dict-protocol request."""
+
+
+Request = Hello | Lookup | Iterate | Begin | Set | Unset | Commit | Rollback | Ignored
+
+
+def parse_request(line: str) -> Request:
+    """Parse one request line (without the newline)."""
+    if not line:
+        raise ProtocolError("empty request")
+    cmd, rest = line[0], line[1:]
+    parts = [_unescape_tab(p) for p in rest.split("\t")]
+    try:
+        if cmd == "H":
+            return Hello(tuple(parts))
+        if cmd == "L":
+            return Lookup(parts[0], parts[1] if len(parts) > 1 else "")
+        if cmd == "I":
+            return Iterate(
+                int(parts[0] or 0),
+                int(parts[1] or 0),
+                parts[2],
+                parts[3] if len(parts) > 3 else "",
+            )
+        if cmd == "B":
+            return Begin(parts[0], parts[1] if len(parts) > 1 else "")
+        if cmd == "S":
+            return Set(parts[0], parts[1], parts[2])
+        if cmd == "U":
+            return Unset(parts[0], parts[1])
+        if cmd in ("C", "D"):
+            return Commit(parts[0])
+        if cmd == "R":
+            return Rollback(parts[0])
+        if cmd in ("A", "T", "E"):
+            return Ignored(cmd)
+    except (IndexError, ValueError) as exc:
+        raise ProtocolError(f"malformed {cmd!r} request: {exc}") from None
+    raise ProtocolError(f"unknown command {cmd!r}")
+
+
+@dataclass
+class Transaction:
+    user: str
+    ok: bool = True
+
+
+@dataclass
+class ConnectionState:
+    transactions: dict[str, Transaction] = field(default_factory=dict)
+
+
+class DictProxy:
+    """Base dict server: override :meth:`lookup`, :meth:`iterate` and/or :meth:`set`."""
+
+    def lookup(self, key: str, user: str) -> str | None:
+        """Value for ``key`` (reply ``O``), None for not found (``N``); raise for ``F``."""
+        return None
+
+    def iterate(self, prefix: str, user: str) -> Iterable[tuple[str, str]]:
+        return ()
+
+    def set(self, user: str, key: str, value: str) -> bool:
+        """Apply one write of a transaction; False fails the commit."""
+        return False
+
+    def unset(self, user: str, key: str) -> bool:
+        return True
+
+    # -- protocol ---------------------------------------------------------------------
+
+    def reply(self, request: Request, state: ConnectionState) -> str | None:
+        """The reply line(s) for one request, or None when the protocol wants silence."""
+        if isinstance(request, Lookup):
+            try:
+                value = self.lookup(request.key, request.user)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an F reply
+                log.exception("lookup of %r failed", request.key)
+                return f"F{_escape_tab(str(exc))}\n"
+            return "N\n" if value is None else f"O{_escape_tab(value)}\n"
+        if isinstance(request, Iterate):
+            rows = []
+            try:
+                for key, value in self.iterate(request.prefix, request.user):
+                    rows.append(f"O{_escape_tab(key)}\t{_escape_tab(value)}\n")
+                    if request.max_rows and len(rows) >= request.max_rows:
+                        break
+            except Exception as exc:  # noqa: BLE001
+                log.exception("iteration of %r failed", request.prefix)
+                return f"F{_escape_tab(str(exc))}\n"
+            return "".join(rows) + "\n"
+        if isinstance(request, Begin):
+            state.transactions[request.tid] = Transaction(user=request.user)
+            return None
+        if isinstance(request, (Set, Unset)):
+            trans = state.transactions.get(request.tid)
+            if trans is None:
+                log.warning("write to unknown transaction %r", request.tid)
+                return None
+            try:
+                if isinstance(request, Set):
+                    done = self.set(trans.user, request.key, request.value)
+                else:
+                    done = self.unset(trans.user, request.key)
+            except Exception:  # noqa: BLE001
+                log.exception("write of %r failed", request.key)
+                done = False
+            if not done:
+                log.error("dict write failed for key %r", request.key)
+                trans.ok = False
+            return None
+        if isinstance(request, Commit):
+            trans = state.transactions.pop(request.tid, None)
+            ok = trans is not None and trans.ok
+            return f"O{request.tid}\n" if ok else f"F{request.tid}\n"
+        if isinstance(request, Rollback):
+            state.transactions.pop(request.tid, None)
+            return None
+        return None  # Hello, Ignored
+
+    def handle_connection(self, rfile: BinaryIO, wfile: BinaryIO) -> None:
+        """Serve one client until it disconnects; garbage lines are logged and skipped."""
+        state = ConnectionState()
+        while True:
+            raw = rfile.readline(MAX_LINE + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+                log.warning("dict request longer than %d bytes dropped", MAX_LINE)
+                while raw and not raw.endswith(b"\n"):
+                    raw = rfile.readline(MAX_LINE + 1)
+                continue
+            line = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+            if not line:
+                continue
+            try:
+                request = parse_request(line)
+            except ProtocolError as exc:
+                log.warning("unknown dictproxy request: %s", exc)
+                continue
+            answer = self.reply(request, state)
+            if answer is not None:
+                wfile.write(answer.encode("utf-8"))
+                wfile.flush()
+
+    def serve_forever(self, socket_path: str | Path) -> None:
+        """Listen on a UNIX socket, one thread per connection."""
+        proxy = self
+        socket_path = Path(socket_path)
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    proxy.handle_connection(self.rfile, self.wfile)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        class Server(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+            request_queue_size = 1000
+
+        socket_path.unlink(missing_ok=True)
+        with Server(str(socket_path), Handler) as server:
+            os.chmod(socket_path, 0o660)
+            log.info("listening on %s", socket_path)
+            server.serve_forever()

@@ -1,0 +1,78 @@
+"""One account's on-disk state, in upstream chatmail's mailbox layout.
+
+``<mailboxes_dir>/<addr>/password`` holds the crypt hash (its mtime is the last-login
+day), ``enforceE2EEincoming`` marks accounts that refuse cleartext, ``metadata.json`` holds
+device tokens. Dovecot's Maildir lives in the same directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .fileio import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86400
+
+
+class InvalidAddress(ValueError):
+    """An address that must never become a path."""
+
+
+def check_address(addr: str) -> str:
+    """Return ``addr`` if it is safe to use as a directory name, else raise InvalidAddress."""
+    if not addr or "@" not in addr:
+        raise InvalidAddress(f"address without '@': {addr!r}")
+    if "/" in addr or "\\" in addr or "\0" in addr or ".." in addr:
+        raise InvalidAddress(f"address with path characters: {addr!r}")
+    if addr.startswith("."):
+        raise InvalidAddress(f"address starting with '.': {addr!r}")
+    return addr
+
+
+class User:
+    def __init__(self, mailboxes_dir: Path, addr: str):
+        self.addr = check_address(addr)
+        self.maildir = Path(mailboxes_dir) / self.addr
+        self.password_path = self.maildir / "password"
+        self.enforce_e2ee_path = self.maildir / "enforceE2EEincoming"
+        self.metadata_path = self.maildir / "metadata.json"
+        self.lock_path = self.maildir / "password.lock"
+
+    def get_password(self) -> str | None:
+        """The stored hash, or None for an account that does not exist (yet)."""
+        try:
+            data = self.password_path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("unreadable password file for %s: %s", self.addr, exc)
+            return None
+        if not data:
+            log.error("empty password file for %s", self.addr)
+            return None
+        return data
+
+    def set_password(self, password_hash: str) -> None:
+        """Store the hash atomically and mark the account as refusing cleartext."""
+        self.maildir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_bytes_atomic(self.password_path, password_hash.encode("ascii"))
+        self.enforce_e2ee_path.touch()
+
+    def set_last_login_timestamp(self, timestamp: int) -> None:
+        """Record the last login, rounded down to the UTC day to leak little."""
+        day = int(timestamp) // SECONDS_PER_DAY * SECONDS_PER_DAY
+        try:
+            if int(self.password_path.stat().st_mtime) != day:
+                os.utime(self.password_path, (day, day))
+        except FileNotFoundError:
+            log.error("cannot record last login of %s: no password file", self.addr)
+
+    def get_last_login_timestamp(self) -> int | None:
+        try:
+            return int(self.password_path.stat().st_mtime)
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,57 @@
+"""Fixtures shared by every test package."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from pathlib import Path
+
+import pytest
+
+from chatmaild.config import Config, load_config, render_ini
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """Write a chatmail.ini under tmp_path and load it: ``make_config("chat.example.org", ...)``.
+
+    Mailboxes, counters and the nocreate file live under tmp_path, so tests never touch
+    the host's /etc or /home.
+    """
+
+    def make(mail_domain: str = "chat.example.org", **overrides: object) -> Config:
+        params: dict[str, object] = {
+            "mail_domain": mail_domain,
+            "mailboxes_dir": tmp_path / "mailboxes",
+            "counters_dir": tmp_path / "counters",
+            "nocreate_file": tmp_path / "chatmail-nocreate",
+            "passdb_path": tmp_path / "passdb.sqlite",
+        }
+        params.update(overrides)
+        ini = tmp_path / "chatmail.ini"
+        ini.write_text(render_ini(params))
+        (tmp_path / "mailboxes").mkdir(exist_ok=True)
+        return load_config(ini).config
+
+    return make
+
+
+@pytest.fixture
+def ini_path(tmp_path: Path, make_config) -> Path:
+    """Path of the chatmail.ini written by ``make_config`` (call make_config first)."""
+    return tmp_path / "chatmail.ini"
+
+
+@pytest.fixture
+def gencreds():
+    """Fresh (localpart, password) pairs that satisfy the default account rules."""
+
+    def gen(length: int = 9) -> tuple[str, str]:
+        alphabet = string.ascii_lowercase + string.digits
+        user = "".join(secrets.choice(alphabet) for _ in range(length))
+        password = "".join(secrets.choice(alphabet) for _ in range(12))
+        return user, password
+
+    return gen
