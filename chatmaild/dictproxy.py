@@ -7,8 +7,10 @@ connection because Dovecot reuses transaction ids across connections.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import socket
 import socketserver
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,8 +243,11 @@ class DictProxy:
                 wfile.write(answer.encode("utf-8"))
                 wfile.flush()
 
-    def serve_forever(self, socket_path: str | Path) -> None:
-        """Listen on a UNIX socket, one thread per connection."""
+    def make_server(self, socket_path: str | Path) -> socketserver.ThreadingUnixStreamServer:
+        """Bind the UNIX socket (replacing a stale one); the caller runs ``serve_forever``.
+
+        Tests and benchmarks use this to run a proxy in a thread and ``shutdown()`` it.
+        """
         proxy = self
         socket_path = Path(socket_path)
 
@@ -258,7 +263,79 @@ class DictProxy:
             request_queue_size = 1000
 
         socket_path.unlink(missing_ok=True)
-        with Server(str(socket_path), Handler) as server:
-            os.chmod(socket_path, 0o660)
+        server = Server(str(socket_path), Handler)
+        os.chmod(socket_path, 0o660)
+        return server
+
+    def serve_forever(self, socket_path: str | Path) -> None:
+        """Listen on a UNIX socket, one thread per connection."""
+        with self.make_server(socket_path) as server:
             log.info("listening on %s", socket_path)
             server.serve_forever()
+
+
+class DictError(RuntimeError):
+    """The server answered ``F`` (failure)."""
+
+
+class DictClient:
+    """Minimal synchronous dict-protocol client, the way Dovecot's ``proxy:`` driver talks.
+
+    For tests, benchmarks and health checks; one instance per connection, not thread-safe.
+    """
+
+    def __init__(self, socket_path: str | Path, timeout: float = 10.0, dict_name: str = ""):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(socket_path))
+        self.rfile = self.sock.makefile("rb")
+        self._tids = itertools.count(1)
+        # major 3, minor 2, value type 0 (string), no user, the dict's name
+        self.send(f"H3\t2\t0\t\t{_escape_tab(dict_name)}")
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(line.encode("utf-8") + b"\n")
+
+    def read_line(self) -> str:
+        raw = self.rfile.readline(MAX_LINE + 1)
+        if not raw:
+            raise ConnectionError("dict server closed the connection")
+        return raw.rstrip(b"\n").decode("utf-8")
+
+    def lookup(self, key: str, user: str = "") -> str | None:
+        self.send(f"L{_escape_tab(key)}\t{_escape_tab(user)}")
+        reply = self.read_line()
+        if reply.startswith("O"):
+            return _unescape_tab(reply[1:])
+        if reply.startswith("N"):
+            return None
+        raise DictError(f"lookup of {key!r} failed: {reply!r}")
+
+    def iterate(self, prefix: str, user: str = "") -> list[tuple[str, str]]:
+        self.send(f"I0\t0\t{_escape_tab(prefix)}\t{_escape_tab(user)}")
+        rows = []
+        while reply := self.read_line():
+            if not reply.startswith("O"):
+                raise DictError(f"iteration of {prefix!r} failed: {reply!r}")
+            key, _, value = reply[1:].partition("\t")
+            rows.append((_unescape_tab(key), _unescape_tab(value)))
+        return rows
+
+    def set_values(self, values: dict[str, str], user: str = "") -> bool:
+        """Write ``values`` in one transaction; True if the server committed it."""
+        tid = next(self._tids)
+        lines = [f"B{tid}\t{_escape_tab(user)}"]
+        lines += [f"S{tid}\t{_escape_tab(k)}\t{_escape_tab(v)}" for k, v in values.items()]
+        lines.append(f"C{tid}")
+        self.sock.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
+        return self.read_line().startswith("O")
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()
+
+    def __enter__(self) -> DictClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import cached_property
 from pathlib import Path
 
 from .fileio import write_bytes_atomic
@@ -34,23 +35,48 @@ def check_address(addr: str) -> str:
 
 
 class User:
+    # Paths are built on first use: doveauth constructs a User per login lookup and
+    # pathlib joins cost more than the rest of a lookup together.
     def __init__(self, mailboxes_dir: Path, addr: str):
         self.addr = check_address(addr)
-        self.maildir = Path(mailboxes_dir) / self.addr
-        self.password_path = self.maildir / "password"
-        self.enforce_e2ee_path = self.maildir / "enforceE2EEincoming"
-        self.metadata_path = self.maildir / "metadata.json"
-        self.lock_path = self.maildir / "password.lock"
+        self._maildir_str = os.path.join(mailboxes_dir, self.addr)
+
+    @cached_property
+    def maildir(self) -> Path:
+        return Path(self._maildir_str)
+
+    @cached_property
+    def password_path(self) -> Path:
+        return self.maildir / "password"
+
+    @cached_property
+    def enforce_e2ee_path(self) -> Path:
+        return self.maildir / "enforceE2EEincoming"
+
+    @cached_property
+    def metadata_path(self) -> Path:
+        return self.maildir / "metadata.json"
+
+    @cached_property
+    def lock_path(self) -> Path:
+        return self.maildir / "password.lock"
 
     def get_password(self) -> str | None:
         """The stored hash, or None for an account that does not exist (yet)."""
         try:
-            data = self.password_path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
+            fd = os.open(os.path.join(self._maildir_str, "password"), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            log.error("unreadable password file for %s: %s", self.addr, exc)
+            return None
+        try:
+            data = os.read(fd, 4096).decode("ascii").strip()
         except (OSError, UnicodeDecodeError) as exc:
             log.error("unreadable password file for %s: %s", self.addr, exc)
             return None
+        finally:
+            os.close(fd)
         if not data:
             log.error("empty password file for %s", self.addr)
             return None

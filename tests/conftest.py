@@ -38,6 +38,26 @@ def make_config(tmp_path: Path):
     return make
 
 
+#: System limits that never block account creation, even on a busy shared test host.
+RELAXED_LIMITS = {"max_load_1m": 99999, "min_available_memory": "0", "min_free_disk_space": "0"}
+
+
+@pytest.fixture
+def make_relaxed_config(make_config):
+    """``make_config`` with :data:`RELAXED_LIMITS`, so only the rule under test can refuse."""
+
+    def make(mail_domain: str = "chat.example.org", **overrides: object) -> Config:
+        return make_config(mail_domain, **{**RELAXED_LIMITS, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def example_config(make_relaxed_config) -> Config:
+    """chat.example.org with upstream's account rules and relaxed system limits."""
+    return make_relaxed_config()
+
+
 @pytest.fixture
 def ini_path(tmp_path: Path, make_config) -> Path:
     """Path of the chatmail.ini written by ``make_config`` (call make_config first)."""

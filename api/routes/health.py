@@ -1,0 +1,26 @@
+"""``GET /health``: unauthenticated, answered from the cached status run."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from ..deps import RuntimeDep
+from ..models import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "A critical check fails"}},
+)
+async def health(rt: RuntimeDep):
+    """200 ``{"status": "ok"}``, or 503 with the first failing critical check."""
+    snapshot = await rt.status()
+    failing = [r for r in snapshot.results if r.state == "fail" and r.severity == "critical"]
+    if failing:
+        body = Health(status="down", reason=f"{failing[0].id}: {failing[0].summary}"[:200])
+        return JSONResponse(body.model_dump(), status_code=503)
+    return Health(status="ok")

@@ -1,0 +1,186 @@
+"""What the API holds while it runs: config, cached status, background tasks, rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from chatmaild.config import Config
+
+from .accountcreation import AccountCreationControl
+from .accountstats import AccountStats, scan_mailboxes
+from .checks import Checker, CheckResult, CheckStateStore, Facts, overall
+from .models import Check, Status
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StatusSnapshot:
+    status: Status
+    results: list[CheckResult]
+    facts: Facts
+    taken: float  # monotonic
+
+
+class RateLimiter:
+    """Token bucket per client address; memory is bounded by forgetting full buckets."""
+
+    MAX_CLIENTS = 10000
+
+    def __init__(self, rate_per_s: float, burst: int):
+        self.rate = rate_per_s
+        self.burst = burst
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, client: str, now: float | None = None) -> float:
+        """0 if the request may pass, else seconds until it would."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self.buckets[client] = (tokens - 1, now)
+        if len(self.buckets) > self.MAX_CLIENTS:
+            self._forget_full(now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        refill = self.burst / self.rate
+        self.buckets = {c: v for c, v in self.buckets.items() if now - v[1] < refill}
+
+
+class Runtime:
+    def __init__(self, settings: Settings, config: Config):
+        self.settings = settings
+        self.config = config
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.creation = AccountCreationControl(
+            config, settings.audit_log_path, settings.account_creation_pin
+        )
+        self.checker = Checker(settings, config, self.creation)
+        self.check_states = CheckStateStore(settings.check_state_path)
+        self.rate_limiter = RateLimiter(
+            settings.new_account.rate_per_s, settings.new_account.burst
+        )
+        self.last_status: StatusSnapshot | None = None
+        self.account_stats: AccountStats | None = None
+        self._status_lock = asyncio.Lock()
+        self._creation_lock = asyncio.Lock()
+        self._probe_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    # -- status ----------------------------------------------------------------------
+
+    async def status(self) -> StatusSnapshot:
+        """The last status if younger than ``status_cache_s``, else a fresh run (shared)."""
+        max_age = self.settings.status_cache_s
+        snapshot = self.last_status
+        if snapshot and time.monotonic() - snapshot.taken < max_age:
+            return snapshot
+        async with self._status_lock:
+            snapshot = self.last_status
+            if snapshot and time.monotonic() - snapshot.taken < max_age:
+                return snapshot
+            results, facts = await self.checker.run()
+            now = time.time()
+            since = self.check_states.update(results, now)
+            status = Status(
+                status=overall(results),
+                mail_domain=self.config.mail_domain,
+                checked_at=datetime.fromtimestamp(now, UTC),
+                checks=[
+                    Check(
+                        id=r.id,
+                        severity=r.severity,
+                        state=r.state,
+                        summary=r.summary,
+                        hint=r.hint,
+                        since=datetime.fromtimestamp(since[r.id], UTC),
+                    )
+                    for r in results
+                ],
+            )
+            self.last_status = StatusSnapshot(status, results, facts, time.monotonic())
+            return self.last_status
+
+    def invalidate_status(self) -> None:
+        self.last_status = None
+
+    @property
+    def creation_lock(self) -> asyncio.Lock:
+        return self._creation_lock
+
+    @property
+    def probe_lock(self) -> asyncio.Lock:
+        return self._probe_lock
+
+    # -- background work ---------------------------------------------------------------
+
+    async def scan_accounts(self) -> AccountStats:
+        self.account_stats = await asyncio.to_thread(scan_mailboxes, self.config.mailboxes_path)
+        log.info(
+            "counted %d accounts in %.2f s",
+            self.account_stats.accounts["all"],
+            self.account_stats.duration_s,
+        )
+        return self.account_stats
+
+    async def run_probe(self):
+        from .probe import run_probe
+
+        async with self._probe_lock:
+            result = await run_probe(self.settings, self.config)
+        self.checker.probe_result = result
+        self.invalidate_status()
+        return result
+
+    async def check_dns(self):
+        from .dnscheck import check_dns
+
+        report = await check_dns(self.settings, self.config)
+        self.checker.dns_report = report
+        self.invalidate_status()
+        return report
+
+    def start(self) -> None:
+        s = self.settings
+        if s.account_scan_interval_s > 0:
+            self._every(s.account_scan_interval_s, self.scan_accounts, "account scan")
+        self._every(s.reopen_interval_s, self._reopen, "account creation re-open")
+        if s.probe.enabled and s.probe.interval_s > 0:
+            self._every(s.probe.interval_s, self.run_probe, "probe", delay=30.0)
+        if s.dns.check_interval_s > 0:
+            self._every(s.dns.check_interval_s, self.check_dns, "dns check", delay=10.0)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _reopen(self) -> None:
+        async with self._creation_lock:
+            before = self.creation.read()
+            after = await asyncio.to_thread(self.creation.current)
+        if before.closed != after.closed:
+            self.invalidate_status()
+
+    def _every(self, interval: float, job, name: str, delay: float = 0.0) -> None:
+        async def loop():
+            await asyncio.sleep(delay)
+            while True:
+                try:
+                    await job()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("background %s failed", name)
+                await asyncio.sleep(interval)
+
+        self._tasks.append(asyncio.create_task(loop(), name=name))

@@ -1,0 +1,181 @@
+"""The control API's own settings: one JSON file (``/etc/chatmail/api.json``) rendered by Salt.
+
+Everything about the relay itself (domain, paths, limits) comes from chatmail.ini via
+``chatmaild.config``; this file only holds what the API adds: where it listens, who may
+call it, what it checks and how often.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chatmaild.config import DEFAULT_INI_PATH
+
+DEFAULT_SETTINGS_PATH = Path("/etc/chatmail/api.json")
+
+DEFAULT_SERVICES = [
+    "postfix",
+    "dovecot",
+    "opendkim",
+    "nginx",
+    "unbound",
+    "doveauth",
+    "chatmail-metadata",
+    "lastlogin",
+    "filtermail",
+    "filtermail-incoming",
+]
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be used; one line per problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tokens(_Strict):
+    """Named bearer tokens per scope: ``{"monitor": {"grafana": "..."}, "admin": {...}}``."""
+
+    monitor: dict[str, str] = {}
+    admin: dict[str, str] = {}
+
+    @field_validator("monitor", "admin")
+    @classmethod
+    def _long_enough(cls, tokens: dict[str, str]) -> dict[str, str]:
+        for name, token in tokens.items():
+            if len(token) < 16:
+                raise ValueError(f"token {name!r} is shorter than 16 characters")
+        return tokens
+
+
+class ServiceSpec(_Strict):
+    name: str
+    severity: Literal["critical", "warning", "info"] = "critical"
+
+
+class PortSpec(_Strict):
+    port: int = Field(gt=0, lt=65536)
+    host: str = "127.0.0.1"
+    severity: Literal["critical", "warning", "info"] = "critical"
+    what: str = ""
+
+
+class DnsSettings(_Strict):
+    #: ``IP`` or ``IP:PORT`` of the recursive resolver used to find the authoritative
+    #: servers; empty means the system resolver (/etc/resolv.conf).
+    resolver: str = ""
+    #: Port the authoritative servers are queried on (53 in real life, a test port in tests).
+    authoritative_port: int = Field(53, gt=0, lt=65536)
+    timeout_s: float = Field(3.0, gt=0)
+    #: Addresses the A/AAAA records must hold; empty means "any address is fine".
+    expected_ipv4: list[ipaddress.IPv4Address] = []
+    expected_ipv6: list[ipaddress.IPv6Address] = []
+    dkim_selector: str = "opendkim"
+    dkim_txt: Path = Path("/etc/dkimkeys/opendkim.txt")
+    dkim_private_key: Path = Path("/etc/dkimkeys/opendkim.private")
+    acme_account_uri: str = ""
+    mta_sts_port: int = Field(443, gt=0, lt=65536)
+    #: CA bundle for the MTA-STS policy fetch; empty means the system's CAs.
+    mta_sts_cafile: Path | None = None
+    #: How often the background task re-checks DNS for /status (0: only on GET /dns).
+    check_interval_s: float = Field(3600.0, ge=0)
+
+
+class ProbeSettings(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    submission_port: int = Field(587, gt=0, lt=65536)
+    imap_port: int = Field(993, gt=0, lt=65536)
+    #: The relay's own certificate is checked by the TLS check, not by the probe.
+    verify_tls: bool = False
+    timeout_s: float = Field(30.0, gt=0)
+    interval_s: float = Field(900.0, ge=0)
+
+
+class NewAccountSettings(_Strict):
+    """Rate limit of the public ``/new`` endpoint per client address (token bucket)."""
+
+    rate_per_s: float = Field(2.0, gt=0)
+    burst: int = Field(5, ge=1)
+
+
+class Settings(_Strict):
+    chatmail_ini: Path = DEFAULT_INI_PATH
+    listen: str = "127.0.0.1"
+    port: int = Field(8077, gt=0, lt=65536)
+    #: Probe credentials, check states, audit log. Root-only readable parts stay 0600.
+    state_dir: Path = Path("/var/lib/chatmail-api")
+    tokens: Tokens = Tokens()
+    #: Client networks allowed to use authenticated endpoints; empty: any.
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    #: Peers whose X-Forwarded-For is believed (nginx on the same host).
+    trusted_proxies: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+        ipaddress.IPv4Address("127.0.0.1"),
+        ipaddress.IPv6Address("::1"),
+    ]
+    #: true/false: account creation is pinned open/closed by the pillar; PUT answers 409.
+    account_creation_pin: bool | None = None
+    version_file: Path = Path("/etc/chatmail-version")
+    #: Certificate checked for expiry; empty: derived from chatmail.ini's TLS mode.
+    tls_cert: Path | None = None
+    tls_warn_days: int = Field(14, ge=0)
+    tls_fail_days: int = Field(3, ge=0)
+    service_manager: Literal["systemd", "rcctl"] = "systemd"
+    services: list[ServiceSpec] = [ServiceSpec(name=name) for name in DEFAULT_SERVICES]
+    #: Ports that must accept connections; empty: derived from chatmail.ini.
+    ports: list[PortSpec] = []
+    #: Prints the queue; ``postqueue -j`` (Postfix JSON) or ``smtpctl show queue``.
+    queue_command: list[str] = ["postqueue", "-j"]
+    queue_warn: int = Field(100, ge=0)
+    queue_fail: int = Field(1000, ge=0)
+    #: Free space below this many MB on the mailbox filesystem is a warning (the
+    #: failure threshold is chatmail.ini's min_free_disk_space).
+    disk_warn_mb: int = Field(5120, ge=0)
+    check_timeout_s: float = Field(3.0, gt=0)
+    status_cache_s: float = Field(5.0, ge=0)
+    #: How often accounts and storage are counted for /metrics (a directory walk).
+    account_scan_interval_s: float = Field(300.0, ge=0)
+    #: How often an expired ``until`` re-opens account creation without a request.
+    reopen_interval_s: float = Field(30.0, gt=0)
+    dns: DnsSettings = DnsSettings()
+    probe: ProbeSettings = ProbeSettings()
+    new_account: NewAccountSettings = NewAccountSettings()
+
+    @property
+    def probe_credentials_path(self) -> Path:
+        return self.state_dir / "probe-account.json"
+
+    @property
+    def check_state_path(self) -> Path:
+        return self.state_dir / "check-state.json"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.state_dir / "audit.log"
+
+
+def parse_settings(data: object) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"]) or "settings"
+            lines.append(f"api settings: {key}: {error['msg']}")
+        raise SettingsError("\n".join(lines)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate the JSON settings file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SettingsError(f"api settings: cannot read {path}: {exc}") from None
+    return parse_settings(data)

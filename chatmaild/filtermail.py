@@ -1,0 +1,335 @@
+"""filtermail: the SMTP filters Postfix passes every message through (``smtpd_proxy_filter``).
+
+``filtermail INI outgoing`` sits behind submission: it rate-limits each sender, insists
+that ``From:`` is the authenticated envelope sender and lets only OpenPGP-encrypted mail
+(plus Secure-Join requests and self-sent Autocrypt Setup Messages) through.
+``filtermail INI incoming`` sits behind port 25: it refuses cleartext for accounts that
+ask for it (``enforceE2EEincoming``) and requires a DKIM signature aligned with ``From:``.
+Accepted mail is handed back to Postfix by SMTP unchanged, and Postfix's reply is ours.
+Reply texts and log lines follow upstream's filtermail, which clients and monitoring read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from .config import Config, ConfigError, read_config
+from .counters import Counters
+from .dkimverify import DKIMVerifier, TxtLookup
+from .mailcheck import (
+    Mail,
+    MalformedMessage,
+    from_address,
+    is_autocrypt_setup_message,
+    is_encrypted,
+    is_mailer_daemon_report,
+    is_securejoin,
+    is_utf8,
+    parse_mail,
+)
+from .ratelimit import RateLimiter
+from .smtpclient import LOCAL_ERROR, Recipient, Reinjector
+from .user import InvalidAddress, User
+
+log = logging.getLogger("filtermail")
+
+MODES = ("outgoing", "incoming")
+ENCRYPTION_NEEDED = "523 Encryption Needed: Invalid Unencrypted Mail"
+TOO_BIG = "552 Message exceeds maximum size"
+NON_UTF8 = "554 Non-UTF-8 message"
+MALFORMED = "554 Malformed data"
+# aiosmtpd's own reply for an oversized DATA, replaced by ours (the text upstream uses).
+_REPLY_TRANSLATIONS = {"552 Error: Too much mail data": TOO_BIG}
+
+# SMTP parameters aiosmtpd does not know (it would answer 555); taken off the command
+# line before aiosmtpd parses it. DSN ones are passed on at reinjection, AUTH is dropped.
+MAIL_PARAMS = frozenset({"RET", "ENVID", "AUTH"})
+RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
+PASSED_MAIL_OPTIONS = frozenset({"BODY", "SMTPUTF8"})
+# RFC 5321 allows 512 bytes; DSN parameters (RFC 3461 §5) and SMTPUTF8 need more.
+COMMAND_SIZE_LIMIT = 2048
+
+
+def split_params(arg: str | None, known: frozenset[str]) -> tuple[str | None, dict[str, str]]:
+    """Take trailing ``KEY=value`` parameters in ``known`` off an SMTP command argument.
+
+    Parameters never contain spaces, so they are peeled off from the right until a word
+    is not one of ours; what remains goes to aiosmtpd unchanged.
+    """
+    if not arg:
+        return arg, {}
+    words = arg.split()
+    taken: dict[str, str] = {}
+    while len(words) > 1:
+        key, _, value = words[-1].partition("=")
+        if key.upper() not in known:
+            break
+        taken[key.upper()] = value
+        words.pop()
+    return " ".join(words), dict(reversed(taken.items()))
+
+
+class FilterSMTP(SMTP):
+    """aiosmtpd's server with DSN parameters accepted and upstream's reply texts."""
+
+    # Lines in DATA may exceed RFC 5321's 1000 bytes in real mail; this is also the
+    # stream buffer size, which matters for throughput.
+    line_length_limit = 1 << 16
+
+    def __init__(self, handler: FilterHandler, max_message_size: int):
+        super().__init__(
+            handler,
+            data_size_limit=max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname="filtermail",
+            ident="SMTP",
+        )
+        self.command_size_limits = collections.defaultdict(lambda: COMMAND_SIZE_LIMIT)
+        self.command_size_limit = COMMAND_SIZE_LIMIT
+        self.extra_params: dict[str, str] = {}
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            # Addresses came in with surrogateescape: never let encoding kill the session.
+            status = _REPLY_TRANSLATIONS.get(status, status).encode("utf-8", "replace")
+        await super().push(status)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        arg, self.extra_params = split_params(arg, MAIL_PARAMS | {"SIZE"})
+        size = self.extra_params.pop("SIZE", None)
+        if size is not None:
+            if not size.isdigit():
+                await self.push("501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
+                return
+            if int(size) > self.data_size_limit:
+                await self.push(TOO_BIG)
+                return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg, self.extra_params = split_params(arg, RCPT_PARAMS)
+        await super().smtp_RCPT(arg)
+
+
+def refuses_cleartext(mailboxes_dir: Path, rcpt: str) -> bool:
+    """Whether ``rcpt`` wants only encrypted mail; addresses that can't be a mailbox do.
+
+    ``user+tag@domain`` is delivered to ``user@domain`` (Postfix's recipient_delimiter),
+    so both mailboxes are asked.
+    """
+    addr = rcpt.lower()
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or not domain:
+        return True
+    candidates = {addr, f"{local.split('+', 1)[0]}@{domain}"}
+    try:
+        users = [User(mailboxes_dir, candidate) for candidate in candidates]
+    except InvalidAddress:
+        return True
+    return any(user.enforce_e2ee_path.exists() for user in users)
+
+
+def _plain_sender(address: str | None) -> str:
+    """aiosmtpd reports the null sender ``MAIL FROM:<>`` as ``<>``."""
+    return "" if address in (None, "<>") else address
+
+
+class FilterHandler:
+    """aiosmtpd handler hooks for one mode."""
+
+    def __init__(self, config: Config, mode: str, skip_dkim: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.config = config
+        self.mode = mode
+        self.outgoing = mode == "outgoing"
+        self.counters = Counters(config.counters_dir, f"filtermail-{mode}")
+        port = config.postfix_reinject_port if self.outgoing else config.postfix_reinject_port_incoming
+        self.reinjector = Reinjector(config.postfix_host, port, helo=config.mail_domain)
+        self.ratelimiter = RateLimiter(
+            config.max_user_send_per_minute, config.max_user_send_burst_size
+        )
+        self.dkim = None if skip_dkim else DKIMVerifier(TxtLookup(config.dns_resolver))
+
+    def close(self) -> None:
+        self.reinjector.close()
+
+    async def handle_EHLO(self, server: FilterSMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        return responses[:-1] + ["250-DSN", responses[-1]]
+
+    async def handle_MAIL(self, server: FilterSMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:  # fmt: skip
+        if self.outgoing:
+            if address.count("@") != 1:
+                return f"500 Invalid from address <{address}>"
+            delay = self.ratelimiter.acquire(address.lower())
+            if delay is not None:
+                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + delay))
+                log.info("Rate limited: %s", address)
+                return f"450 4.7.1: Too much mail from {address}, rate limited until {until}"
+        params = {}
+        for option in mail_options:
+            key, _, value = option.partition("=")
+            if key in PASSED_MAIL_OPTIONS:
+                params[key] = value
+        params.update((k, v) for k, v in server.extra_params.items() if k != "AUTH")
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.reinject_params = params
+        envelope.recipients = []
+        return "250 OK"
+
+    async def handle_RCPT(self, server: FilterSMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:  # fmt: skip
+        envelope.rcpt_tos.append(address)
+        envelope.recipients.append(Recipient(address, dict(server.extra_params)))
+        return "250 OK"
+
+    async def handle_DATA(self, server: FilterSMTP, session: Session, envelope: Envelope) -> str:
+        try:
+            reply, encrypted = await self.filter_message(envelope)
+        except Exception:
+            log.exception("filtering failed")
+            return LOCAL_ERROR
+        if encrypted is not None:
+            result = "accepted" if reply[:1] == "2" else "rejected"
+            self.counters.inc(
+                "mail_filtered_total",
+                direction=self.mode,
+                encrypted="true" if encrypted else "false",
+                result=result,
+            )
+        return reply
+
+    async def filter_message(self, envelope: Envelope) -> tuple[str, bool | None]:
+        """The reply for this message, and whether it was encrypted (None: not looked at)."""
+        data: bytes = envelope.original_content
+        if not is_utf8(data):
+            return NON_UTF8, None
+        try:
+            mail = parse_mail(data)
+        except MalformedMessage as exc:
+            return f"{MALFORMED}: {exc}", None
+        from_addr = from_address(mail)
+        if from_addr is None:
+            values = mail.headers.get_all("From") or []
+            problem = "missing" if not values else f"{len(values)} headers" if len(values) > 1 else "unparsable"
+            return f"500 Invalid FROM header: {problem}", None
+        if self.outgoing:
+            return await self._outgoing(envelope, mail, from_addr, data)
+        return await self._incoming(envelope, mail, from_addr, data)
+
+    async def _outgoing(self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
+                        ) -> tuple[str, bool | None]:  # fmt: skip
+        mail_from = envelope.mail_from
+        if from_addr.lower() != mail_from.lower():
+            return f"500 Invalid FROM <{from_addr}> for <{mail_from}>", None
+        encrypted = is_encrypted(mail, outgoing=True) or is_securejoin(mail)
+        if encrypted:
+            log.info("Outgoing: Filtering encrypted mail.")
+        else:
+            log.info("Outgoing: Filtering unencrypted mail.")
+            if not is_autocrypt_setup_message(mail, from_addr, envelope.rcpt_tos):
+                log.info("Rejected unencrypted mail from: %s", from_addr)
+                return ENCRYPTION_NEEDED, False
+        return await self._reinject(envelope, mail_from, data), encrypted
+
+    async def _incoming(self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
+                        ) -> tuple[str, bool | None]:  # fmt: skip
+        mail_from = _plain_sender(envelope.mail_from)
+        if mail_from.lower() != from_addr.lower():
+            mail_from = ""  # forwarded (SRS) or forged: never bounce to the envelope sender
+        encrypted = is_encrypted(mail, outgoing=False) or is_securejoin(mail)
+        if encrypted:
+            log.info("Incoming: Filtering encrypted mail.")
+        else:
+            log.info("Incoming: Filtering unencrypted mail.")
+            if is_mailer_daemon_report(mail, from_addr):
+                log.info("Incoming: Filtering mailer-daemon message from %s", from_addr)
+            elif any(refuses_cleartext(self.config.mailboxes_path, r) for r in envelope.rcpt_tos):
+                log.info("Rejected unencrypted mail from: %s", from_addr)
+                return ENCRYPTION_NEEDED, False
+        from_domain = from_addr.rsplit("@", 1)[1]
+        # Domain-literal senders (user@[1.2.3.4]) have no DNS to hold a key.
+        if self.dkim is not None and not from_domain.startswith("["):
+            signatures = [str(v) for v in mail.headers.get_all("DKIM-Signature") or []]
+            problem = await self.dkim.check(data, signatures, from_domain)
+            if problem is not None:
+                log.info("DKIM check failed for mail from %s: %s", from_addr, problem)
+                return problem, encrypted
+        return await self._reinject(envelope, mail_from, data), encrypted
+
+    async def _reinject(self, envelope: Envelope, mail_from: str, data: bytes) -> str:
+        return await self.reinjector.send(
+            _plain_sender(mail_from), envelope.recipients, data, envelope.reinject_params
+        )
+
+
+async def start_server(
+    config: Config, mode: str, port: int | None = None, skip_dkim: bool = False
+) -> tuple[asyncio.Server, FilterHandler]:
+    """Listen on the mode's port (or ``port``, 0 for an ephemeral one in tests)."""
+    handler = FilterHandler(config, mode, skip_dkim=skip_dkim)
+    if port is None:
+        port = config.filtermail_smtp_port if mode == "outgoing" else config.filtermail_smtp_port_incoming
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: FilterSMTP(handler, config.max_message_size),
+        host=config.filtermail_host,
+        port=port,
+        reuse_address=True,
+    )
+    return server, handler
+
+
+async def serve(config: Config, mode: str, skip_dkim: bool) -> None:
+    server, handler = await start_server(config, mode, skip_dkim=skip_dkim)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    host, port = server.sockets[0].getsockname()[:2]
+    log.info("%s filter on %s:%d, entering serving loop", mode, host, port)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        handler.close()
+        handler.counters.flush()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="filtermail", description=__doc__.split("\n")[0])
+    parser.add_argument("ini", type=Path, help="path to chatmail.ini")
+    parser.add_argument("mode", choices=MODES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command
+    try:
+        config = read_config(args.ini)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    skip_dkim = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
+    if skip_dkim and args.mode == "incoming":
+        log.warning("DKIM verification DISABLED!")
+    asyncio.run(serve(config, args.mode, skip_dkim))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

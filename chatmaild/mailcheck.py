@@ -1,0 +1,211 @@
+"""What kind of mail is this? Pure functions over the raw message bytes.
+
+The message is never copied as a whole and never fully MIME-parsed: the header section is
+parsed with the stdlib parser (``compat32``, tolerant of malformed input), and the body of
+a ``multipart/encrypted`` message is split at its boundary lines with a regex over the raw
+bytes. Parts are memoryview slices of the message; only the armored payload is decoded.
+Every function here returns a value for any input and never raises.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import HeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+
+from .openpgp import dearmor_message, is_encrypted_payload
+
+# The header section ends at the first empty line (CRLF CRLF; bare LF tolerated).
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+MAX_HEADER_BYTES = 1 << 20
+_UTF8_CHUNK = 1 << 20
+
+AUTOCRYPT_SETUP_SUBJECT = "Autocrypt Setup Message"
+SECUREJOIN_REQUESTS = frozenset({"vc-request", "vg-request"})
+
+
+class MalformedMessage(ValueError):
+    """The bytes cannot be read as a message at all."""
+
+
+@dataclass(frozen=True)
+class Mail:
+    headers: Message  # header section only, values as str
+    body: memoryview  # the raw body, a view into the original bytes
+
+    def get(self, name: str) -> str:
+        value = self.headers.get(name)
+        return str(value).strip() if value is not None else ""
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+
+def is_utf8(data: bytes) -> bool:
+    """Valid UTF-8, checked in chunks so a large message is never decoded as a whole."""
+    if data.isascii():
+        return True
+    view = memoryview(data)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for start in range(0, len(view), _UTF8_CHUNK):
+            decoder.decode(view[start : start + _UTF8_CHUNK])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def split_header(data: bytes | memoryview) -> tuple[str, memoryview]:
+    """The header section as text and the body as a view; MalformedMessage if unusable.
+
+    The caller has checked that ``data`` is UTF-8.
+    """
+    view = memoryview(data)
+    match = _HEADER_END.search(view, 0, MAX_HEADER_BYTES + 4)
+    if match:
+        header_bytes, body = view[: match.start()], view[match.end() :]
+    elif len(view) <= MAX_HEADER_BYTES:
+        header_bytes, body = view, view[len(view) :]  # headers only, empty body
+    else:
+        raise MalformedMessage("header section too large")
+    try:
+        return str(header_bytes, "utf-8"), body
+    except UnicodeDecodeError:
+        raise MalformedMessage("header section is not UTF-8") from None
+
+
+def parse_mail(data: bytes | memoryview) -> Mail:
+    header_text, body = split_header(data)
+    headers = HeaderParser(policy=compat32).parsestr(header_text + "\n\n", headersonly=True)
+    return Mail(headers, body)
+
+
+def parse_part(part: memoryview) -> Mail:
+    """A MIME body part: its headers (maybe none) and its content."""
+    if bytes(part[:2]) == b"\r\n" or bytes(part[:1]) == b"\n":
+        headers = HeaderParser(policy=compat32).parsestr("\n", headersonly=True)
+        return Mail(headers, part[2 if part[0] == 13 else 1 :])
+    return parse_mail(part)
+
+
+def single_address(value: str) -> str | None:
+    """The one ``local@domain`` address in a header value, or None."""
+    if not value:
+        return None
+    try:
+        addresses = getaddresses([value])
+    except (ValueError, TypeError, IndexError):
+        return None
+    if len(addresses) != 1:
+        return None
+    addr = addresses[0][1]
+    if addr.count("@") != 1 or any(c.isspace() for c in addr):
+        return None
+    local, domain = addr.split("@")
+    if not local or not domain:
+        return None
+    return addr
+
+
+def from_address(mail: Mail) -> str | None:
+    """The single address in the single ``From:`` header, or None."""
+    values = mail.headers.get_all("From") or []
+    if len(values) != 1:
+        return None
+    return single_address(str(values[0]))
+
+
+def split_multipart(body: memoryview, boundary: str) -> list[memoryview] | None:
+    """The body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1).
+
+    Preamble and epilogue are dropped; None if there is no closing delimiter.
+    """
+    if not boundary or len(boundary) > 200:
+        return None
+    delimiter = re.compile(
+        rb"(?:\A|\r?\n)--" + re.escape(boundary.encode("utf-8", "replace")) + rb"(--)?[ \t]*(?:\r?\n|\Z)"
+    )
+    parts: list[memoryview] = []
+    start = None
+    for match in delimiter.finditer(body):
+        if start is not None:
+            parts.append(body[start : match.start()])
+        if match.group(1):
+            return parts if start is not None else None
+        start = match.end()
+    return None
+
+
+def _has_single_content_type(mail: Mail) -> bool:
+    return len(mail.headers.get_all("Content-Type") or []) <= 1
+
+
+def is_encrypted(mail: Mail, outgoing: bool) -> bool:
+    """OpenPGP/MIME (RFC 3156): version part + armored message that is only ciphertext."""
+    if mail.content_type != "multipart/encrypted" or not _has_single_content_type(mail):
+        return False
+    parts = split_multipart(mail.body, mail.headers.get_boundary() or "")
+    if parts is None or len(parts) != 2:
+        return False
+    try:
+        version, payload = (parse_part(part) for part in parts)
+    except MalformedMessage:
+        return False
+    if not (_has_single_content_type(version) and _has_single_content_type(payload)):
+        return False
+    if version.content_type != "application/pgp-encrypted":
+        return False
+    if bytes(version.body).strip() != b"Version: 1":
+        return False
+    if payload.content_type != "application/octet-stream":
+        return False
+    data = dearmor_message(payload.body, allow_version_header=not outgoing)
+    return data is not None and is_encrypted_payload(data)
+
+
+def is_securejoin(mail: Mail) -> bool:
+    """A Secure-Join ``vc-request``/``vg-request``: the only cleartext Delta Chat handshake.
+
+    It must be a multipart message with exactly one ``text/plain`` part whose text is
+    nothing but ``Secure-Join: vc-request`` (or ``vg-request``).
+    """
+    if mail.get("Secure-Join").lower() not in SECUREJOIN_REQUESTS:
+        return False
+    if not mail.content_type.startswith("multipart/") or not _has_single_content_type(mail):
+        return False
+    parts = split_multipart(mail.body, mail.headers.get_boundary() or "")
+    if parts is None or len(parts) != 1 or len(parts[0]) > 4096:
+        return False
+    try:
+        part = parse_part(parts[0])
+    except MalformedMessage:
+        return False
+    if part.content_type != "text/plain" or not _has_single_content_type(part):
+        return False
+    text = bytes(part.body).decode("utf-8", "replace").strip().lower()
+    return text in {f"secure-join: {request}" for request in SECUREJOIN_REQUESTS}
+
+
+def is_autocrypt_setup_message(mail: Mail, from_addr: str, rcpt_tos: list[str]) -> bool:
+    """A key backup a user sends to themselves (encrypted with a setup code, not OpenPGP/MIME)."""
+    return (
+        len(rcpt_tos) == 1
+        and rcpt_tos[0].lower() == from_addr.lower()
+        and mail.get("Subject") == AUTOCRYPT_SETUP_SUBJECT
+        and mail.content_type == "multipart/mixed"
+    )
+
+
+def is_mailer_daemon_report(mail: Mail, from_addr: str) -> bool:
+    """A delivery status notification from a mail server (bounce)."""
+    return (
+        bool(mail.get("Auto-Submitted"))
+        and from_addr.split("@")[0].lower() == "mailer-daemon"
+        and mail.content_type == "multipart/report"
+    )

@@ -1,0 +1,289 @@
+"""chatmail-smtpd-table: OpenSMTPD's account table, with doveauth's create-on-login rules.
+
+OpenSMTPD (OpenBSD 7.6, Debian 13's 7.6.0p1) runs table backends as child processes
+speaking the smtpd-tables(7) text protocol on stdin/stdout::
+
+    smtpd:  config|smtpd-version|7.6.0      we:  register|auth
+            config|protocol|0.1                  register|ready
+            config|tablename|chatmail
+            config|ready
+    smtpd:  table|0.1|1713795082.354255|chatmail|check|auth|1a2b3c4d|alice@x.org:secret
+    we:     check-result|1a2b3c4d|found
+
+Queries are ``table|<version>|<timestamp>|<table>|<op>|<service>|<id>[|<key>]`` (``fetch``
+has no key; only the key may contain ``|``) and ``table|...|<table>|update|<id>``.
+Replies are ``<op>-result|<id>|found[|<value>]``, ``...|not-found`` or ``...|error|<why>``.
+Queries run in worker threads and may be answered out of order; each reply line is
+written whole.
+
+Services (``--services``, default ``auth``):
+
+- ``auth`` (check, key ``<user>:<password>``): smtpd hands the password to us, so a login
+  with an unknown address creates the account by the rules of :mod:`chatmaild.accounts`
+  and an existing account's password is verified against its stored hash.
+- ``credentials`` (lookup): ``<user>:<crypt hash>`` of an existing account, for smtpd to
+  compare itself (``crypt_checkpass``); never creates.
+- ``userinfo`` (lookup): ``<uid>:<gid>:<home>`` of an existing account (uid/gid of the
+  ``vmail`` user).
+
+Caveat: smtpd's ``table_lookup`` lowercases every key before sending it, including the
+``auth`` key, in builds without the later fix that exempts ``K_AUTH``. With such a build a
+password containing capitals is seen lowercased: its login fails, and a *new* account
+would be created with the lowercased password. Where that matters, register
+``credentials`` instead of ``auth`` (accounts are then created by IMAP logins only, which
+Delta Chat always performs first); this needs a libc ``crypt`` that knows ``$6$``
+(glibc/libxcrypt does, OpenBSD's does not).
+
+Usage: ``chatmail-smtpd-table [--services auth,credentials,userinfo] INI``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pwd
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .accounts import HASH_SCHEME, authenticate_or_create
+from .config import Config, ConfigError, read_config
+from .counters import Counters
+from .user import InvalidAddress, User
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "0.1"
+SERVICES = ("auth", "credentials", "userinfo")
+OPERATIONS = ("check", "lookup", "fetch")
+WORKERS = 4
+MAX_LINE = 64 * 1024
+
+
+class TableProtocolError(ValueError):
+    """A line that is not a valid query; ``op``/``id`` are set when a reply can be addressed."""
+
+    def __init__(self, message: str, op: str | None = None, query_id: str | None = None):
+        super().__init__(message)
+        self.op = op
+        self.query_id = query_id
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """``config|<key>|<value>``; ``config|ready`` has key ``ready`` and value None."""
+
+    key: str
+    value: str | None
+
+
+@dataclass(frozen=True)
+class Query:
+    table: str
+    op: str  # check, lookup or fetch
+    service: str
+    query_id: str
+    key: str | None  # None for fetch
+
+
+@dataclass(frozen=True)
+class Update:
+    table: str
+    query_id: str
+
+
+def parse_line(line: str) -> ConfigEntry | Query | Update:
+    """Parse one line from smtpd (without the newline)."""
+    if line.startswith("config|"):
+        _, key, *rest = line.split("|", 2)
+        if key == "ready" and not rest:
+            return ConfigEntry("ready", None)
+        if not key or not rest:
+            raise TableProtocolError(f"malformed config line {line!r}")
+        return ConfigEntry(key, rest[0])
+    if not line.startswith("table|"):
+        raise TableProtocolError(f"unknown event {line.split('|', 1)[0]!r}")
+    fields = line.split("|", 7)
+    if len(fields) < 6:
+        raise TableProtocolError("table query with too few fields")
+    _, version, _timestamp, table, op = fields[:5]
+    if op == "update":
+        if len(fields) != 6:
+            raise TableProtocolError("update with extra fields", "update", fields[5])
+        return Update(table, fields[5])
+    if len(fields) < 7:
+        raise TableProtocolError(f"{op} query with too few fields")
+    service, query_id = fields[5], fields[6]
+    if version != PROTOCOL_VERSION:
+        raise TableProtocolError(f"unsupported protocol version {version!r}", op, query_id)
+    if op not in OPERATIONS:
+        raise TableProtocolError(f"unknown operation {op!r}", op, query_id)
+    if op == "fetch":
+        return Query(table, op, service, query_id, None)
+    if len(fields) != 8:
+        raise TableProtocolError(f"{op} query without a key", op, query_id)
+    return Query(table, op, service, query_id, fields[7])
+
+
+def format_reply(op: str, query_id: str, result: str) -> str:
+    """``<op>-result|<id>|<result>``; newlines in an error text would split the reply."""
+    return f"{op}-result|{query_id}|{result.replace(chr(10), ' ').replace(chr(13), ' ')}\n"
+
+
+class ChatmailTable:
+    """Answers smtpd's queries; :meth:`reply` is synchronous, :meth:`run` the I/O shell."""
+
+    def __init__(
+        self,
+        config: Config,
+        services: tuple[str, ...] = ("auth",),
+        counters: Counters | None = None,
+    ):
+        unknown = set(services) - set(SERVICES)
+        if unknown or not services:
+            raise ValueError(f"services must be some of {', '.join(SERVICES)}")
+        self.config = config
+        self.services = tuple(services)
+        self.counters = counters
+        self.smtpd_config: dict[str, str] = {}
+
+    # -- answers ----------------------------------------------------------------------
+
+    def reply(self, line: str) -> str | None:
+        """The reply line for one query line, or None for lines that get no reply."""
+        try:
+            request = parse_line(line)
+        except TableProtocolError as exc:
+            log.warning("bad table request: %s", exc)
+            if exc.op and exc.query_id:
+                return format_reply(exc.op, exc.query_id, f"error|{exc}")
+            return None
+        if isinstance(request, ConfigEntry):
+            if request.value is not None:
+                self.smtpd_config[request.key] = request.value
+            return None
+        if isinstance(request, Update):
+            return format_reply("update", request.query_id, "ok")
+        try:
+            result = self.answer(request)
+        except Exception as exc:  # noqa: BLE001 - smtpd gets a temporary failure, we live on
+            log.exception("table %s %s failed", request.op, request.service)
+            result = f"error|{type(exc).__name__}"
+        return format_reply(request.op, request.query_id, result)
+
+    def answer(self, query: Query) -> str:
+        """``found``, ``found|<value>``, ``not-found`` or ``error|<why>`` for one query."""
+        if query.service not in self.services:
+            return f"error|service {query.service!r} not registered"
+        if query.op == "fetch":
+            return f"error|fetch is not supported for {query.service}"
+        if query.service == "auth":
+            if query.op != "check":
+                return "error|auth supports check only"
+            return "found" if self._authenticate(query.key or "") else "not-found"
+        password_hash = self._existing_hash(query.key or "")
+        if password_hash is None:
+            return "not-found"
+        if query.op == "check":
+            return "found"
+        if query.service == "credentials":
+            return f"found|{query.key}:{password_hash.removeprefix(HASH_SCHEME)}"
+        uid, gid = _vmail_ids()
+        return f"found|{uid}:{gid}:{self.config.mailboxes_path / (query.key or '')}"
+
+    def _authenticate(self, key: str) -> bool:
+        addr, sep, password = key.partition(":")
+        if not sep:
+            log.warning("auth key without ':' refused")
+            return False
+        result = authenticate_or_create(self.config, addr, password, self.counters)
+        return result.ok
+
+    def _existing_hash(self, addr: str) -> str | None:
+        if not addr.endswith("@" + self.config.address_domain):
+            return None
+        try:
+            return User(self.config.mailboxes_path, addr).get_password()
+        except InvalidAddress:
+            return None
+
+    # -- I/O --------------------------------------------------------------------------
+
+    def run(self, rfile: BinaryIO, wfile: BinaryIO, workers: int = WORKERS) -> None:
+        """Handshake, then answer queries until smtpd closes our stdin."""
+        write_lock = threading.Lock()
+
+        def write(text: str) -> None:
+            with write_lock:
+                wfile.write(text.encode("utf-8"))
+                wfile.flush()
+
+        def serve(line: str) -> None:
+            answer = self.reply(line)
+            if answer is not None:
+                write(answer)
+
+        registered = False
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="table") as pool:
+            while raw := rfile.readline(MAX_LINE + 1):
+                if not raw.endswith(b"\n") and len(raw) > MAX_LINE:
+                    log.warning("table request longer than %d bytes dropped", MAX_LINE)
+                    while raw and not raw.endswith(b"\n"):
+                        raw = rfile.readline(MAX_LINE + 1)
+                    continue
+                line = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+                if not registered and line == "config|ready":
+                    write("".join(f"register|{s}\n" for s in self.services) + "register|ready\n")
+                    registered = True
+                    log.info(
+                        "serving %s to smtpd %s",
+                        ",".join(self.services),
+                        self.smtpd_config.get("smtpd-version", "?"),
+                    )
+                elif line.startswith("config|"):
+                    serve(line)  # handshake lines are cheap and must be seen in order
+                elif line:
+                    pool.submit(serve, line)
+
+
+def _vmail_ids() -> tuple[int, int]:
+    """Numeric uid/gid of ``vmail`` (smtpd's userinfo needs numbers), else our own."""
+    try:
+        entry = pwd.getpwnam("vmail")
+    except KeyError:
+        return os.getuid(), os.getgid()
+    return entry.pw_uid, entry.pw_gid
+
+
+def main(argv: list[str] | None = None) -> int:
+    # stdout is the protocol channel: logs go to stderr, which smtpd passes to its log.
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    parser = argparse.ArgumentParser(prog="chatmail-smtpd-table", description=__doc__.split("\n")[0])
+    parser.add_argument("ini", help="path to chatmail.ini")
+    parser.add_argument(
+        "--services",
+        default="auth",
+        help=f"comma-separated services to register, of {', '.join(SERVICES)} (default: auth)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = read_config(args.ini)
+        table = ChatmailTable(
+            config,
+            tuple(s.strip() for s in args.services.split(",") if s.strip()),
+            Counters(config.counters_dir, "smtpdtable"),
+        )
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 1
+    table.run(sys.stdin.buffer, sys.stdout.buffer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

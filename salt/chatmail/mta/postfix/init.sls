@@ -1,0 +1,106 @@
+{#- Postfix: ports 25/587/465, the filtermail proxies, reinjection (DKIM) and LMTP to
+    Dovecot. main.cf and the regexp maps are applied with `postfix reload` (running
+    smtpd processes finish their sessions); master.cf and the listening parameters
+    restart Postfix, because they change which sockets exist. #}
+{%- from "chatmail/map.jinja" import chatmail with context %}
+{%- set dir = chatmail.postfix.config_dir %}
+
+include:
+  - chatmail.packages
+  - chatmail.tls
+  - chatmail.checks
+
+chatmail-mta-mailname:
+  file.managed:
+    - name: /etc/mailname
+    - contents: {{ chatmail.mail_domain | json }}
+    - require:
+      - pkg: chatmail-packages
+
+{%- for map in ["login_map", "submission_header_cleanup", "lmtp_header_cleanup", "smtp_tls_policy_map"] %}
+
+chatmail-mta-{{ map | replace("_", "-") }}:
+  file.managed:
+    - name: {{ dir }}/{{ map }}
+    - source: salt://chatmail/mta/postfix/files/{{ map }}
+    - mode: "0644"
+    - require:
+      - pkg: chatmail-packages
+    - require_in:
+      - file: chatmail-mta-main-cf
+{%- endfor %}
+
+{#- master.cf is checked against the live main.cf and vice versa, so on a first run
+    (Debian's stock main.cf) the new master.cf goes first: it only names parameters
+    that the stock main.cf accepts. #}
+chatmail-mta-master-cf:
+  file.managed:
+    - name: {{ dir }}/master.cf
+    - source: salt://chatmail/mta/postfix/files/master.cf.jinja
+    - template: jinja
+    - mode: "0644"
+    - check_cmd: {{ chatmail.paths.check_config }} postfix-master
+    - require:
+      - pkg: chatmail-packages
+      - file: chatmail-checks-script
+
+chatmail-mta-main-cf:
+  file.managed:
+    - name: {{ dir }}/main.cf
+    - source: salt://chatmail/mta/postfix/files/main.cf.jinja
+    - template: jinja
+    - mode: "0644"
+    - check_cmd: {{ chatmail.paths.check_config }} postfix-main
+    - require:
+      - file: chatmail-mta-master-cf
+      - sls: chatmail.tls
+
+{#- The main.cf parameters that need a restart rather than a reload (postconf(5):
+    "stop and start Postfix when this parameter changes"). #}
+chatmail-mta-restart-keys:
+  file.managed:
+    - name: {{ dir }}/chatmail-restart-keys
+    - contents: |
+        # Managed by Salt: a change here restarts Postfix.
+        inet_interfaces = all
+        inet_protocols = {{ "all" if chatmail.ipv6 else "ipv4" }}
+    - require:
+      - pkg: chatmail-packages
+
+chatmail-mta-restart-dropin:
+  file.managed:
+    - name: {{ chatmail.paths.systemd_units }}/{{ chatmail.postfix.instance_unit }}.d/10-chatmail-restart.conf
+    - makedirs: True
+    - contents: |
+        # Managed by Salt (chatmail formula): Postfix comes back after a crash.
+        [Service]
+        Restart=always
+        RestartSec=30
+  module.run:
+    - service.systemctl_reload: []
+    - onchanges:
+      - file: chatmail-mta-restart-dropin
+
+chatmail-mta-service:
+  service.running:
+    - name: {{ chatmail.service.postfix }}
+    - enable: True
+    - require:
+      - file: chatmail-mta-main-cf
+      - file: chatmail-mta-mailname
+    - watch:
+      - file: chatmail-mta-master-cf
+      - file: chatmail-mta-restart-keys
+      - module: chatmail-mta-restart-dropin
+
+chatmail-mta-reload:
+  cmd.run:
+    - name: postfix reload
+    - onchanges:
+      - file: chatmail-mta-main-cf
+      - file: chatmail-mta-login-map
+      - file: chatmail-mta-submission-header-cleanup
+      - file: chatmail-mta-lmtp-header-cleanup
+      - file: chatmail-mta-smtp-tls-policy-map
+    - require:
+      - service: chatmail-mta-service

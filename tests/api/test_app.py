@@ -1,0 +1,406 @@
+"""The app in-process (TestClient): auth, status, health, account creation, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from chatmail_api.app import create_app
+from chatmail_api.checks import overall, parse_postqueue_json, parse_systemctl_is_active
+from chatmail_api.checks import CheckResult
+
+from .conftest import ADMIN, ADMIN_TOKEN, MONITOR, make_cert
+
+
+def checks_by_id(response) -> dict:
+    return {c["id"]: c for c in response.json()["checks"]}
+
+
+# -- auth --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,path,headers,code",
+    [
+        ("GET", "/status", {}, 401),
+        ("GET", "/status", {"Authorization": "Bearer nope-nope-nope-nope"}, 401),
+        ("GET", "/status", {"Authorization": "Basic YTpi"}, 401),
+        ("GET", "/status", MONITOR, 200),
+        ("GET", "/status", ADMIN, 200),
+        ("GET", "/metrics", {}, 401),
+        ("GET", "/dns/zone", {}, 401),
+        ("GET", "/account-creation", MONITOR, 200),
+        ("PUT", "/account-creation", MONITOR, 403),
+        ("POST", "/probe", MONITOR, 403),
+        ("POST", "/probe", {}, 401),
+        ("GET", "/health", {}, 200),
+    ],
+    ids=lambda v: v if isinstance(v, str | int) else None,
+)
+def test_auth(client, method, path, headers, code):
+    body = {"enabled": False, "reason": "x"} if method == "PUT" else None
+    response = client.request(method, path, headers=headers, json=body)
+    assert response.status_code == code, response.text
+    if code in (401, 403):
+        assert isinstance(response.json()["detail"], str)
+    if code == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_allowlist_refuses_other_clients(api_settings):
+    settings, config = api_settings(allow=["10.0.0.0/8"])
+    with TestClient(create_app(settings, config)) as client:
+        response = client.get("/status", headers=ADMIN)
+        assert response.status_code == 403
+        assert "not allowed" in response.json()["detail"]
+        assert client.get("/health").status_code == 200
+
+
+def test_short_tokens_rejected_by_settings(api_settings):
+    with pytest.raises(ValueError, match="shorter than 16"):
+        api_settings(tokens={"admin": {"alice": "short"}})
+
+
+# -- status and health -------------------------------------------------------------------
+
+
+def test_status_reports_every_check(client, listening_port):
+    response = client.get("/status", headers=MONITOR)
+    assert response.status_code == 200
+    data = response.json()
+    checks = checks_by_id(response)
+    assert set(checks) == {
+        f"port.{listening_port}",
+        "tls.expiry",
+        "queue.depth",
+        "disk.mailboxes",
+        "registration.open",
+        "version",
+        "probe.e2e",
+    }
+    assert checks["version"]["summary"] == "abc1234"
+    assert checks["tls.expiry"]["state"] == "ok"
+    assert checks["queue.depth"]["summary"].startswith("0 queued")
+    assert data["status"] == "ok"
+    assert all(c["since"] for c in checks.values())
+
+
+def test_closed_port_makes_health_503(api_settings, listening_port):
+    from .conftest import free_port
+
+    closed = free_port()
+    settings, config = api_settings(ports=[{"port": closed, "what": "imaps"}])
+    with TestClient(create_app(settings, config)) as client:
+        response = client.get("/health")
+        assert response.status_code == 503
+        assert response.json()["reason"].startswith(f"port.{closed}: imaps")
+        status = client.get("/status", headers=MONITOR).json()
+        assert status["status"] == "down"
+        port = checks_by_id_json(status)[f"port.{closed}"]
+        assert port["state"] == "fail" and port["hint"]
+
+
+def checks_by_id_json(data: dict) -> dict:
+    return {c["id"]: c for c in data["checks"]}
+
+
+@pytest.mark.parametrize(
+    "days,severity,state",
+    [(60, "critical", "ok"), (10, "warning", "fail"), (2, "critical", "fail"),
+     (-1, "critical", "fail")],
+    ids=["valid", "renewal-overdue", "about-to-expire", "expired"],
+)
+def test_tls_expiry(api_settings, tmp_path, days, severity, state):
+    cert = make_cert(tmp_path / f"cert-{days}.pem", days, ["chat.example.org"])
+    settings, config = api_settings(tls_cert=str(cert))
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["tls.expiry"]
+        assert (check["severity"], check["state"]) == (severity, state)
+        metrics = client.get("/metrics", headers=MONITOR).text
+        assert "chatmail_tls_cert_not_after_timestamp_seconds" in metrics
+
+
+def test_missing_cert_fails(api_settings, tmp_path):
+    settings, config = api_settings(tls_cert=str(tmp_path / "nope.pem"))
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["tls.expiry"]
+        assert check["state"] == "fail" and "nope.pem" in check["summary"]
+
+
+def test_queue_depth(api_settings, fake_postqueue):
+    messages = [{"queue_name": "deferred", "queue_id": str(i)} for i in range(3)]
+    messages.append({"queue_name": "active", "queue_id": "x"})
+    settings, config = api_settings(queue_command=fake_postqueue(messages), queue_warn=3)
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["queue.depth"]
+        assert check["state"] == "fail" and check["severity"] == "warning"
+        assert check["summary"].startswith("4 queued")
+        metrics = client.get("/metrics", headers=MONITOR).text
+        assert 'postfix_showq_queue_depth{queue="deferred"} 3.0' in metrics
+
+
+def test_real_postqueue_without_postfix_is_unknown(api_settings):
+    # The host has Postfix installed but not running: the check must not claim "ok".
+    settings, config = api_settings(queue_command=["postqueue", "-j"])
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["queue.depth"]
+        assert check["state"] == "unknown"
+
+
+def test_services_without_systemd_are_unknown(api_settings):
+    settings, config = api_settings(services=[{"name": "dovecot"}, {"name": "postfix"}])
+    with TestClient(create_app(settings, config)) as client:
+        data = client.get("/status", headers=MONITOR).json()
+        checks = checks_by_id_json(data)
+        assert checks["service.dovecot"]["state"] == "unknown"
+        assert checks["service.postfix"]["state"] == "unknown"
+        assert data["status"] == "degraded"
+
+
+def test_services_from_systemctl(api_settings, tmp_path, monkeypatch):
+    # systemd does not run on the test host; a systemctl printing real is-active output.
+    bindir = tmp_path / "sysbin"
+    bindir.mkdir()
+    (bindir / "systemctl").write_text("#!/bin/sh\nprintf 'active\\nfailed\\n'\nexit 3\n")
+    (bindir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    settings, config = api_settings(
+        services=[{"name": "dovecot"}, {"name": "unbound", "severity": "warning"}]
+    )
+    with TestClient(create_app(settings, config)) as client:
+        data = client.get("/status", headers=MONITOR).json()
+        checks = checks_by_id_json(data)
+        assert checks["service.dovecot"]["state"] == "ok"
+        assert checks["service.unbound"]["state"] == "fail"
+        assert "journalctl -u unbound" in checks["service.unbound"]["hint"]
+        assert data["status"] == "degraded"
+
+
+def test_disk_and_system_limit(api_settings):
+    settings, config = api_settings({"min_free_disk_space": "1000000G"})
+    with TestClient(create_app(settings, config)) as client:
+        checks = checks_by_id(client.get("/status", headers=MONITOR))
+        assert checks["disk.mailboxes"]["state"] == "fail"
+        registration = checks["registration.open"]
+        assert registration["state"] == "fail" and "min_free_disk_space" in registration["summary"]
+        state = client.get("/account-creation", headers=MONITOR).json()
+        assert state["enabled"] is False and state["closed_by_file"] is False
+        assert "free disk space" in state["system_limit"]
+
+
+def test_status_is_cached_and_since_persists(api_settings):
+    settings, config = api_settings()
+    with TestClient(create_app(settings, config)) as client:
+        first = client.get("/status", headers=MONITOR).json()
+        second = client.get("/status", headers=MONITOR).json()
+        assert first["checked_at"] == second["checked_at"]
+    with TestClient(create_app(settings, config)) as client:
+        third = client.get("/status", headers=MONITOR).json()
+        assert third["checked_at"] != first["checked_at"]
+        assert checks_by_id_json(third)["version"]["since"] == (
+            checks_by_id_json(first)["version"]["since"]
+        )
+
+
+def test_version_missing_is_unknown_info(api_settings, tmp_path):
+    settings, config = api_settings(version_file=str(tmp_path / "none"))
+    with TestClient(create_app(settings, config)) as client:
+        data = client.get("/status", headers=MONITOR).json()
+        version = checks_by_id_json(data)["version"]
+        assert (version["state"], version["severity"]) == ("unknown", "info")
+        assert data["status"] == "ok"
+
+
+# -- account creation --------------------------------------------------------------------
+
+
+def audit_lines(settings) -> list[dict]:
+    path = settings.audit_log_path
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_close_and_open_account_creation(api_settings):
+    settings, config = api_settings()
+    with TestClient(create_app(settings, config)) as client:
+        assert client.get("/account-creation", headers=MONITOR).json()["enabled"] is True
+        response = client.put(
+            "/account-creation", headers=ADMIN, json={"enabled": False, "reason": "spam wave"}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["enabled"] is False and body["reason"] == "spam wave"
+        assert body["by"] == "alice" and body["since"]
+        assert config.nocreate_file.exists()
+        stored = json.loads(config.nocreate_file.read_text())
+        assert stored["reason"] == "spam wave" and stored["by"] == "alice"
+
+        registration = checks_by_id(client.get("/status", headers=MONITOR))["registration.open"]
+        assert registration["state"] == "fail" and "spam wave" in registration["summary"]
+        assert "closed by alice" in registration["summary"]
+
+        again = client.put(
+            "/account-creation", headers=ADMIN, json={"enabled": False, "reason": "spam wave"}
+        )
+        assert again.json()["since"] == body["since"]
+        assert len(audit_lines(settings)) == 1  # idempotent: nothing changed, nothing logged
+
+        opened = client.put("/account-creation", headers=ADMIN, json={"enabled": True})
+        assert opened.json()["enabled"] is True
+        assert not config.nocreate_file.exists()
+        client.put("/account-creation", headers=ADMIN, json={"enabled": True})
+        lines = audit_lines(settings)
+        assert [line["action"] for line in lines] == ["close", "open"]
+        assert all(line["by"] == "alice" for line in lines)
+        metrics = client.get("/metrics", headers=MONITOR).text
+        assert "chatmail_registration_open 1.0" in metrics
+
+
+def test_until_reopens(api_settings):
+    settings, config = api_settings(reopen_interval_s=0.2)
+    with TestClient(create_app(settings, config)) as client:
+        until = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        response = client.put(
+            "/account-creation",
+            headers=ADMIN,
+            json={"enabled": False, "reason": "maintenance", "until": until},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["until"]
+        assert config.nocreate_file.exists()
+        deadline = time.monotonic() + 5
+        while config.nocreate_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # re-opened by the background task, without any request
+        assert not config.nocreate_file.exists()
+        assert client.get("/account-creation", headers=MONITOR).json()["enabled"] is True
+        assert audit_lines(settings)[-1]["action"] == "reopen"
+
+
+def test_expired_until_reopens_on_read(api_settings):
+    settings, config = api_settings()
+    config.nocreate_file.write_text(
+        json.dumps({"written_by": "chatmail-api", "reason": "x", "by": "bob",
+                    "since": time.time() - 100, "until": time.time() - 1})
+    )
+    client = TestClient(create_app(settings, config))  # no lifespan: no background task
+    assert client.get("/account-creation", headers=MONITOR).json()["enabled"] is True
+    assert not config.nocreate_file.exists()
+
+
+def test_hand_made_nocreate_file(client, api_settings):
+    settings, config = api_settings()
+    config.nocreate_file.write_text("closed for the move to new hardware\n")
+    body = client.get("/account-creation", headers=MONITOR).json()
+    assert body["enabled"] is False and body["by"] == "file"
+    assert body["reason"] == "closed for the move to new hardware"
+
+
+def test_nocreate_symlink_target_is_replaced(api_settings, tmp_path):
+    """The relay's layout: /etc/chatmail-nocreate links into the API's own directory."""
+    target_dir = tmp_path / "account-creation"
+    target_dir.mkdir()
+    link = tmp_path / "etc-chatmail-nocreate"
+    link.symlink_to(target_dir / "nocreate")
+    settings, config = api_settings({"nocreate_file": link})
+    with TestClient(create_app(settings, config)) as client:
+        client.put("/account-creation", headers=ADMIN, json={"enabled": False, "reason": "r"})
+        assert link.is_symlink() and link.exists()
+        assert (target_dir / "nocreate").is_file()
+        client.put("/account-creation", headers=ADMIN, json={"enabled": True})
+        assert link.is_symlink() and not link.exists()
+
+
+def test_unwritable_nocreate_is_503(api_settings, tmp_path):
+    settings, config = api_settings({"nocreate_file": tmp_path / "no-such-dir" / "nocreate"})
+    with TestClient(create_app(settings, config)) as client:
+        response = client.put(
+            "/account-creation", headers=ADMIN, json={"enabled": False, "reason": "r"}
+        )
+        assert response.status_code == 503
+        assert "cannot write" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("pin", [True, False], ids=["pinned-open", "pinned-closed"])
+def test_pinned_is_409(api_settings, pin):
+    settings, config = api_settings(account_creation_pin=pin)
+    with TestClient(create_app(settings, config)) as client:
+        response = client.put("/account-creation", headers=ADMIN, json={"enabled": True})
+        assert response.status_code == 409
+        assert "pinned" in response.json()["detail"]
+        assert client.get("/account-creation", headers=MONITOR).json()["pinned"] is pin
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"enabled": False, "reason": "x", "extra": 1},
+        {"enabled": "maybe"},
+        {"reason": "no enabled"},
+        {"enabled": True, "until": "2999-01-01T00:00:00Z"},
+        {"enabled": False, "until": "2001-01-01T00:00:00Z"},
+        {"enabled": False, "until": "2999-01-01T00:00:00"},
+        {"enabled": False, "until": "tomorrow"},
+        {"enabled": False, "reason": "x" * 501},
+        [],
+        "null",
+    ],
+    ids=["extra-field", "not-bool", "no-enabled", "until-when-opening", "until-past",
+         "until-naive", "until-garbage", "reason-too-long", "list", "null"],
+)
+def test_bad_bodies_are_422(client, body):
+    response = client.put("/account-creation", headers=ADMIN, json=body)
+    assert response.status_code == 422, response.text
+    assert isinstance(response.json()["detail"], str)
+
+
+def test_malformed_json_is_422(client):
+    response = client.put(
+        "/account-creation",
+        headers={**ADMIN, "Content-Type": "application/json"},
+        content=b"{not json",
+    )
+    assert response.status_code == 422
+
+
+# -- pure parts --------------------------------------------------------------------------
+
+
+def test_parse_systemctl():
+    assert parse_systemctl_is_active(["a", "b"], "active\ninactive\n") == {
+        "a": "active",
+        "b": "inactive",
+    }
+    with pytest.raises(ValueError):
+        parse_systemctl_is_active(["a", "b"], "active\n")
+
+
+def test_parse_postqueue():
+    out = '{"queue_name": "deferred"}\n{"queue_name": "hold"}\n\n'
+    depth = parse_postqueue_json(out)
+    assert depth["deferred"] == 1 and depth["hold"] == 1 and depth["active"] == 0
+
+
+@pytest.mark.parametrize(
+    "states,expected",
+    [
+        ([("critical", "ok"), ("warning", "ok")], "ok"),
+        ([("critical", "ok"), ("info", "fail")], "ok"),
+        ([("critical", "unknown")], "degraded"),
+        ([("warning", "fail")], "degraded"),
+        ([("warning", "fail"), ("critical", "fail")], "down"),
+    ],
+    ids=["all-ok", "info-fail", "critical-unknown", "warning-fail", "critical-fail"],
+)
+def test_overall(states, expected):
+    results = [CheckResult(f"c{i}", sev, st, "") for i, (sev, st) in enumerate(states)]
+    assert overall(results) == expected
+
+
+def test_admin_token_in_settings_is_admin(api_settings):
+    settings, _ = api_settings()
+    assert settings.tokens.admin["alice"] == ADMIN_TOKEN

@@ -1,0 +1,512 @@
+"""doveauth and the account rules: pure parsing, a real dict client over a real UNIX
+socket against a running doveauth, Dovecot's own dict client, and concurrency."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatmaild import accounts
+from chatmaild.accounts import (
+    RESERVED_LOCALPARTS,
+    AuthStatus,
+    authenticate_or_create,
+    check_creation,
+    creation_refusal,
+    get_or_create,
+    hash_password,
+    verify_password,
+)
+from chatmaild.counters import Counters
+from chatmaild.dictproxy import DictClient, ProtocolError
+from chatmaild.doveauth import AuthDictProxy, parse_passdb_key, split_escaped, unescape
+from chatmaild.syslimits import SystemReadings
+from chatmaild.user import User
+
+DOMAIN = "chat.example.org"
+IDLE_HOST = SystemReadings(load_1m=0.1, available_memory_mb=10_000, free_disk_mb=100_000)
+
+
+def escape(value: str) -> str:
+    """Dovecot's %E: backslash before \\, " and '."""
+    return "".join("\\" + c if c in "\\\"'" else c for c in value)
+
+
+def passdb_key(addr: str, password: str) -> str:
+    return f'shared/passdb/{escape(password)}"{escape(addr)}'
+
+
+# -- pure parsing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rest", "expected"),
+    [
+        ('secret123"abc@x.org', ("secret123", "abc@x.org")),
+        ('pa\\"ss"abc@x.org', ('pa"ss', "abc@x.org")),
+        ("pa\\\\ss\"abc@x.org", ("pa\\ss", "abc@x.org")),
+        ("pa\\'ss\"abc@x.org", ("pa'ss", "abc@x.org")),
+        ('pa/ss"abc@x.org', ("pa/ss", "abc@x.org")),
+        ('"abc@x.org', ("", "abc@x.org")),
+        ('\\"\\\\\\\'"u@x', ("\"\\'", "u@x")),
+    ],
+    ids=["plain", "escaped-quote", "escaped-backslash", "escaped-apostrophe", "slash", "empty-pw", "only-escapes"],
+)
+def test_parse_passdb_key(rest, expected):
+    assert parse_passdb_key(rest) == expected
+
+
+@pytest.mark.parametrize(
+    "rest",
+    ["no-separator@x.org", 'a"b"c@x.org', 'pw"user\\'],
+    ids=["no-separator", "two-separators", "dangling-backslash"],
+)
+def test_parse_passdb_key_rejects(rest):
+    with pytest.raises(ProtocolError):
+        parse_passdb_key(rest)
+
+
+@pytest.mark.parametrize("value", ["plain", 'q"uote', "back\\slash", "it's", '\\"\'/'])
+def test_escape_then_unescape_roundtrips(value):
+    assert unescape(escape(value)) == value
+    assert split_escaped(f'{escape(value)}"{escape(value)}') == [value, value]
+
+
+# -- the account rules ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("localpart", "allowed"),
+    [("a1234", False), ("012345", True), ("0123456", True), ("0123456789", True), ("0123456789x", False)],
+    ids=["5-too-short", "6-min", "7", "10-max", "11-too-long"],
+)
+def test_username_length(make_relaxed_config, localpart, allowed):
+    config = make_relaxed_config(DOMAIN, username_min_length=6, username_max_length=10)
+    refusal = creation_refusal(config, f"{localpart}@{DOMAIN}", "password123")
+    assert refusal == (None if allowed else "username_invalid")
+
+
+@pytest.mark.parametrize(
+    ("localpart", "reason"),
+    [
+        ("abc.def-g", None),
+        ("abc_def12", None),
+        ("Abcdefghi", "username_invalid"),
+        ("abc defgh", "username_invalid"),
+        ("abc+defgh", "username_invalid"),
+        ("abc!defgh", "username_invalid"),
+        ("abc@defgh", "username_invalid"),
+        ("abcdéfghi", "username_invalid"),
+        ("abc/defgh", "username_invalid"),
+        ("abc\\defgh", "username_invalid"),
+        ("abc..defg", "username_invalid"),
+        (".abcdefgh", "username_invalid"),
+    ],
+    ids=[
+        "dot-dash", "underscore", "uppercase", "space", "plus", "bang", "second-at",
+        "non-ascii", "slash", "backslash", "dotdot", "leading-dot",
+    ],
+)
+def test_localpart_charset(example_config, localpart, reason):
+    assert creation_refusal(example_config, f"{localpart}@{DOMAIN}", "password123") == reason
+
+
+@pytest.mark.parametrize(
+    ("addr", "password", "reason"),
+    [
+        ("abcdefghi@chat.example.org", "12345678", "password_short"),
+        ("abcdefghi@chat.example.org", "123456789", None),
+        ("abcdefghi@other.example.org", "password123", "domain"),
+        ("abcdefghi@sub.chat.example.org", "password123", "domain"),
+        ("abcdefghi", "password123", "domain"),
+        ("", "password123", "domain"),
+    ],
+    ids=["password-8-short", "password-9-ok", "foreign-domain", "subdomain", "no-at", "empty"],
+)
+def test_password_and_domain(example_config, addr, password, reason):
+    assert creation_refusal(example_config, addr, password) == reason
+
+
+def test_reserved_localparts(make_relaxed_config):
+    config = make_relaxed_config(DOMAIN, username_min_length=1, username_max_length=20)
+    for name in ("echo", "mailer-daemon", "postmaster", "root", "abuse"):
+        assert name in RESERVED_LOCALPARTS
+    for name in sorted(RESERVED_LOCALPARTS):
+        assert creation_refusal(config, f"{name}@{DOMAIN}", "password123") == "reserved", name
+    assert creation_refusal(config, f"postmaster2@{DOMAIN}", "password123") is None
+
+
+def test_ipv4_relay_addresses(make_relaxed_config):
+    config = make_relaxed_config("1.3.3.7")
+    assert creation_refusal(config, "abcdefghi@[1.3.3.7]", "password123") is None
+    assert creation_refusal(config, "abcdefghi@1.3.3.7", "password123") == "domain"
+
+
+@pytest.mark.parametrize(
+    ("readings", "reason"),
+    [
+        (SystemReadings(99.0, 10_000, 100_000), "load"),
+        (SystemReadings(0.1, 10, 100_000), "memory"),
+        (SystemReadings(0.1, 10_000, 10), "disk"),
+        (SystemReadings(None, None, None), None),
+        (SystemReadings(None, 10, None), "memory"),
+    ],
+    ids=["load", "memory", "disk", "all-unreadable-skipped", "one-unreadable-others-apply"],
+)
+def test_system_limits_block_creation(make_config, readings, reason):
+    config = make_config(DOMAIN)  # upstream defaults: load 5, memory 200M, disk 1G
+    refusal = check_creation(config, f"abcdefghi@{DOMAIN}", "password123", readings)
+    assert (refusal.reason if refusal else None) == reason
+
+
+def test_insufficient_resources_block_creation_not_existing_logins(make_config, caplog):
+    config = make_config(DOMAIN)
+    busy = SystemReadings(load_1m=50.0, available_memory_mb=1, free_disk_mb=1)
+    existing = f"existing1@{DOMAIN}"
+    assert get_or_create(config, existing, "password123", readings=IDLE_HOST).created
+    with caplog.at_level(logging.WARNING):
+        refused = get_or_create(config, f"newcomer1@{DOMAIN}", "password123", readings=busy)
+    assert refused.password_hash is None and refused.refusal.reason == "load"
+    assert "registration rejected: load" in caplog.text
+    assert not (config.mailboxes_path / f"newcomer1@{DOMAIN}").exists()
+    assert get_or_create(config, existing, "password123", readings=busy).password_hash
+
+
+def test_real_host_limits_block_creation(make_config):
+    """Real readings of this host against limits no host meets."""
+    config = make_config(DOMAIN, min_available_memory="100T", max_load_1m=99999)
+    assert creation_refusal(config, f"abcdefghi@{DOMAIN}", "password123") == "memory"
+    config = make_config(DOMAIN, min_free_disk_space="100T", max_load_1m=99999, min_available_memory="0")
+    assert creation_refusal(config, f"abcdefghi@{DOMAIN}", "password123") == "disk"
+
+
+def test_nocreate_blocks_new_accounts_not_existing(example_config):
+    existing = f"existing1@{DOMAIN}"
+    assert get_or_create(example_config, existing, "password123").created
+    example_config.nocreate_file.touch()
+    refused = get_or_create(example_config, f"newcomer1@{DOMAIN}", "password123")
+    assert refused.refusal.reason == "nocreate"
+    assert authenticate_or_create(example_config, existing, "password123").status == AuthStatus.OK
+
+
+def test_hash_format_and_verify():
+    stored = hash_password("password123")
+    assert stored.startswith("{SHA512-CRYPT}$6$")
+    assert verify_password("password123", stored)
+    assert verify_password("password123", stored.removeprefix("{SHA512-CRYPT}"))
+    assert not verify_password("password124", stored)
+    assert not verify_password("password123", "{PLAIN}password123")
+    assert not verify_password("pass\0word", stored)
+
+
+def test_authenticate_or_create(example_config):
+    addr = f"abcdefghi@{DOMAIN}"
+    assert authenticate_or_create(example_config, addr, "password123").status == AuthStatus.CREATED
+    assert authenticate_or_create(example_config, addr, "password123").status == AuthStatus.OK
+    assert authenticate_or_create(example_config, addr, "wrongpassw").status == AuthStatus.WRONG_PASSWORD
+    refused = authenticate_or_create(example_config, f"ab@{DOMAIN}", "password123")
+    assert refused.status == AuthStatus.REFUSED and refused.refusal.reason == "username_invalid"
+
+
+def test_counters_and_log_lines(example_config, caplog):
+    counters = Counters(None, "doveauth")
+    with caplog.at_level(logging.INFO):
+        get_or_create(example_config, f"abcdefghi@{DOMAIN}", "password123", counters)
+        get_or_create(example_config, f"abcdefghi@{DOMAIN}", "password123", counters)
+        get_or_create(example_config, f"abcdefgh2@{DOMAIN}", "zq9x", counters)
+        get_or_create(example_config, f"abcdefgh3@elsewhere.org", "password123", counters)
+    assert counters.value("accounts_created_total") == 1
+    assert counters.value("registrations_rejected_total", reason="password_short") == 1
+    assert counters.value("registrations_rejected_total", reason="domain") == 1
+    assert f"Created address: abcdefghi@{DOMAIN}" in caplog.text
+    assert caplog.text.count("registration rejected: ") == 2
+    assert "zq9x" not in caplog.text and "password123" not in caplog.text
+
+
+# -- doveauth over a real socket -------------------------------------------------------
+
+
+@pytest.fixture
+def doveauth(example_config, tmp_path):
+    """A running doveauth (in a thread) on a real UNIX socket: yields its path."""
+    counters = Counters(None, "doveauth")
+    proxy = AuthDictProxy(example_config, counters)
+    path = tmp_path / "doveauth.socket"
+    server = proxy.make_server(path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    proxy.socket_path = path
+    yield proxy
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_create_then_lookup(doveauth, gencreds):
+    localpart, password = gencreds()
+    addr = f"{localpart}@{DOMAIN}"
+    with DictClient(doveauth.socket_path) as client:
+        created = json.loads(client.lookup(passdb_key(addr, password), addr))
+        assert created == {
+            "addr": addr,
+            "home": str(doveauth.config.mailboxes_path / addr),
+            "uid": "vmail",
+            "gid": "vmail",
+            "password": created["password"],
+        }
+        assert created["password"].startswith("{SHA512-CRYPT}$6$")
+        assert verify_password(password, created["password"])
+        assert json.loads(client.lookup(f"shared/userdb/{addr}", addr)) == created
+        assert client.lookup(f"shared/userdb/unknown12@{DOMAIN}") is None
+    user = User(doveauth.config.mailboxes_path, addr)
+    assert user.enforce_e2ee_path.exists()
+    assert user.get_password() == created["password"]
+    assert doveauth.counters.value("accounts_created_total") == 1
+
+
+@pytest.mark.parametrize(
+    "password",
+    ['pass"word12', "pass'word12", "pass\\word12", "pass/word12", '\\"\'/\\\\""x', "pässwörd1234", "tab\tnew\nline1"],
+    ids=["quote", "apostrophe", "backslash", "slash", "all-specials", "non-ascii", "tab-newline"],
+)
+def test_special_passwords_survive_the_protocol(doveauth, password):
+    addr = f"specials1@{DOMAIN}"
+    with DictClient(doveauth.socket_path) as client:
+        stored = json.loads(client.lookup(passdb_key(addr, password), addr))["password"]
+    assert verify_password(password, stored)
+
+
+def test_wrong_password_does_not_overwrite(doveauth):
+    addr = f"abcdefghi@{DOMAIN}"
+    with DictClient(doveauth.socket_path) as client:
+        first = json.loads(client.lookup(passdb_key(addr, "password123"), addr))["password"]
+        again = json.loads(client.lookup(passdb_key(addr, "otherpass99"), addr))["password"]
+    assert again == first
+    assert User(doveauth.config.mailboxes_path, addr).get_password() == first
+    assert verify_password("password123", first) and not verify_password("otherpass99", first)
+
+
+def test_refused_logins_answer_not_found(doveauth, tmp_path):
+    with DictClient(doveauth.socket_path) as client:
+        assert client.lookup(passdb_key(f"abc@{DOMAIN}", "password123")) is None
+        assert client.lookup(passdb_key(f"abcdefghi@{DOMAIN}", "short")) is None
+        assert client.lookup(passdb_key("abcdefghi@elsewhere.org", "password123")) is None
+        assert client.lookup(passdb_key(f"postmaster@{DOMAIN}", "password123")) is None
+        doveauth.config.nocreate_file.touch()
+        assert client.lookup(passdb_key(f"abcdefghi@{DOMAIN}", "password123")) is None
+    assert os.listdir(doveauth.config.mailboxes_path) == []
+    rejected = {
+        reason: doveauth.counters.value("registrations_rejected_total", reason=reason)
+        for reason in ("username_invalid", "password_short", "domain", "nocreate")
+    }
+    # postmaster is reserved, but with the default 9..9 lengths it is already too long
+    assert rejected == {"username_invalid": 2, "password_short": 1, "domain": 1, "nocreate": 1}
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        f"../../etc@{DOMAIN}",
+        f"../abcdefghi@{DOMAIN}",
+        f"abc/defgh@{DOMAIN}",
+        f"..@{DOMAIN}",
+        f"abcd\0efgh@{DOMAIN}",
+        f".abcdefgh@{DOMAIN}",
+        f"abc..defg@{DOMAIN}",
+        f"abcdefghi@{DOMAIN}/../../x@{DOMAIN}",
+        "abcdefghi",
+    ],
+    ids=["dotdot-etc", "dotdot-prefix", "slash", "dotdot-only", "nul", "leading-dot", "inner-dotdot", "domain-traversal", "no-at"],
+)
+def test_path_traversal_addresses_never_touch_the_filesystem(doveauth, tmp_path, addr):
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with DictClient(doveauth.socket_path) as client:
+        assert client.lookup(passdb_key(addr, "password123")) is None
+        assert client.lookup(f"shared/userdb/{escape(addr)}") is None
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_iterate_lists_mailboxes(doveauth):
+    addrs = sorted(f"user{i:05d}@{DOMAIN}" for i in range(3))
+    with DictClient(doveauth.socket_path) as client:
+        for addr in addrs:
+            assert client.lookup(passdb_key(addr, "password123"))
+        (doveauth.config.mailboxes_path / "pending_notifications").mkdir()
+        (doveauth.config.mailboxes_path / "stray@file").write_text("not a mailbox")
+        rows = client.iterate("shared/userdb/")
+        assert client.iterate("shared/other/") == []
+    assert rows == [(f"shared/userdb/{addr}", "") for addr in addrs]
+
+
+def test_iterate_without_mailboxes_dir(doveauth):
+    shutil.rmtree(doveauth.config.mailboxes_path)
+    with DictClient(doveauth.socket_path) as client:
+        assert client.iterate("shared/userdb/") == []
+
+
+def test_hello_is_silent_and_unknown_keys_not_found(doveauth):
+    with DictClient(doveauth.socket_path) as client:
+        client.send("H3\t2\t0\t\tauth")
+        assert client.lookup("shared/unknown/key") is None
+        assert client.lookup("shared/passdb/no-separator") is None
+        assert client.lookup("shared/passdb/pw\"user\\") is None
+
+
+def test_concurrent_first_logins(doveauth):
+    """50 threads on their own connections: 25 race for one address, 25 create their own."""
+    shared = f"racer0000@{DOMAIN}"
+    results: dict[int, tuple[str, str, str]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(50)
+
+    def login(i: int) -> None:
+        addr = shared if i < 25 else f"racer{i:04d}@{DOMAIN}"
+        password = f"password-{i:03d}"
+        try:
+            with DictClient(doveauth.socket_path, timeout=60) as client:
+                start.wait()
+                for _ in range(5):
+                    reply = client.lookup(passdb_key(addr, password), addr)
+                    results.setdefault(i, (addr, password, json.loads(reply)["password"]))
+                    assert json.loads(reply)["password"] == results[i][2]
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=login, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 50
+
+    shared_hashes = {results[i][2] for i in range(25)}
+    assert len(shared_hashes) == 1
+    (stored,) = shared_hashes
+    assert User(doveauth.config.mailboxes_path, shared).get_password() == stored
+    assert sum(verify_password(results[i][1], stored) for i in range(25)) == 1
+    for i in range(25, 50):
+        addr, password, password_hash = results[i]
+        assert verify_password(password, password_hash)
+        assert User(doveauth.config.mailboxes_path, addr).get_password() == password_hash
+    assert doveauth.counters.value("accounts_created_total") == 26
+    leftovers = [p for p in doveauth.config.mailboxes_path.rglob(".*.tmp")]
+    assert leftovers == []
+
+
+def test_lock_serialises_creation_across_processes(example_config):
+    """The file lock also holds against another process (two doveauth instances, one disk)."""
+    addr = f"crossproc@{DOMAIN}"
+    script = (
+        "import sys; from chatmaild.config import read_config; "
+        "from chatmaild.accounts import get_or_create; "
+        "c = read_config(sys.argv[1]); "
+        "print(get_or_create(c, sys.argv[2], sys.argv[3]).password_hash)"
+    )
+    ini = example_config.mailboxes_path.parent / "chatmail.ini"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(ini), addr, f"password-{i}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    hashes = {proc.communicate(timeout=60)[0].strip() for proc in procs}
+    assert len(hashes) == 1
+    assert User(example_config.mailboxes_path, addr).get_password() == hashes.pop()
+
+
+# -- the console script and Dovecot's own client ---------------------------------------
+
+
+@pytest.fixture
+def doveauth_process(example_config, tmp_path):
+    """``doveauth SOCKET INI`` as the service runs it."""
+    socket_path = tmp_path / "run" / "doveauth.socket"
+    socket_path.parent.mkdir()
+    ini = tmp_path / "chatmail.ini"
+    exe = Path(sys.executable).parent / "doveauth"
+    log_path = tmp_path / "doveauth.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([str(exe), str(socket_path), str(ini)], stderr=log_file)
+    deadline = time.monotonic() + 20
+    while not socket_path.exists():
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, "doveauth did not create its socket"
+        time.sleep(0.05)
+    yield socket_path
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_console_script_serves_and_logs(doveauth_process, example_config, tmp_path):
+    addr = f"scripted1@{DOMAIN}"
+    with DictClient(doveauth_process) as client:
+        reply = json.loads(client.lookup(passdb_key(addr, "password123"), addr))
+    assert verify_password("password123", reply["password"])
+    assert f"Created address: {addr}" in (tmp_path / "doveauth.log").read_text()
+    # counters land in config.counters_dir within the flush interval
+    counters_file = example_config.counters_dir / "doveauth.json"
+    deadline = time.monotonic() + 10
+    while not counters_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    data = json.loads(counters_file.read_text())
+    assert data["accounts_created_total"][0]["value"] == 1
+
+
+def test_console_script_usage_error(tmp_path):
+    exe = Path(sys.executable).parent / "doveauth"
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "usage: doveauth SOCKET INI" in result.stderr
+    result = subprocess.run(
+        [str(exe), str(tmp_path / "s"), str(tmp_path / "missing.ini")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1 and "cannot read" in result.stderr
+
+
+DOVEADM = shutil.which("doveadm")
+needs_doveadm = pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-core) not installed")
+
+
+def doveadm_dict(*args: str) -> subprocess.CompletedProcess:
+    # -O: no dovecot.conf needed; the dict client is Dovecot's own proxy driver.
+    return subprocess.run([DOVEADM, "-O", "dict", *args], capture_output=True, text=True, timeout=30)
+
+
+@needs_doveadm
+def test_dovecot_dict_client_creates_and_looks_up(doveauth_process, example_config):
+    addr = f"dovecot01@{DOMAIN}"
+    password = 'se"cr\'et\\pass/1'
+    uri = f"proxy:{doveauth_process}:auth"
+    got = doveadm_dict("get", uri, passdb_key(addr, password))
+    assert got.returncode == 0, got.stderr
+    reply = json.loads(got.stdout)
+    assert reply["addr"] == addr and verify_password(password, reply["password"])
+
+    got = doveadm_dict("get", uri, f"shared/userdb/{addr}")
+    assert got.returncode == 0 and json.loads(got.stdout) == reply
+
+    missing = doveadm_dict("get", uri, f"shared/userdb/missing99@{DOMAIN}")
+    assert missing.returncode != 0 and "doesn't exist" in missing.stderr
+
+    listed = doveadm_dict("iter", uri, "shared/userdb/")
+    assert listed.returncode == 0, listed.stderr
+    assert f"shared/userdb/{addr}" in listed.stdout.split()
+
+
+def test_accounts_module_exports_reasons():
+    assert set(accounts.REJECTION_REASONS) == {
+        "nocreate", "password_short", "username_invalid", "domain", "reserved", "load", "memory", "disk",
+    }

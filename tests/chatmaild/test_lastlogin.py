@@ -1,0 +1,124 @@
+"""lastlogin: Dovecot's last_login plugin writes, the password file's mtime keeps the day."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from chatmaild.dictproxy import DictClient
+from chatmaild.lastlogin import LastLoginDictProxy, parse_last_login
+from chatmaild.user import User
+
+DOMAIN = "chat.example.org"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (f"shared/last-login/a@{DOMAIN}", "100000", (f"a@{DOMAIN}", 100000)),
+        (f"shared/last-login/a@{DOMAIN}", " 200000 ", (f"a@{DOMAIN}", 200000)),
+    ],
+    ids=["plain", "whitespace"],
+)
+def test_parse_last_login(key, value, expected):
+    assert parse_last_login(key, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (f"shared/other/a@{DOMAIN}", "100000"),
+        (f"shared/last-login/a@{DOMAIN}", "yesterday"),
+        (f"shared/last-login/a@{DOMAIN}", "-5"),
+        (f"shared/last-login/a@{DOMAIN}", "1.5"),
+    ],
+    ids=["wrong-prefix", "not-a-number", "negative", "fraction"],
+)
+def test_parse_last_login_rejects(key, value):
+    with pytest.raises(ValueError):
+        parse_last_login(key, value)
+
+
+@pytest.fixture
+def account(example_config):
+    user = User(example_config.mailboxes_path, f"abcdefghi@{DOMAIN}")
+    user.set_password("{SHA512-CRYPT}$6$x$y")
+    return user
+
+
+@pytest.fixture
+def lastlogin_socket(example_config, tmp_path):
+    path = tmp_path / "lastlogin.socket"
+    server = LastLoginDictProxy(example_config).make_server(path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield path
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "day"), [(100000, 86400), (200000, 172800), (86400, 86400), (0, 0)],
+    ids=["100000", "200000", "exact-day", "epoch"],
+)
+def test_login_timestamp_rounds_down_to_the_day(lastlogin_socket, account, timestamp, day):
+    with DictClient(lastlogin_socket) as client:
+        assert client.set_values({f"shared/last-login/{account.addr}": str(timestamp)}, account.addr)
+    assert account.get_last_login_timestamp() == day
+    assert int(account.password_path.stat().st_mtime) == day
+
+
+def test_raw_transaction_lines(lastlogin_socket, account):
+    """The exact lines Dovecot 2.3's last_login plugin sends (transaction id 1, user set)."""
+    with DictClient(lastlogin_socket) as client:
+        client.send(f"B1\t{account.addr}")
+        client.send(f"S1\tshared/last-login/{account.addr}\t200000")
+        client.send("C1")
+        assert client.read_line() == "O1"
+    assert account.get_last_login_timestamp() == 172800
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (f"shared/other/abcdefghi@{DOMAIN}", "100000"),
+        (f"shared/last-login/abcdefghi@{DOMAIN}", "soon"),
+        (f"shared/last-login/../etc@{DOMAIN}", "100000"),
+        ("shared/last-login/no-at-sign", "100000"),
+    ],
+    ids=["wrong-prefix", "bad-timestamp", "traversal", "no-at"],
+)
+def test_bad_writes_fail_the_commit(lastlogin_socket, account, key, value):
+    before = account.get_last_login_timestamp()
+    with DictClient(lastlogin_socket) as client:
+        assert client.set_values({key: value}) is False
+        # the connection keeps working
+        assert client.set_values({f"shared/last-login/{account.addr}": "100000"}) is True
+    assert before != 86400 and account.get_last_login_timestamp() == 86400
+
+
+def test_missing_account_logs_error_and_creates_nothing(lastlogin_socket, example_config, caplog):
+    addr = f"ghost0000@{DOMAIN}"
+    with caplog.at_level(logging.ERROR), DictClient(lastlogin_socket) as client:
+        assert client.set_values({f"shared/last-login/{addr}": "100000"}) is True
+    assert "no password file" in caplog.text
+    assert not (example_config.mailboxes_path / addr).exists()
+
+
+DOVEADM = shutil.which("doveadm")
+
+
+@pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-core) not installed")
+def test_dovecot_dict_client_sets_last_login(lastlogin_socket, account):
+    result = subprocess.run(
+        [DOVEADM, "-O", "dict", "set", f"proxy:{lastlogin_socket}:lastlogin",
+         f"shared/last-login/{account.addr}", "200000"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert account.get_last_login_timestamp() == 172800
