@@ -66,6 +66,18 @@ def _number(value: object, default: float | None) -> float | None:
     return float(value)
 
 
+def statvfs_path(path: Path) -> Path:
+    """``path`` or its nearest ancestor the API may stat: the mailboxes (vmail, 0700) are
+    closed to the API user, their parent's filesystem is the same one."""
+    for candidate in (path, *path.parents):
+        try:
+            os.statvfs(candidate)
+            return candidate
+        except OSError:
+            continue
+    return path
+
+
 def nocreate_target(config: Config) -> Path:
     """The file to replace or remove: the symlink's target if the path is a symlink."""
     return Path(os.path.realpath(config.nocreate_file))
@@ -149,7 +161,8 @@ class AccountCreationControl:
 
     def system_limit(self) -> str | None:
         """Which system limit (load, memory, disk) would refuse a new account now."""
-        exceeded = exceeded_limit(self.config, read_system(self.config.mailboxes_path))
+        readings = read_system(statvfs_path(self.config.mailboxes_path))
+        exceeded = exceeded_limit(self.config, readings)
         return exceeded[1] if exceeded else None
 
     def _remove(self) -> None:

@@ -7,10 +7,17 @@ with the number of accounts.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from chatmaild.config import ConfigError, read_config
+from chatmaild.fileio import write_text_atomic
 
 #: fsreport's activity windows (days since the last login).
 ACTIVE_DAYS = (1, 10, 30, 40, 80, 100, 150)
@@ -72,3 +79,47 @@ def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
     stats.scanned_at = now
     stats.duration_s = time.monotonic() - started
     return stats
+
+
+def write_stats(stats: AccountStats, path: Path) -> None:
+    write_text_atomic(path, json.dumps(asdict(stats), sort_keys=True), mode=0o640)
+
+
+def read_stats(path: Path) -> AccountStats | None:
+    """Stats written by :func:`main`; None while there are none yet."""
+    try:
+        data = json.loads(path.read_text())
+        return AccountStats(
+            accounts={str(k): int(v) for k, v in data["accounts"].items()},
+            active={int(k): int(v) for k, v in data["active"].items()},
+            storage={str(k): int(v) for k, v in data["storage"].items()},
+            scanned_at=float(data["scanned_at"]),
+            duration_s=float(data["duration_s"]),
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logging.getLogger(__name__).warning("ignoring unreadable stats %s: %s", path, exc)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m chatmail_api.accountstats INI OUT``: scan as the mailbox owner (a timer)."""
+    parser = argparse.ArgumentParser(prog="python -m chatmail_api.accountstats")
+    parser.add_argument("ini")
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = read_config(args.ini)
+    except ConfigError as exc:
+        logging.error("%s", exc)
+        return 1
+    stats = scan_mailboxes(config.mailboxes_path)
+    write_stats(stats, args.out)
+    logging.info("%d accounts, %d bytes", stats.accounts["all"], stats.storage["total"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from chatmaild.config import Config
 from chatmaild.fileio import write_text_atomic
 
-from .accountcreation import AccountCreationControl
+from .accountcreation import AccountCreationControl, statvfs_path
 from .settings import PortSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class Checker:
         return [CheckResult("queue.depth", "warning", "ok", summary)]
 
     async def check_disk(self) -> list[CheckResult]:
-        path = self.config.mailboxes_path
+        path = statvfs_path(self.config.mailboxes_path)
         try:
             free_mb = await asyncio.to_thread(lambda: shutil.disk_usage(path).free // 2**20)
         except OSError as exc:

@@ -529,16 +529,19 @@ async def check_dns(settings: Settings, config: Config) -> DnsReport:
     policy = None
     if config.tls_cert_mode == "acme":
         policy = await _check_policy(ds, client, domain)
-    for row in sorted(rows, key=lambda r: not r.required):
+    recommended = []
+    for row in rows:
         if row.state != "ok":
             kind = "required" if row.required else "recommended"
             shown = ", ".join(row.found) if row.found else "nothing"
-            problems.append(
+            line = (
                 f"{kind}: {row.type} {row.name} is {row.state}: expected {row.expected}, "
                 f"found {shown}"
             )
+            (problems if row.required else recommended).append(line)
     if policy and policy.state != "ok":
         problems += [f"required: MTA-STS policy {policy.url}: {p}" for p in policy.problems]
+    problems += recommended
     ok = all(r.state == "ok" for r in rows if r.required) and (
         policy is None or policy.state == "ok"
     )

@@ -14,6 +14,7 @@ from .settings import DEFAULT_SETTINGS_PATH, SettingsError, load_settings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatmail-api", description=__doc__)
     parser.add_argument("--settings", default=str(DEFAULT_SETTINGS_PATH), help="api.json")
+    parser.add_argument("--tokens-file", help="JSON {monitor: {name: token}, admin: {...}}")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = logging.getLogger("chatmail_api")
     try:
-        settings = load_settings(args.settings)
+        settings = load_settings(args.settings, args.tokens_file)
         from .app import create_app
 
         app = create_app(settings)

@@ -21,6 +21,14 @@ class ErrorBody(_Model):
     detail: str
 
 
+#: Documented on every authenticated route (so the schema, and fuzzers, know them).
+AUTH_RESPONSES: dict[int | str, dict] = {
+    401: {"model": ErrorBody, "description": "Missing or unknown bearer token"},
+    403: {"model": ErrorBody, "description": "Token lacks the scope, or address not allowed"},
+    422: {"model": ErrorBody, "description": "Invalid request"},
+}
+
+
 class Health(_Model):
     status: Literal["ok", "down"]
     reason: str | None = None

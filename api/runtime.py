@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 from chatmaild.config import Config
 
 from .accountcreation import AccountCreationControl
-from .accountstats import AccountStats, scan_mailboxes
+from .accountstats import AccountStats, read_stats, scan_mailboxes
 from .checks import Checker, CheckResult, CheckStateStore, Facts, overall
-from .models import Check, Status
+from .dnscheck import check_dns
+from .models import Check, DnsReport, ProbeResult, Status
+from .probe import run_probe
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,11 @@ class Runtime:
 
     # -- background work ---------------------------------------------------------------
 
-    async def scan_accounts(self) -> AccountStats:
+    async def scan_accounts(self) -> AccountStats | None:
+        stats_file = self.settings.account_stats_file
+        if stats_file is not None:
+            self.account_stats = await asyncio.to_thread(read_stats, stats_file)
+            return self.account_stats
         self.account_stats = await asyncio.to_thread(scan_mailboxes, self.config.mailboxes_path)
         log.info(
             "counted %d accounts in %.2f s",
@@ -131,18 +137,14 @@ class Runtime:
         )
         return self.account_stats
 
-    async def run_probe(self):
-        from .probe import run_probe
-
+    async def run_probe(self) -> ProbeResult:
         async with self._probe_lock:
             result = await run_probe(self.settings, self.config)
         self.checker.probe_result = result
         self.invalidate_status()
         return result
 
-    async def check_dns(self):
-        from .dnscheck import check_dns
-
+    async def check_dns(self) -> DnsReport:
         report = await check_dns(self.settings, self.config)
         self.checker.dns_report = report
         self.invalidate_status()

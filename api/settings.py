@@ -113,6 +113,9 @@ class Settings(_Strict):
     #: Probe credentials, check states, audit log. Root-only readable parts stay 0600.
     state_dir: Path = Path("/var/lib/chatmail-api")
     tokens: Tokens = Tokens()
+    #: More tokens, same JSON shape as ``tokens``: on the relay a root-only file that
+    #: systemd hands to the service (LoadCredential), so api.json holds no secrets.
+    tokens_file: Path | None = None
     #: Client networks allowed to use authenticated endpoints; empty: any.
     allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     #: Peers whose X-Forwarded-For is believed (nginx on the same host).
@@ -142,6 +145,9 @@ class Settings(_Strict):
     status_cache_s: float = Field(5.0, ge=0)
     #: How often accounts and storage are counted for /metrics (a directory walk).
     account_scan_interval_s: float = Field(300.0, ge=0)
+    #: Read the counts from this file (written by ``python -m chatmail_api.accountstats``
+    #: as the mailbox owner) instead of walking mailboxes the API user cannot read.
+    account_stats_file: Path | None = None
     #: How often an expired ``until`` re-opens account creation without a request.
     reopen_interval_s: float = Field(30.0, gt=0)
     dns: DnsSettings = DnsSettings()
@@ -172,10 +178,25 @@ def parse_settings(data: object) -> Settings:
         raise SettingsError("\n".join(lines)) from None
 
 
-def load_settings(path: str | Path) -> Settings:
-    """Read and validate the JSON settings file."""
+def _read_json(path: str | Path, what: str) -> object:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SettingsError(f"api settings: cannot read {path}: {exc}") from None
-    return parse_settings(data)
+        raise SettingsError(f"api {what}: cannot read {path}: {exc}") from None
+
+
+def load_settings(path: str | Path, tokens_file: str | Path | None = None) -> Settings:
+    """Read and validate the JSON settings, adding the tokens of ``tokens_file``."""
+    settings = parse_settings(_read_json(path, "settings"))
+    tokens_file = tokens_file or settings.tokens_file
+    if tokens_file is None:
+        return settings
+    try:
+        extra = Tokens.model_validate(_read_json(tokens_file, "tokens"))
+    except ValidationError as exc:
+        raise SettingsError(f"api tokens: {tokens_file}: {exc.errors()[0]['msg']}") from None
+    tokens = Tokens(
+        monitor={**settings.tokens.monitor, **extra.monitor},
+        admin={**settings.tokens.admin, **extra.admin},
+    )
+    return settings.model_copy(update={"tokens": tokens})

@@ -12,9 +12,10 @@ import logging
 import os
 import socket
 import socketserver
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ A message passes if one DKIM-Signature whose ``d=`` equals the ``From:`` domain
 (case-insensitive) verifies. Signatures of other domains are not even looked up. Keys
 come from DNS TXT records, fetched asynchronously through the resolver chatmail.ini names
 (``dns_resolver``: empty for the system resolver, ``IP`` or ``IP:PORT``), with a bounded
-LRU cache; a key whose signature fails is dropped from the cache so a rotated key is
-fetched again. dkimpy does the cryptography in a worker thread (hashing a large body must
+LRU cache; when no signature verifies, the keys are fetched again (a cached key may have
+been rotated) and verification is retried only if a key changed. dkimpy does the cryptography in a worker thread (hashing a large body must
 not stall the event loop). DNS trouble gives a temporary reply so the sender retries.
 """
 
@@ -163,14 +163,20 @@ class DKIMVerifier:
             return NO_VALID_SIGNATURE
         names = sorted({s.key_name.lower() for s in signatures})
         try:
-            values = await asyncio.gather(*(self.txt.lookup(name) for name in names))
+            keys = await self._lookup_keys(names)
+            if await asyncio.to_thread(_verify_signatures, message, signatures, keys):
+                return None
+            # Maybe a cached key was rotated: fetch again, and retry only if a key changed.
+            for name in names:
+                self.txt.invalidate(name)
+            fresh = await self._lookup_keys(names)
         except DNSTemporaryError as exc:
             log.warning("DKIM key lookup failed: %s", exc)
             return DNS_FAILURE
-        keys = dict(zip(names, values))
-        passed = await asyncio.to_thread(_verify_signatures, message, signatures, keys)
-        if passed is None:
-            for name in names:
-                self.txt.invalidate(name)
-            return NO_VALID_SIGNATURE
-        return None
+        if fresh != keys and await asyncio.to_thread(_verify_signatures, message, signatures, fresh):
+            return None
+        return NO_VALID_SIGNATURE
+
+    async def _lookup_keys(self, names: list[str]) -> dict[str, bytes | None]:
+        values = await asyncio.gather(*(self.txt.lookup(name) for name in names))
+        return dict(zip(names, values))

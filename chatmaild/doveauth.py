@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 from .accounts import get_or_create
@@ -46,6 +49,7 @@ def unescape(value: str) -> str:
 
 _ESCAPE = re.compile(r"\\(.?)", re.S)
 _ESCAPE_OR_QUOTE = re.compile(r'\\(.?)|"', re.S)
+_escaped_char = operator.itemgetter(1)  # match -> the escaped character, without Python code
 
 
 def split_escaped(value: str, separator: str | None = '"') -> list[str]:
@@ -74,20 +78,30 @@ def split_escaped(value: str, separator: str | None = '"') -> list[str]:
 
 def parse_passdb_key(rest: str) -> tuple[str, str]:
     """``<esc-password>"<esc-user>`` (after ``shared/passdb/``) -> (password, user)."""
+    # Fast path with C-level regex work: the separator is the last quote when the user
+    # part holds no escapes (valid addresses never do) and the quote is not escaped.
+    sep = rest.rfind('"')
+    if sep >= 0 and "\\" not in rest[sep + 1 :]:
+        escaped_password = rest[:sep]
+        trailing = len(escaped_password) - len(escaped_password.rstrip("\\"))
+        if trailing % 2 == 0 and '"' not in _ESCAPE.sub("", escaped_password):
+            return _ESCAPE.sub(_escaped_char, escaped_password), rest[sep + 1 :]
     parts = split_escaped(rest)
     if len(parts) != 2:
         raise ProtocolError(f"passdb key needs one unescaped '\"', found {len(parts) - 1}")
     return parts[0], parts[1]
 
 
-def userdb_reply(config: Config, addr: str, password_hash: str) -> str:
+def userdb_reply(
+    config: Config, addr: str, password_hash: str, vmail_user: str = VMAIL_USER
+) -> str:
     """The JSON object Dovecot's dict passdb/userdb reads its fields from."""
     return json.dumps(
         {
             "addr": addr,
             "home": os.path.join(config.mailboxes_path, addr),
-            "uid": VMAIL_USER,
-            "gid": VMAIL_USER,
+            "uid": vmail_user,
+            "gid": vmail_user,
             "password": password_hash,
         }
     )
@@ -104,10 +118,15 @@ class AuthDictProxy(DictProxy):
 
     MAX_CACHED = 100_000
 
-    def __init__(self, config: Config, counters: Counters | None = None):
+    def __init__(
+        self, config: Config, counters: Counters | None = None, vmail_user: str = VMAIL_USER
+    ):
         self.config = config
         self.counters = counters
+        # uid/gid Dovecot runs mail processes as; tests pass a user their host has
+        self.vmail_user = vmail_user
         self._domain_suffix = "@" + config.address_domain
+        self._mailboxes = os.fspath(config.mailboxes_path)
         self._replies: dict[str, tuple[tuple[int, int, int], str]] = {}
 
     def lookup(self, key: str, user: str) -> str | None:
@@ -144,7 +163,7 @@ class AuthDictProxy(DictProxy):
             return None
         try:
             check_address(addr)
-            st = os.stat(os.path.join(self.config.mailboxes_path, addr, "password"))
+            st = os.stat(os.path.join(self._mailboxes, addr, "password"))
         except (InvalidAddress, OSError):
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
@@ -159,7 +178,7 @@ class AuthDictProxy(DictProxy):
         return entry[1]
 
     def _remember(self, addr: str, password_hash: str) -> str:
-        reply = userdb_reply(self.config, addr, password_hash)
+        reply = userdb_reply(self.config, addr, password_hash, self.vmail_user)
         # stat, read, stat: cache only a hash read from the very file identified.
         identity = self._password_stat(addr)
         if (
@@ -193,6 +212,47 @@ class AuthDictProxy(DictProxy):
                 yield USERDB_PREFIX + entry.name, ""
 
 
+MIGRATION_SKIPPED_PREFIXES = ("ci-", "ac_")  # upstream's throwaway test accounts
+
+
+def migrate_passdb(config: Config, progress_every: int = 10000) -> int:
+    """Move accounts from upstream's old ``passdb.sqlite`` into the mailbox layout.
+
+    Rows of ``users(addr, password, last_login)`` become ``<addr>/password`` files (with
+    the last login as mtime); accounts that already have a password file keep it. Then
+    the database is renamed to ``passdb.sqlite.old`` and its ``-wal``/``-shm`` siblings
+    removed, so this runs once. Returns the number of accounts written.
+    """
+    path = Path(config.passdb_path)
+    if not path.exists():
+        return 0
+    log.info("migrating accounts from %s", path)
+    written = 0
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT addr, password, last_login FROM users")
+        for count, (addr, password_hash, last_login) in enumerate(rows, 1):
+            if count % progress_every == 0:
+                log.info("migrated %d rows", count)
+            if not addr or not password_hash or addr.startswith(MIGRATION_SKIPPED_PREFIXES):
+                continue
+            try:
+                user = User(config.mailboxes_path, addr)
+            except InvalidAddress as exc:
+                log.warning("not migrating %r: %s", addr, exc)
+                continue
+            if user.get_password() is not None:
+                continue
+            user.set_password(password_hash)
+            if last_login:
+                user.set_last_login_timestamp(int(last_login))
+            written += 1
+    path.rename(path.with_name(path.name + ".old"))
+    for sibling in path.parent.glob(path.name + "-*"):
+        sibling.unlink(missing_ok=True)
+    log.info("migrated %d accounts from %s", written, path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -205,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
+    try:
+        migrate_passdb(config)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("cannot migrate %s, serving without it: %s", config.passdb_path, exc)
     proxy = AuthDictProxy(config, Counters(config.counters_dir, "doveauth"))
     proxy.serve_forever(socket_path)
     return 0

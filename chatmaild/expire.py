@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_INI_PATH, ConfigError, read_config
+from .config import DEFAULT_INI_PATH, Config, ConfigError, read_config
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class ExpirePolicy:
     quota_target_bytes: int
 
     @classmethod
-    def from_config(cls, config, now: float) -> ExpirePolicy:
+    def from_config(cls, config: Config, now: float) -> ExpirePolicy:
         return cls(
             now=now,
             mails_after_s=config.delete_mails_after * SECONDS_PER_DAY,
@@ -185,6 +185,18 @@ class Remover:
         log.info("removed mailbox %s", path)
         return True
 
+    def empty_dir(self, path: Path) -> bool:
+        if not self.remove:
+            log.info("would remove empty mailbox %s", path)
+            return True
+        try:
+            path.rmdir()
+        except OSError as exc:  # something was created meanwhile
+            log.info("kept mailbox %s: %s", path, exc)
+            return False
+        log.info("removed empty mailbox %s", path)
+        return True
+
     def maildirsize(self, maildir: Path) -> None:
         if self.remove:
             (maildir / "maildirsize").unlink(missing_ok=True)
@@ -207,15 +219,7 @@ def expire_mailbox(maildir: Path, policy: ExpirePolicy, remover: Remover) -> Mai
     if password_mtime is None:
         if not any(maildir.iterdir()):
             if policy.now - maildir.lstat().st_mtime > RECENT_S:
-                if not remover.remove:
-                    log.info("would remove empty mailbox %s", maildir)
-                    result.mailbox_removed = True
-                else:
-                    try:
-                        maildir.rmdir()
-                        result.mailbox_removed = True
-                    except OSError as exc:  # something was created meanwhile
-                        log.info("kept mailbox %s: %s", maildir, exc)
+                result.mailbox_removed = remover.empty_dir(maildir)
             return result
         log.warning("Skipped deleting %s, doesn't have last_login but isn't empty", maildir)
 

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from .counters import Counters
 from .fileio import write_bytes_atomic
+from .user import check_address
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,10 @@ def parse_entry(data: bytes) -> QueueEntry:
     if len(lines) != 3:
         raise ValueError(f"expected 3 lines, got {len(lines)}")
     addr, start_ts, token = lines
-    if "@" not in addr or not token or any(c.isspace() for c in token):
-        raise ValueError("missing address or token")
-    return QueueEntry(addr=addr, start_ts=float(start_ts), token=token)
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("missing or malformed token")
+    # The address becomes a path when a 410 removes its token.
+    return QueueEntry(addr=check_address(addr), start_ts=float(start_ts), token=token)
 
 
 def retry_delay(attempt: int, base_delay: float = RETRY_BASE_DELAY_S) -> float:

@@ -226,8 +226,7 @@ class Reinjector:
             # caller closes the connection, which aborts the transaction.
             return failed or data_reply, False
         conn.data_sent = True
-        conn.writer.write(stuffed)
-        conn.writer.write(b".\r\n")
+        conn.writer.writelines((stuffed, b".\r\n"))  # one send, not two
         return await conn.read_reply(), True
 
     def _checkout(self) -> tuple[Connection | None, bool]:

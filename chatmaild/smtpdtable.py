@@ -25,14 +25,18 @@ Services (``--services``, default ``auth``):
   compare itself (``crypt_checkpass``); never creates.
 - ``userinfo`` (lookup): ``<uid>:<gid>:<home>`` of an existing account (uid/gid of the
   ``vmail`` user).
+- ``mailaddrmap`` (lookup): an existing account maps to itself, for smtpd's
+  ``senders <table>`` (MAIL FROM must be the login, like Postfix's
+  ``reject_sender_login_mismatch``).
 
-Caveat: smtpd's ``table_lookup`` lowercases every key before sending it, including the
-``auth`` key, in builds without the later fix that exempts ``K_AUTH``. With such a build a
-password containing capitals is seen lowercased: its login fails, and a *new* account
-would be created with the lowercased password. Where that matters, register
-``credentials`` instead of ``auth`` (accounts are then created by IMAP logins only, which
-Delta Chat always performs first); this needs a libc ``crypt`` that knows ``$6$``
-(glibc/libxcrypt does, OpenBSD's does not).
+Caveat: OpenSMTPD 7.6's ``table_lookup`` lowercases every key before sending it, the
+``auth`` key included (a later fix, carried as a patch by some ports, exempts ``K_AUTH``).
+With such a build a password containing capitals (``chatmail-newcreds`` generates them) is
+seen lowercased: its login fails, and a *new* account would be created with the
+lowercased password. Where that matters, register ``credentials`` instead of ``auth``
+(accounts are then created by IMAP logins only, which Delta Chat always performs first);
+smtpd then checks the password itself with ``crypt_checkpass``, which needs a libc
+``crypt`` that knows ``$6$`` (glibc/libxcrypt do, OpenBSD's does not).
 
 Usage: ``chatmail-smtpd-table [--services auth,credentials,userinfo] INI``.
 """
@@ -57,7 +61,7 @@ from .user import InvalidAddress, User
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "0.1"
-SERVICES = ("auth", "credentials", "userinfo")
+SERVICES = ("auth", "credentials", "userinfo", "mailaddrmap")
 OPERATIONS = ("check", "lookup", "fetch")
 WORKERS = 4
 MAX_LINE = 64 * 1024
@@ -184,6 +188,10 @@ class ChatmailTable:
             if query.op != "check":
                 return "error|auth supports check only"
             return "found" if self._authenticate(query.key or "") else "not-found"
+        if query.service == "mailaddrmap" and query.op == "lookup":
+            # smtpd's `listen ... senders <table>`: an account may send as itself only.
+            found = self._existing_hash(query.key or "") is not None
+            return f"found|{query.key}" if found else "not-found"
         password_hash = self._existing_hash(query.key or "")
         if password_hash is None:
             return "not-found"
@@ -199,14 +207,15 @@ class ChatmailTable:
         if not sep:
             log.warning("auth key without ':' refused")
             return False
-        result = authenticate_or_create(self.config, addr, password, self.counters)
+        # Like Dovecot's default auth_username_format (%Lu): Alice@ and alice@ are one account.
+        result = authenticate_or_create(self.config, addr.lower(), password, self.counters)
         return result.ok
 
     def _existing_hash(self, addr: str) -> str | None:
         if not addr.endswith("@" + self.config.address_domain):
             return None
         try:
-            return User(self.config.mailboxes_path, addr).get_password()
+            return User(self.config.mailboxes_path, addr.lower()).get_password()
         except InvalidAddress:
             return None
 
@@ -263,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    parser = argparse.ArgumentParser(prog="chatmail-smtpd-table", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="chatmail-smtpd-table", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("ini", help="path to chatmail.ini")
     parser.add_argument(
         "--services",

@@ -82,7 +82,10 @@ def exceeded_limit(config: Config, readings: SystemReadings) -> tuple[str, str] 
         )
     disk = readings.free_disk_mb
     if disk is not None and disk < config.min_free_disk_space_mb:
-        return "disk", f"free disk space {disk} MB < min_free_disk_space {config.min_free_disk_space}"
+        return (
+            "disk",
+            f"free disk space {disk} MB < min_free_disk_space {config.min_free_disk_space}",
+        )
     return None
 
 

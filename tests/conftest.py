@@ -75,3 +75,16 @@ def gencreds():
         return user, password
 
     return gen
+
+
+@pytest.fixture
+def dns_server(tmp_path: Path):
+    """A real authoritative DNS server (NSD) on 127.0.0.1:<free port>; see tests/dnsserver.py.
+
+    ``dns_server.set_zone("example.org", ['sel._domainkey TXT "v=DKIM1; ..."'])`` serves
+    records; ``dns_server.address`` ("127.0.0.1:PORT") goes into ``dns_resolver``.
+    """
+    from dnsserver import DNSServer
+
+    with DNSServer(tmp_path / "nsd") as server:
+        yield server

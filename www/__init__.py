@@ -1,0 +1,1 @@
+"""The relay's web pages: Markdown sources and one layout built into static files."""

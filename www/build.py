@@ -93,7 +93,7 @@ def contact(value: str, kind: str = "text") -> Markup:
     value = value.strip()
     if not value:
         return NOT_PROVIDED
-    text = _markdown_safe(value)
+    text = Markup("<br>").join(_markdown_safe(line.strip()) for line in value.splitlines())
     if kind == "mail":
         return Markup('<a href="mailto:{0}">{0}</a>').format(text)
     return text
@@ -127,7 +127,7 @@ def account_block(config: Config) -> Markup:
             "Set up an account on {domain}</a></p>\n"
             '<p id="account-status" role="status">This page creates login credentials with '
             "JavaScript, because this relay has no publicly trusted certificate.</p>\n"
-            '<p><button type="button" id="account-again">New credentials</button></p>\n'
+            '<p><button type="button" id="account-again" hidden>New credentials</button></p>\n'
             "</div>\n"
             '<script src="{script}"></script>'
         ).format(new=NEW_ACCOUNT_PATH, domain=domain, script=SELF_SIGNED_SCRIPT)
@@ -139,8 +139,12 @@ def account_block(config: Config) -> Markup:
         '<p><a class="button" href="{link}">Get an account on {domain}</a></p>\n'
         '<p class="hint"><a href="{file}" download>Download the QR code</a> to print it.</p>\n'
         "</div>"
-    ).format(link=link, svg=Markup(qr_svg(link, config.mail_domain, label)), domain=domain,
-             file=qr_filename(config))
+    ).format(
+        link=link,
+        svg=Markup(qr_svg(link, config.mail_domain, label)),
+        domain=domain,
+        file=qr_filename(config),
+    )
 
 
 def page_context(config: Config) -> dict[str, object]:
@@ -238,9 +242,9 @@ def render_site(config: Config, source: Path) -> dict[str, bytes]:
         files[SELF_SIGNED_SCRIPT] = (TEMPLATE_DIR / SELF_SIGNED_SCRIPT).read_bytes()
     else:
         label = f"QR code: create an account on {config.mail_domain}"
-        files[qr_filename(config)] = qr_svg(
-            account_link(config), config.mail_domain, label
-        ).encode("utf-8")
+        files[qr_filename(config)] = qr_svg(account_link(config), config.mail_domain, label).encode(
+            "utf-8"
+        )
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source).as_posix()
         if not path.is_file() or path.suffix == ".md" or relative == LAYOUT:
@@ -249,15 +253,21 @@ def render_site(config: Config, source: Path) -> dict[str, bytes]:
             continue
         if path.suffix in (".css", ".html"):
             _read_source(path)
-        files[relative] = path.read_bytes()
+        try:
+            files[relative] = path.read_bytes()
+        except OSError as exc:
+            raise BuildError(f"cannot read {path}: {exc}") from None
     return files
 
 
 def _read_manifest(out: Path) -> set[str]:
+    """Files an earlier build wrote; names leading outside ``out`` are ignored, not deleted."""
     try:
-        return set((out / MANIFEST).read_text(encoding="utf-8").split("\n")) - {""}
+        names = set((out / MANIFEST).read_text(encoding="utf-8").split("\n")) - {""}
     except FileNotFoundError:
         return set()
+    root = out.resolve()
+    return {name for name in names if (root / name).resolve().is_relative_to(root)}
 
 
 def _write_if_different(path: Path, data: bytes) -> bool:
@@ -290,7 +300,9 @@ def _remove_files(out: Path, relatives: set[str]) -> list[str]:
 def write_site(files: dict[str, bytes], out: Path) -> WriteResult:
     """Make ``out`` hold exactly ``files`` plus whatever this builder never wrote."""
     out.mkdir(mode=0o755, parents=True, exist_ok=True)
-    written = [name for name, data in sorted(files.items()) if _write_if_different(out / name, data)]
+    written = [
+        name for name, data in sorted(files.items()) if _write_if_different(out / name, data)
+    ]
     removed = _remove_files(out, _read_manifest(out) - set(files))
     manifest = "".join(f"{name}\n" for name in sorted(files)).encode("utf-8")
     _write_if_different(out / MANIFEST, manifest)
@@ -316,14 +328,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ini", type=Path, default=DEFAULT_INI_PATH, help="chatmail.ini")
     parser.add_argument("--out", type=Path, required=True, help="folder the site is written to")
-    parser.add_argument("--src", type=Path, help="source folder (default: ini www_folder, "
-                        "else the pages shipped with chatmail)")
-    parser.add_argument("--clean", action="store_true",
-                        help="remove the files an earlier build wrote instead of building")
-    parser.add_argument("--salt-stateful", action="store_true",
-                        help="print one JSON line for Salt's cmd.run stateful protocol")
-    parser.add_argument("--serve", action="store_true",
-                        help="serve the site on localhost and rebuild on changes")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        help="source folder (default: ini www_folder, else the pages shipped with chatmail)",
+    )
+    parser.add_argument(
+        "--clean",
+        action="store_true",
+        help="remove the files an earlier build wrote instead of building",
+    )
+    parser.add_argument(
+        "--salt-stateful",
+        action="store_true",
+        help="print one JSON line for Salt's cmd.run stateful protocol",
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="serve the site on localhost and rebuild on changes"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port for --serve (0: any)")
     return parser
 
@@ -340,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
+    except OSError as exc:
+        log.error("cannot write the site to %s: %s", args.out, exc)
+        return 1
     for name in result.written:
         log.info("wrote %s", args.out / name)
     for name in result.removed:
@@ -347,10 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.salt_stateful:
         comment = (
             f"{len(result.written)} written, {len(result.removed)} removed in {args.out}"
-            if result.changed else f"{args.out} is up to date"
+            if result.changed
+            else f"{args.out} is up to date"
         )
-        print(json.dumps({"changed": result.changed, "comment": comment,
-                          "written": list(result.written), "removed": list(result.removed)}))
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "changed": result.changed,
+                    "comment": comment,
+                    "written": list(result.written),
+                    "removed": list(result.removed),
+                }
+            )
+            + "\n"
+        )
     return 0
 
 

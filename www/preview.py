@@ -1,24 +1,23 @@
 """Local preview: build, serve on localhost, rebuild when a source, the layout or the ini changes.
 
-The preview answers ``POST /new`` like the relay does (JSON with ``email`` and ``password``,
-plus ``dclogin_url`` for self-signed relays), so the self-signed account flow can be tried
-in a browser. The credentials are random and no account exists anywhere.
+The preview answers ``POST /new`` like the relay's API does (same credential generator:
+``email``, ``password``, plus ``dclogin_url`` for self-signed relays), so the self-signed
+account flow can be tried in a browser. No account exists anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
-import string
+import signal
 import threading
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote
 
-from chatmaild.config import Config, ConfigError, read_config
+from chatmaild.config import ConfigError, read_config
+from chatmaild.newcreds import create_credentials
 from chatmail_www.build import (
     NEW_ACCOUNT_PATH,
     TEMPLATE_DIR,
@@ -30,24 +29,11 @@ from chatmail_www.build import (
 log = logging.getLogger("chatmail_www.preview")
 
 POLL_SECONDS = 0.5
-
-
-def preview_credentials(config: Config) -> dict[str, str]:
-    """What the relay's ``/new`` answers, with random values."""
-    alphabet = string.ascii_lowercase + string.digits
-    user = "".join(secrets.choice(alphabet) for _ in range(config.username_max_length))
-    password = "".join(
-        secrets.choice(string.ascii_letters + string.digits)
-        for _ in range(config.password_min_length + 3)
-    )
-    email = f"{user}@{config.address_domain}"
-    answer = {"email": email, "password": password}
-    if config.tls_cert_mode == "self":
-        hosts = f"&ih={config.ipv4_relay}&sh={config.ipv4_relay}" if config.ipv4_relay else ""
-        answer["dclogin_url"] = (
-            f"dclogin:{quote(email, safe='@[]')}?p={quote(password, safe='')}&v=1{hosts}&ic=3"
-        )
-    return answer
+# The pages need nothing beyond their own origin; the preview enforces that, so a page
+# that would break under this policy (inline script, external font) fails in the tests.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def _snapshot(paths: list[Path]) -> dict[str, tuple[float, int]]:
@@ -90,7 +76,8 @@ class PreviewSite:
             log.info("rebuilt: %s", ", ".join(result.written + result.removed))
 
     def new_account(self) -> dict[str, str]:
-        return preview_credentials(read_config(self.ini))
+        """What the relay's ``POST /new`` answers (chatmaild.newcreds, as the API uses it)."""
+        return create_credentials(read_config(self.ini)).model_dump(exclude_none=True)
 
     def watch(self, stop: threading.Event) -> None:
         seen = _snapshot(self.watched())
@@ -105,6 +92,10 @@ class _Handler(SimpleHTTPRequestHandler):
     def __init__(self, *args, site: PreviewSite, **kwargs):
         self.site = site
         super().__init__(*args, directory=str(site.out), **kwargs)
+
+    def end_headers(self):
+        self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        super().end_headers()
 
     def do_GET(self):
         with self.site.lock:
@@ -144,14 +135,15 @@ def serve(ini: Path, out: Path, source: Path | None, port: int) -> int:
         return 1
     server = make_server(site, port)
     stop = threading.Event()
-    watcher = threading.Thread(target=site.watch, args=(stop,), daemon=True)
-    watcher.start()
+    # Both signals, even where a shell started us with SIGINT ignored.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     log.info("serving %s at http://127.0.0.1:%d/ (Ctrl-C stops)", out, server.server_address[1])
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        site.watch(stop)
     finally:
-        stop.set()
+        server.shutdown()
         server.server_close()
     return 0

@@ -41,8 +41,10 @@ def matrix_svg(matrix: list[list[bool]], caption: str, label: str) -> str:
             runs.append(f"M{x + QUIET_ZONE} {y + QUIET_ZONE}h{length}v1h-{length}z")
             x = end + 1
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" role="img" '
-        f"aria-label={quoteattr(label)}>",
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label={quoteattr(label)}>'
+        ),
         f"<title>{escape(label)}</title>",
         f'<rect width="{width}" height="{height}" fill="#fff"/>',
         f'<path d="{"".join(runs)}" fill="#000" shape-rendering="crispEdges"/>',

@@ -10,10 +10,12 @@ from fastapi import APIRouter, HTTPException
 
 from ..accountcreation import CreationState, CreationStateError
 from ..deps import AdminAuth, MonitorAuth, RuntimeDep
-from ..models import AccountCreation, AccountCreationUpdate, ErrorBody
+from ..models import AUTH_RESPONSES, AccountCreation, AccountCreationUpdate, ErrorBody
 from ..runtime import Runtime
 
-router = APIRouter(prefix="/account-creation", tags=["account-creation"])
+router = APIRouter(
+    prefix="/account-creation", tags=["account-creation"], responses=AUTH_RESPONSES
+)
 
 
 def _when(ts: float | None) -> datetime | None:
@@ -47,7 +49,6 @@ async def get_account_creation(rt: RuntimeDep, _: MonitorAuth) -> AccountCreatio
     response_model=AccountCreation,
     responses={
         409: {"model": ErrorBody, "description": "Pinned by the pillar"},
-        422: {"description": "Invalid body"},
         503: {"model": ErrorBody, "description": "The nocreate file cannot be written"},
     },
 )

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Response
 
 from ..deps import MonitorAuth, RuntimeDep
 from ..dnscheck import build_zone
-from ..models import DnsReport
+from ..models import AUTH_RESPONSES, DnsReport
 
-router = APIRouter(prefix="/dns", tags=["dns"])
+router = APIRouter(prefix="/dns", tags=["dns"], responses=AUTH_RESPONSES)
 
 
 @router.get("", response_model=DnsReport)

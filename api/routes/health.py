@@ -14,6 +14,7 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/health",
     response_model=Health,
+    response_model_exclude_none=True,
     responses={503: {"model": Health, "description": "A critical check fails"}},
 )
 async def health(rt: RuntimeDep):

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import MonitorAuth, RuntimeDep
+from ..models import AUTH_RESPONSES
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], responses=AUTH_RESPONSES)
 
 
 @router.get(

@@ -13,6 +13,8 @@ import math
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import RedirectResponse
 
+from chatmaild.newcreds import create_credentials
+
 from ..deps import ClientDep, RuntimeDep
 from ..models import ErrorBody, NewCredentials
 from ..runtime import Runtime
@@ -46,8 +48,6 @@ async def _propose(rt: Runtime, client: str) -> NewCredentials:
             "account creation is paused while the relay is short of resources",
             headers={"Retry-After": "300"},
         )
-    from chatmaild.newcreds import create_credentials
-
     creds = create_credentials(rt.config)
     return NewCredentials(
         email=creds.email, password=creds.password, dclogin_url=creds.dclogin_url

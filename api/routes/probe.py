@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from ..deps import AdminAuth, RuntimeDep
-from ..models import ErrorBody, ProbeResult
+from ..models import AUTH_RESPONSES, ErrorBody, ProbeResult
 
-router = APIRouter(tags=["probe"])
+router = APIRouter(tags=["probe"], responses=AUTH_RESPONSES)
 
 
 @router.post(

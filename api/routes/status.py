@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..deps import MonitorAuth, RuntimeDep
-from ..models import Status
+from ..models import AUTH_RESPONSES, Status
 
-router = APIRouter(tags=["status"])
+router = APIRouter(tags=["status"], responses=AUTH_RESPONSES)
 
 
 @router.get("/status", response_model=Status)

@@ -7,7 +7,7 @@ HOST_PACKAGES=(
     debootstrap systemd-container
     postfix dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua
     nginx-light libnginx-mod-stream unbound nsd opendkim opendkim-tools
-    chromium
+    chromium fonts-dejavu-core
 )
 
 require_root_debian() {

@@ -46,7 +46,7 @@ REPO_MOUNT = "/srv/chatmail"
 #: The minion's file_roots: the formula and the repository root (the relay's Python source).
 FILE_ROOTS = [f"{REPO_MOUNT}/salt", REPO_MOUNT]
 #: Bump when the build recipe below changes in a way the hash inputs do not capture.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 
 #: Ports the relay binds in the host's network namespace: public ones, then loopback-only ones.
 PUBLIC_PORTS = (25, 80, 143, 443, 465, 587, 993)
@@ -166,7 +166,7 @@ def ensure_rootfs() -> Path:
 
 def build_rootfs(tarball: Path) -> None:
     started = time.monotonic()
-    stage = CACHE_DIR / f"build-{tarball.stem}"
+    stage = CACHE_DIR / f"build-{tarball.name.removesuffix('.tar.zst')}"
     if stage.exists():
         remove_tree(stage)
     debs = CACHE_DIR / "debootstrap-debs"
@@ -188,11 +188,16 @@ def build_rootfs(tarball: Path) -> None:
     shutil.copy("/etc/resolv.conf", stage / "etc/resolv.conf")
     (stage / "etc/hostname").write_text("chatmail-relay\n")
     log(f"installing {SALT_REQUIREMENT} into {SALT_VENV} (~70 s)")
+    # Salt's dependency timelib has no wheel on PyPI: it builds from source, so the compiler
+    # is there only for the install (pip's cache keeps the built wheel for the next build).
+    build_deps = "gcc libc6-dev python3-dev"
     script = (
-        "set -e; update-ca-certificates >/dev/null; "
+        "set -e; export DEBIAN_FRONTEND=noninteractive; update-ca-certificates >/dev/null; "
+        f"apt-get -q update >/dev/null; apt-get -qy install --no-install-recommends {build_deps} >/dev/null; "
         f"python3 -m venv {SALT_VENV}; "
         f"{SALT_VENV}/bin/pip install -q --disable-pip-version-check '{SALT_REQUIREMENT}'; "
         f"for b in salt-call salt-run; do ln -sf {SALT_VENV}/bin/$b /usr/local/bin/$b; done; "
+        f"apt-get -qy purge --autoremove {build_deps} >/dev/null; "
         "apt-get clean; rm -rf /var/lib/apt/lists/*"
     )
     run_host(
@@ -244,6 +249,15 @@ def remove_tree(path: Path) -> None:
     if leftover:
         raise RelayError(f"refusing to remove {path}: still mounted: {leftover}")
     run_host(["rm", "-rf", "--one-file-system", str(path)])
+
+
+def snapshot_repo(repo: Path, dest: Path) -> None:
+    """Copy the checkout's sources (no VCS data, venvs or caches) to ``dest``."""
+    shutil.copytree(
+        repo, dest, symlinks=True,
+        ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "__pycache__",
+                                      ".pytest_cache", "*.egg-info", ".ruff_cache"),
+    )
 
 
 # --- a booted container -------------------------------------------------------------------

@@ -14,7 +14,7 @@ from chatmail_api.app import create_app
 from chatmail_api.checks import overall, parse_postqueue_json, parse_systemctl_is_active
 from chatmail_api.checks import CheckResult
 
-from .conftest import ADMIN, ADMIN_TOKEN, MONITOR, make_cert
+from api_support import ADMIN, ADMIN_TOKEN, MONITOR, free_port, make_cert
 
 
 def checks_by_id(response) -> dict:
@@ -91,8 +91,6 @@ def test_status_reports_every_check(client, listening_port):
 
 
 def test_closed_port_makes_health_503(api_settings, listening_port):
-    from .conftest import free_port
-
     closed = free_port()
     settings, config = api_settings(ports=[{"port": closed, "what": "imaps"}])
     with TestClient(create_app(settings, config)) as client:

@@ -71,7 +71,15 @@ def test_parse_request(line, expected):
 @pytest.mark.parametrize(
     "line",
     ["", "Zfoo", "Ix\t0\tp", "I0", "S1\tkey-without-value", "U1", "\x00"],
-    ids=["empty", "unknown-command", "iterate-bad-flags", "iterate-short", "set-short", "unset-short", "nul"],
+    ids=[
+        "empty",
+        "unknown-command",
+        "iterate-bad-flags",
+        "iterate-short",
+        "set-short",
+        "unset-short",
+        "nul",
+    ],
 )
 def test_parse_request_rejects(line):
     with pytest.raises(ProtocolError):
@@ -175,7 +183,7 @@ def echo_socket(tmp_path):
     proxy = Echo()
     path = tmp_path / "echo.socket"
     server = proxy.make_server(path)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield path
     server.shutdown()

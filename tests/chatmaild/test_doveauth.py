@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chatmaild import accounts
 from chatmaild.accounts import (
@@ -28,7 +33,13 @@ from chatmaild.accounts import (
 )
 from chatmaild.counters import Counters
 from chatmaild.dictproxy import DictClient, ProtocolError
-from chatmaild.doveauth import AuthDictProxy, parse_passdb_key, split_escaped, unescape
+from chatmaild.doveauth import (
+    AuthDictProxy,
+    migrate_passdb,
+    parse_passdb_key,
+    split_escaped,
+    unescape,
+)
 from chatmaild.syslimits import SystemReadings
 from chatmaild.user import User
 
@@ -53,13 +64,21 @@ def passdb_key(addr: str, password: str) -> str:
     [
         ('secret123"abc@x.org', ("secret123", "abc@x.org")),
         ('pa\\"ss"abc@x.org', ('pa"ss', "abc@x.org")),
-        ("pa\\\\ss\"abc@x.org", ("pa\\ss", "abc@x.org")),
+        ('pa\\\\ss"abc@x.org', ("pa\\ss", "abc@x.org")),
         ("pa\\'ss\"abc@x.org", ("pa'ss", "abc@x.org")),
         ('pa/ss"abc@x.org', ("pa/ss", "abc@x.org")),
         ('"abc@x.org', ("", "abc@x.org")),
         ('\\"\\\\\\\'"u@x', ("\"\\'", "u@x")),
     ],
-    ids=["plain", "escaped-quote", "escaped-backslash", "escaped-apostrophe", "slash", "empty-pw", "only-escapes"],
+    ids=[
+        "plain",
+        "escaped-quote",
+        "escaped-backslash",
+        "escaped-apostrophe",
+        "slash",
+        "empty-pw",
+        "only-escapes",
+    ],
 )
 def test_parse_passdb_key(rest, expected):
     assert parse_passdb_key(rest) == expected
@@ -75,7 +94,27 @@ def test_parse_passdb_key_rejects(rest):
         parse_passdb_key(rest)
 
 
-@pytest.mark.parametrize("value", ["plain", 'q"uote', "back\\slash", "it's", '\\"\'/'])
+@given(st.text(), st.text())
+def test_parse_passdb_key_roundtrips(password, user):
+    assert parse_passdb_key(f'{escape(password)}"{escape(user)}') == (password, user)
+
+
+@given(st.text(alphabet="ab\"\\'@", max_size=12))
+def test_parse_passdb_key_fast_path_agrees_with_general_path(rest):
+    """Any string: the fast path returns exactly what the escape-by-escape split returns."""
+    try:
+        general = split_escaped(rest)
+    except ProtocolError:
+        general = None
+    try:
+        parsed = parse_passdb_key(rest)
+    except ProtocolError:
+        parsed = None
+    expected = tuple(general) if general is not None and len(general) == 2 else None
+    assert parsed == expected
+
+
+@pytest.mark.parametrize("value", ["plain", 'q"uote', "back\\slash", "it's", "\\\"'/"])
 def test_escape_then_unescape_roundtrips(value):
     assert unescape(escape(value)) == value
     assert split_escaped(f'{escape(value)}"{escape(value)}') == [value, value]
@@ -86,7 +125,13 @@ def test_escape_then_unescape_roundtrips(value):
 
 @pytest.mark.parametrize(
     ("localpart", "allowed"),
-    [("a1234", False), ("012345", True), ("0123456", True), ("0123456789", True), ("0123456789x", False)],
+    [
+        ("a1234", False),
+        ("012345", True),
+        ("0123456", True),
+        ("0123456789", True),
+        ("0123456789x", False),
+    ],
     ids=["5-too-short", "6-min", "7", "10-max", "11-too-long"],
 )
 def test_username_length(make_relaxed_config, localpart, allowed):
@@ -112,8 +157,18 @@ def test_username_length(make_relaxed_config, localpart, allowed):
         (".abcdefgh", "username_invalid"),
     ],
     ids=[
-        "dot-dash", "underscore", "uppercase", "space", "plus", "bang", "second-at",
-        "non-ascii", "slash", "backslash", "dotdot", "leading-dot",
+        "dot-dash",
+        "underscore",
+        "uppercase",
+        "space",
+        "plus",
+        "bang",
+        "second-at",
+        "non-ascii",
+        "slash",
+        "backslash",
+        "dotdot",
+        "leading-dot",
     ],
 )
 def test_localpart_charset(example_config, localpart, reason):
@@ -185,7 +240,9 @@ def test_real_host_limits_block_creation(make_config):
     """Real readings of this host against limits no host meets."""
     config = make_config(DOMAIN, min_available_memory="100T", max_load_1m=99999)
     assert creation_refusal(config, f"abcdefghi@{DOMAIN}", "password123") == "memory"
-    config = make_config(DOMAIN, min_free_disk_space="100T", max_load_1m=99999, min_available_memory="0")
+    config = make_config(
+        DOMAIN, min_free_disk_space="100T", max_load_1m=99999, min_available_memory="0"
+    )
     assert creation_refusal(config, f"abcdefghi@{DOMAIN}", "password123") == "disk"
 
 
@@ -212,7 +269,10 @@ def test_authenticate_or_create(example_config):
     addr = f"abcdefghi@{DOMAIN}"
     assert authenticate_or_create(example_config, addr, "password123").status == AuthStatus.CREATED
     assert authenticate_or_create(example_config, addr, "password123").status == AuthStatus.OK
-    assert authenticate_or_create(example_config, addr, "wrongpassw").status == AuthStatus.WRONG_PASSWORD
+    assert (
+        authenticate_or_create(example_config, addr, "wrongpassw").status
+        == AuthStatus.WRONG_PASSWORD
+    )
     refused = authenticate_or_create(example_config, f"ab@{DOMAIN}", "password123")
     assert refused.status == AuthStatus.REFUSED and refused.refusal.reason == "username_invalid"
 
@@ -223,7 +283,7 @@ def test_counters_and_log_lines(example_config, caplog):
         get_or_create(example_config, f"abcdefghi@{DOMAIN}", "password123", counters)
         get_or_create(example_config, f"abcdefghi@{DOMAIN}", "password123", counters)
         get_or_create(example_config, f"abcdefgh2@{DOMAIN}", "zq9x", counters)
-        get_or_create(example_config, f"abcdefgh3@elsewhere.org", "password123", counters)
+        get_or_create(example_config, "abcdefgh3@elsewhere.org", "password123", counters)
     assert counters.value("accounts_created_total") == 1
     assert counters.value("registrations_rejected_total", reason="password_short") == 1
     assert counters.value("registrations_rejected_total", reason="domain") == 1
@@ -242,7 +302,7 @@ def doveauth(example_config, tmp_path):
     proxy = AuthDictProxy(example_config, counters)
     path = tmp_path / "doveauth.socket"
     server = proxy.make_server(path)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     proxy.socket_path = path
     yield proxy
@@ -275,7 +335,15 @@ def test_create_then_lookup(doveauth, gencreds):
 
 @pytest.mark.parametrize(
     "password",
-    ['pass"word12', "pass'word12", "pass\\word12", "pass/word12", '\\"\'/\\\\""x', "pässwörd1234", "tab\tnew\nline1"],
+    [
+        'pass"word12',
+        "pass'word12",
+        "pass\\word12",
+        "pass/word12",
+        '\\"\'/\\\\""x',
+        "pässwörd1234",
+        "tab\tnew\nline1",
+    ],
     ids=["quote", "apostrophe", "backslash", "slash", "all-specials", "non-ascii", "tab-newline"],
 )
 def test_special_passwords_survive_the_protocol(doveauth, password):
@@ -325,7 +393,17 @@ def test_refused_logins_answer_not_found(doveauth, tmp_path):
         f"abcdefghi@{DOMAIN}/../../x@{DOMAIN}",
         "abcdefghi",
     ],
-    ids=["dotdot-etc", "dotdot-prefix", "slash", "dotdot-only", "nul", "leading-dot", "inner-dotdot", "domain-traversal", "no-at"],
+    ids=[
+        "dotdot-etc",
+        "dotdot-prefix",
+        "slash",
+        "dotdot-only",
+        "nul",
+        "leading-dot",
+        "inner-dotdot",
+        "domain-traversal",
+        "no-at",
+    ],
 )
 def test_path_traversal_addresses_never_touch_the_filesystem(doveauth, tmp_path, addr):
     before = sorted(p for p in tmp_path.rglob("*"))
@@ -358,7 +436,40 @@ def test_hello_is_silent_and_unknown_keys_not_found(doveauth):
         client.send("H3\t2\t0\t\tauth")
         assert client.lookup("shared/unknown/key") is None
         assert client.lookup("shared/passdb/no-separator") is None
-        assert client.lookup("shared/passdb/pw\"user\\") is None
+        assert client.lookup('shared/passdb/pw"user\\') is None
+
+
+DICT_GARBAGE = st.lists(
+    st.one_of(
+        st.text(max_size=60),
+        st.binary(max_size=60),
+        st.builds(lambda c, t: c + t, st.sampled_from("LIBSUCRHTA"), st.text(max_size=60)),
+        st.builds(
+            lambda pw, user: f'Lshared/passdb/{pw}"{user}',
+            st.text(max_size=20),
+            st.text(max_size=30),
+        ),
+        st.builds(lambda user: f"Lshared/userdb/{user}", st.text(max_size=30)),
+    ),
+    max_size=5,
+)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(garbage=DICT_GARBAGE)
+def test_random_requests_never_break_doveauth(doveauth, garbage):
+    """Random lines (also near-miss passdb/userdb keys) never crash doveauth: it answers on."""
+    canary = f"canary000@{DOMAIN}"
+    User(doveauth.config.mailboxes_path, canary).set_password(hash_password("password123"))
+    with DictClient(doveauth.socket_path, timeout=20) as client:
+        for item in garbage:
+            data = item if isinstance(item, bytes) else item.encode("utf-8", "surrogatepass")
+            client.sock.sendall(data.replace(b"\n", b" ") + b"\n")
+        client.send(f"Lshared/userdb/{canary}\t{canary}")
+        while not client.read_line().startswith('O{"addr": "canary000@'):
+            pass
 
 
 def test_concurrent_first_logins(doveauth):
@@ -429,21 +540,28 @@ def test_lock_serialises_creation_across_processes(example_config):
 # -- the console script and Dovecot's own client ---------------------------------------
 
 
-@pytest.fixture
-def doveauth_process(example_config, tmp_path):
-    """``doveauth SOCKET INI`` as the service runs it."""
-    socket_path = tmp_path / "run" / "doveauth.socket"
-    socket_path.parent.mkdir()
-    ini = tmp_path / "chatmail.ini"
-    exe = Path(sys.executable).parent / "doveauth"
-    log_path = tmp_path / "doveauth.log"
+def start_daemon(tmp_path: Path, script: str) -> tuple[subprocess.Popen, Path]:
+    """Run ``<script> SOCKET INI`` as its systemd unit does; stderr goes to <script>.log."""
+    socket_path = tmp_path / "run" / f"{script}.socket"
+    socket_path.parent.mkdir(exist_ok=True)
+    exe = Path(sys.executable).parent / script
+    log_path = tmp_path / f"{script}.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([str(exe), str(socket_path), str(ini)], stderr=log_file)
+        proc = subprocess.Popen(
+            [str(exe), str(socket_path), str(tmp_path / "chatmail.ini")], stderr=log_file
+        )
     deadline = time.monotonic() + 20
     while not socket_path.exists():
         assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, "doveauth did not create its socket"
+        assert time.monotonic() < deadline, f"{script} did not create its socket"
         time.sleep(0.05)
+    return proc, socket_path
+
+
+@pytest.fixture
+def doveauth_process(example_config, tmp_path):
+    """``doveauth SOCKET INI`` as the service runs it."""
+    proc, socket_path = start_daemon(tmp_path, "doveauth")
     yield socket_path
     proc.terminate()
     proc.wait(timeout=10)
@@ -471,7 +589,9 @@ def test_console_script_usage_error(tmp_path):
     assert "usage: doveauth SOCKET INI" in result.stderr
     result = subprocess.run(
         [str(exe), str(tmp_path / "s"), str(tmp_path / "missing.ini")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 1 and "cannot read" in result.stderr
 
@@ -482,13 +602,15 @@ needs_doveadm = pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-cor
 
 def doveadm_dict(*args: str) -> subprocess.CompletedProcess:
     # -O: no dovecot.conf needed; the dict client is Dovecot's own proxy driver.
-    return subprocess.run([DOVEADM, "-O", "dict", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [DOVEADM, "-O", "dict", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 @needs_doveadm
 def test_dovecot_dict_client_creates_and_looks_up(doveauth_process, example_config):
     addr = f"dovecot01@{DOMAIN}"
-    password = 'se"cr\'et\\pass/1'
+    password = "se\"cr'et\\pass/1"
     uri = f"proxy:{doveauth_process}:auth"
     got = doveadm_dict("get", uri, passdb_key(addr, password))
     assert got.returncode == 0, got.stderr
@@ -508,5 +630,193 @@ def test_dovecot_dict_client_creates_and_looks_up(doveauth_process, example_conf
 
 def test_accounts_module_exports_reasons():
     assert set(accounts.REJECTION_REASONS) == {
-        "nocreate", "password_short", "username_invalid", "domain", "reserved", "load", "memory", "disk",
+        "nocreate",
+        "password_short",
+        "username_invalid",
+        "domain",
+        "reserved",
+        "load",
+        "memory",
+        "disk",
     }
+
+
+def test_reply_cache_follows_the_password_file(doveauth):
+    """Cached replies never outlive the account: deletion and re-creation are seen at once."""
+    addr = f"cacheduse@{DOMAIN}"
+    user = User(doveauth.config.mailboxes_path, addr)
+    with DictClient(doveauth.socket_path) as client:
+        first = client.lookup(passdb_key(addr, "password123"), addr)
+        assert client.lookup(passdb_key(addr, "password123"), addr) == first  # from the cache
+        user.set_last_login_timestamp(172800)  # lastlogin touches the mtime: still the same hash
+        assert client.lookup(f"shared/userdb/{addr}", addr) == first
+        shutil.rmtree(user.maildir)  # chatmail-expire removed the account
+        assert client.lookup(f"shared/userdb/{addr}", addr) is None
+        second = client.lookup(passdb_key(addr, "newpassword9"), addr)
+        assert second != first
+        assert verify_password("newpassword9", json.loads(second)["password"])
+        user.set_password(hash_password("replaced99"))  # rewritten in place by an operator
+        third = json.loads(client.lookup(f"shared/userdb/{addr}", addr))["password"]
+        assert verify_password("replaced99", third)
+
+
+# -- real Dovecot: its auth process uses doveauth as passdb and userdb -----------------
+
+DOVECOT = shutil.which("dovecot")
+
+AUTH_DICT_CONF = """\
+uri = proxy:{socket}:auth
+iterate_disable = no
+iterate_prefix = userdb/
+default_pass_scheme = plain
+password_key = passdb/%Ew"%Eu
+user_key = userdb/%Eu
+"""
+
+# No protocols: Dovecot opens no TCP port, only UNIX sockets under base_dir. The auth
+# processes run as root so they can reach the test's root-owned doveauth socket.
+DOVECOT_CONF = """\
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = {base}/dovecot.log
+protocols =
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+auth_failure_delay = 0
+passdb {{
+  driver = dict
+  args = {base}/auth-dict.conf.ext
+}}
+userdb {{
+  driver = dict
+  args = {base}/auth-dict.conf.ext
+}}
+service auth {{
+  user = root
+}}
+service auth-worker {{
+  user = root
+}}
+"""
+
+
+@pytest.fixture
+def dovecot_auth(example_config, tmp_path):
+    """Dovecot (auth only) in a private base_dir, its passdb/userdb the running doveauth."""
+    if DOVECOT is None or DOVEADM is None:
+        pytest.skip("dovecot-core not installed")
+    if os.geteuid() != 0:
+        pytest.skip("dovecot needs root to run its auth service")
+    base = Path(tempfile.mkdtemp(prefix="dvauth-"))  # short: UNIX socket paths are limited
+    (base / "state").mkdir()
+    proxy = AuthDictProxy(
+        example_config, Counters(None, "doveauth"), vmail_user=pwd.getpwuid(os.getuid()).pw_name
+    )
+    server = proxy.make_server(base / "doveauth.socket")
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    (base / "auth-dict.conf.ext").write_text(AUTH_DICT_CONF.format(socket=base / "doveauth.socket"))
+    conf = base / "dovecot.conf"
+    conf.write_text(DOVECOT_CONF.format(base=base))
+    dovecot = subprocess.Popen([DOVECOT, "-F", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (base / "run" / "auth-client").exists():
+            assert dovecot.poll() is None, (base / "dovecot.log").read_text()
+            assert time.monotonic() < deadline, "dovecot did not start"
+            time.sleep(0.05)
+
+        def doveadm(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [DOVEADM, "-c", str(conf), *args], capture_output=True, text=True, timeout=30
+            )
+
+        yield doveadm
+    finally:
+        dovecot.terminate()
+        dovecot.wait(timeout=20)
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_real_dovecot_logins(dovecot_auth, example_config):
+    addr = f"dovecot02@{DOMAIN}"
+    password = "se\"cr'et\\pass/2"
+
+    first = dovecot_auth("auth", "test", addr, password)
+    assert first.returncode == 0 and "auth succeeded" in first.stdout, first.stdout + first.stderr
+    stored = User(example_config.mailboxes_path, addr).get_password()
+    assert verify_password(password, stored)
+
+    wrong = dovecot_auth("auth", "test", addr, "wrongpassword")
+    assert wrong.returncode != 0 and "auth failed" in wrong.stdout
+    assert User(example_config.mailboxes_path, addr).get_password() == stored
+
+    again = dovecot_auth("auth", "test", addr.upper(), password)  # Dovecot lowercases (%Lu)
+    assert again.returncode == 0 and "auth succeeded" in again.stdout
+
+    refused = dovecot_auth("auth", "test", f"new000001@{DOMAIN}", "admin")
+    assert refused.returncode != 0 and "auth failed" in refused.stdout
+    assert not (example_config.mailboxes_path / f"new000001@{DOMAIN}").exists()
+
+    userdb = dovecot_auth("user", "-u", addr)
+    assert userdb.returncode == 0, userdb.stderr
+    assert f"home      : {example_config.mailboxes_path / addr}" in userdb.stdout
+
+    listed = dovecot_auth("user", "*")
+    assert listed.returncode == 0 and listed.stdout.split() == [addr]
+
+
+# -- migration from upstream's passdb.sqlite ------------------------------------------
+
+
+def make_passdb(path: Path, rows: list[tuple]) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE users (addr TEXT PRIMARY KEY, password TEXT, last_login INTEGER)")
+        db.executemany("INSERT INTO users VALUES (?, ?, ?)", rows)
+    db.close()
+
+
+def test_migrate_passdb(example_config):
+    stored = hash_password("password123")
+    rows = [(f"user{i:05d}@{DOMAIN}", stored, 200000 if i % 2 else None) for i in range(1000)]
+    rows += [(f"ci-abcdef@{DOMAIN}", stored, 1), (f"ac_abcdef@{DOMAIN}", stored, 1)]
+    rows += [(f"../evil@{DOMAIN}", stored, 1), (f"kept00000@{DOMAIN}", hash_password("old"), 1)]
+    keeper = User(example_config.mailboxes_path, f"kept00000@{DOMAIN}")
+    keeper.set_password(hash_password("newer-password"))
+    path = example_config.passdb_path
+    make_passdb(path, rows)
+    path.with_name(path.name + "-wal").write_text("")
+
+    assert migrate_passdb(example_config, progress_every=100) == 1000
+    assert not path.exists() and path.with_name(path.name + ".old").exists()
+    assert not path.with_name(path.name + "-wal").exists()
+    for i in (0, 1, 999):
+        user = User(example_config.mailboxes_path, f"user{i:05d}@{DOMAIN}")
+        assert user.get_password() == stored and user.enforce_e2ee_path.exists()
+    assert (
+        User(example_config.mailboxes_path, f"user00001@{DOMAIN}").get_last_login_timestamp()
+        == 172800
+    )
+    assert not (example_config.mailboxes_path / f"ci-abcdef@{DOMAIN}").exists()
+    assert not (example_config.mailboxes_path.parent / f"evil@{DOMAIN}").exists()
+    assert verify_password("newer-password", keeper.get_password())
+    assert migrate_passdb(example_config) == 0  # ran once; the .old file is left alone
+
+
+def test_console_script_migrates_passdb_at_start(example_config, tmp_path):
+    stored = hash_password("password123")
+    make_passdb(example_config.passdb_path, [(f"migrated1@{DOMAIN}", stored, 200000)])
+    proc, socket_path = start_daemon(tmp_path, "doveauth")
+    try:
+        with DictClient(socket_path) as client:
+            reply = client.lookup(f"shared/userdb/migrated1@{DOMAIN}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert json.loads(reply)["password"] == stored
+    assert not example_config.passdb_path.exists()
+    assert "migrated 1 accounts" in (tmp_path / "doveauth.log").read_text()

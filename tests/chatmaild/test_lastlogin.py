@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +57,7 @@ def account(example_config):
 def lastlogin_socket(example_config, tmp_path):
     path = tmp_path / "lastlogin.socket"
     server = LastLoginDictProxy(example_config).make_server(path)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield path
     server.shutdown()
@@ -63,12 +66,15 @@ def lastlogin_socket(example_config, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("timestamp", "day"), [(100000, 86400), (200000, 172800), (86400, 86400), (0, 0)],
+    ("timestamp", "day"),
+    [(100000, 86400), (200000, 172800), (86400, 86400), (0, 0)],
     ids=["100000", "200000", "exact-day", "epoch"],
 )
 def test_login_timestamp_rounds_down_to_the_day(lastlogin_socket, account, timestamp, day):
     with DictClient(lastlogin_socket) as client:
-        assert client.set_values({f"shared/last-login/{account.addr}": str(timestamp)}, account.addr)
+        assert client.set_values(
+            {f"shared/last-login/{account.addr}": str(timestamp)}, account.addr
+        )
     assert account.get_last_login_timestamp() == day
     assert int(account.password_path.stat().st_mtime) == day
 
@@ -116,9 +122,38 @@ DOVEADM = shutil.which("doveadm")
 @pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-core) not installed")
 def test_dovecot_dict_client_sets_last_login(lastlogin_socket, account):
     result = subprocess.run(
-        [DOVEADM, "-O", "dict", "set", f"proxy:{lastlogin_socket}:lastlogin",
-         f"shared/last-login/{account.addr}", "200000"],
-        capture_output=True, text=True, timeout=30,
+        [
+            DOVEADM,
+            "-O",
+            "dict",
+            "set",
+            f"proxy:{lastlogin_socket}:lastlogin",
+            f"shared/last-login/{account.addr}",
+            "200000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     assert account.get_last_login_timestamp() == 172800
+
+
+def test_console_script(example_config, account, tmp_path):
+    """``lastlogin SOCKET INI`` as its unit runs it."""
+    socket_path = tmp_path / "lastlogin.socket"
+    exe = Path(sys.executable).parent / "lastlogin"
+    proc = subprocess.Popen(
+        [str(exe), str(socket_path), str(tmp_path / "chatmail.ini")], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with DictClient(socket_path) as client:
+            assert client.set_values({f"shared/last-login/{account.addr}": "100000"})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert account.get_last_login_timestamp() == 86400

@@ -143,6 +143,11 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def sent_total(counters_file: Path) -> float:
+    rows = json.loads(counters_file.read_text()).get("notifications_sent_total", [])
+    return sum(row["value"] for row in rows)
+
+
 def queue_names(queue_dir: Path) -> list[str]:
     return sorted(p.name for p in queue_dir.iterdir())
 
@@ -174,6 +179,7 @@ def test_queue_entry_roundtrip():
         b"user@x\nnot-a-time\ntok",
         b"nouser\n123\ntok",
         b"user@x\n123\n",
+        b"../../etc@x\n123\ntok",
         b"user@x\n123\ntok\nextra",
         b"\xff\xfe\n1\nt",
         b"user@x\n123\ntwo words",
@@ -184,6 +190,7 @@ def test_queue_entry_roundtrip():
         "bad-ts",
         "no-at",
         "no-token",
+        "path-traversal",
         "extra-line",
         "binary",
         "space-in-token",
@@ -282,15 +289,15 @@ def test_hanging_service_times_out_and_others_keep_flowing(
 ):
     metadata.add_token_to_addr(ADDR, "hang-device")
     metadata.add_token_to_addr("other@chat.example.org", "ok-other")
-    # the hanging request times out after 2 s, when a retry would already be too late
-    notifier = make_notifier(request_timeout=2.0, deadline=1.0)
+    # the hanging request times out after 3 s, when a retry would already be too late
+    notifier = make_notifier(request_timeout=3.0, deadline=1.0)
     with caplog.at_level(logging.WARNING):
         notifier.new_message_for_addr(ADDR)
         wait_for(lambda: push_service.tokens() == ["hang-device"])
         # one worker is stuck on the hanging request; the other still delivers
         notifier.new_message_for_addr("other@chat.example.org")
-        wait_for(lambda: "ok-other" in push_service.tokens(), timeout=1.5)
-        wait_for(lambda: queue_names(queue_dir) == [], timeout=5)
+        wait_for(lambda: "ok-other" in push_service.tokens(), timeout=2.5)
+        wait_for(lambda: queue_names(queue_dir) == [], timeout=10)
     assert notifier.counters.value("notifications_sent_total") == 1
     assert notifier.counters.value("notifications_failed_total") >= 1
     assert "timed out" in caplog.text
@@ -343,6 +350,21 @@ def test_requeue_removes_spurious_and_half_written_items(
     notifier.stop()
 
 
+def test_worker_survives_a_failing_token_store(make_notifier, push_service, queue_dir, caplog):
+    # metadata.json replaced by a directory: removing the token after a 410 fails
+    (queue_dir.parent / ADDR / "metadata.json").mkdir(parents=True)
+    (queue_dir / ("e" * 32)).write_bytes(serialize_entry(QueueEntry(ADDR, time.time(), "gone-x")))
+    notifier = make_notifier(start=False, workers=1)
+    notifier.requeue_persistent_items()
+    with caplog.at_level(logging.ERROR):
+        notifier.start()
+        wait_for(lambda: queue_names(queue_dir) == [])
+    assert "unexpected error" in caplog.text
+    Metadata(queue_dir.parent).add_token_to_addr("b@chat.example.org", "ok-after")
+    notifier.new_message_for_addr("b@chat.example.org")
+    wait_for(lambda: "ok-after" in push_service.tokens())
+
+
 def test_requeued_item_past_deadline_is_dropped_unsent(
     make_notifier, push_service, queue_dir, caplog
 ):
@@ -371,9 +393,48 @@ def test_stop_keeps_pending_retries_on_disk(make_notifier, metadata, push_servic
 # -- the daemon end to end -------------------------------------------------------------
 
 
-def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service, tmp_path):
-    sock_dir = Path(tempfile.mkdtemp(prefix="cm-e2e-"))
-    socket_path = sock_dir / "metadata.socket"
+class MetadataDaemon:
+    """``chatmail-metadata SOCKET INI`` as a real process; stopped with SIGTERM on exit."""
+
+    def __init__(self, socket_path: Path, ini_path: Path):
+        self.socket_path = socket_path
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "chatmail-metadata"),
+                str(socket_path),
+                str(ini_path),
+            ],
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.stderr = ""
+
+    def __enter__(self) -> MetadataDaemon:
+        # generous: the daemon's start-up competes with other test runs for the CPU
+        wait_for(lambda: self.socket_path.exists() or self.proc.poll() is not None, timeout=60)
+        assert self.proc.poll() is None, self.proc.communicate()[1].decode()
+        return self
+
+    def connect(self) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.settimeout(10)
+        wait_for(lambda: conn.connect_ex(str(self.socket_path)) == 0, timeout=10)
+        return conn
+
+    def __exit__(self, *exc_info) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.stderr = self.proc.communicate(timeout=10)[1].decode()
+
+
+@pytest.fixture
+def short_dir():
+    # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="cm-e2e-"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service, short_dir):
     config = make_config("chat.example.org", push_notification_url=push_service.url)
     queue_dir = config.mailboxes_path / QUEUE_DIRNAME
     queue_dir.mkdir()
@@ -381,17 +442,8 @@ def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service
     (queue_dir / ("d" * 32)).write_bytes(
         serialize_entry(QueueEntry(ADDR, time.time(), "ok-from-last-run"))
     )
-    exe = Path(sys.executable).parent / "chatmail-metadata"
-    proc = subprocess.Popen(
-        [str(exe), str(socket_path), str(ini_path)],
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        wait_for(socket_path.exists)
-        with socket.socket(socket.AF_UNIX) as conn:
-            conn.connect(str(socket_path))
-            conn.settimeout(10)
+    with MetadataDaemon(short_dir / "metadata.socket", ini_path) as daemon:
+        with daemon.connect() as conn:
             reader = conn.makefile("rb")
             conn.sendall(
                 b"H3\t2\t0\t\tmetadata\n"
@@ -403,18 +455,136 @@ def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service
             assert reader.readline() == b"O1\n"
             assert reader.readline() == b"Ook-live\n"
             assert reader.readline() == b"O2\n"
-        wait_for(lambda: sorted(push_service.tokens()) == ["ok-from-last-run", "ok-live"])
-        wait_for(lambda: queue_names(queue_dir) == [])
+        wait_for(lambda: sorted(push_service.tokens()) == ["ok-from-last-run", "ok-live"], 30)
+        wait_for(lambda: queue_names(queue_dir) == [], 30)
         counters = config.counters_dir / "metadata.json"
-        wait_for(counters.exists)
-        wait_for(
-            lambda: json.loads(counters.read_text())["notifications_sent_total"][0]["value"] == 2
+        wait_for(counters.exists, 30)
+        wait_for(lambda: sent_total(counters) == 2, 30)
+    assert daemon.proc.returncode == 0
+    assert "removing spurious queue item leftover.tmp" in daemon.stderr
+    assert "re-queued 1 pending notification" in daemon.stderr
+
+
+# -- with a real Dovecot ------------------------------------------------------------------
+# Dovecot's imap and dovecot-lda binaries run one-shot on stdin/stdout (PREAUTH / local
+# delivery): no Dovecot daemon, no listening port. This checks what unit tests can only
+# assume: the dict keys Dovecot sends for METADATA, and that the LMTP Lua script shipped
+# in the Salt formula really triggers a push.
+
+DOVECOT_LIBEXEC = Path("/usr/lib/dovecot")
+PUSH_LUA = Path(__file__).resolve().parents[2] / "salt/chatmail/dovecot/files/push_notification.lua"
+MAIL_USER = "nobody"
+
+
+def dovecot_version() -> str:
+    try:
+        return subprocess.run(
+            ["dovecot", "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def write_dovecot_conf(base: Path, socket_path: Path, as_root: bool) -> Path:
+    conf = base / "dovecot.conf"
+    lines = [
+        f"base_dir = {base}/run",
+        f"state_dir = {base}/state",
+        f"log_path = {base}/dovecot.log",
+        f"mail_location = maildir:{base}/mailboxes/%u",
+        "ssl = no",
+        f"mail_attribute_dict = proxy:{socket_path}:metadata",
+        "protocol imap {",
+        "  imap_metadata = yes",
+        "}",
+        "protocol lda {",
+        "  mail_plugins = $mail_plugins mail_lua notify push_notification push_notification_lua",
+        "}",
+        "plugin {",
+        f"  push_notification_driver = lua:file={base}/push_notification.lua",
+        "}",
+    ]
+    if as_root:  # Dovecot refuses mail access as root: drop to an unprivileged user
+        lines += [f"mail_uid = {MAIL_USER}", "mail_gid = nogroup"]
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def test_dovecot_metadata_and_lua_push_end_to_end(make_config, ini_path, push_service):
+    version = dovecot_version()
+    if not version.startswith("2.3.") or not (DOVECOT_LIBEXEC / "dovecot-lda").exists():
+        pytest.skip(f"needs Dovecot 2.3 binaries (found {version or 'none'})")
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="cm-dove-"))
+    try:
+        base.chmod(0o755)  # the unprivileged mail user must reach config and mailboxes
+        for name in ("run", "state", "mailboxes", "home"):
+            (base / name).mkdir()
+        (base / "dovecot.log").touch()
+        shutil.copy(PUSH_LUA, base / "push_notification.lua")
+        if as_root:
+            for path in [base / n for n in ("run", "state", "mailboxes", "home", "dovecot.log")]:
+                shutil.chown(path, MAIL_USER, "nogroup")
+        socket_path = base / "metadata.socket"
+        conf = write_dovecot_conf(base, socket_path, as_root)
+        config = make_config(
+            "chat.example.org",
+            mailboxes_dir=base / "mailboxes",
+            push_notification_url=push_service.url,
         )
+        env = {**os.environ, "USER": ADDR, "HOME": str(base / "home")}
+        drop = ["setpriv", f"--reuid={MAIL_USER}", "--regid=nogroup", "--clear-groups"]
+
+        def imap(*commands: str) -> str:
+            script = "".join(f"a{i} {c}\r\n" for i, c in enumerate(commands)) + "z LOGOUT\r\n"
+            proc = subprocess.run(
+                [str(DOVECOT_LIBEXEC / "imap"), "-c", str(conf)],
+                input=script,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            return proc.stdout
+
+        def deliver(sender: str) -> None:
+            message = f"From: {sender}\r\nTo: {ADDR}\r\nSubject: x\r\n\r\nbody\r\n"
+            cmd = [str(DOVECOT_LIBEXEC / "dovecot-lda"), "-c", str(conf), "-f", sender]
+            proc = subprocess.run(
+                (drop if as_root else []) + cmd,
+                input=message,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            assert proc.returncode == 0, proc.stderr + (base / "dovecot.log").read_text()
+
+        with MetadataDaemon(socket_path, ini_path):
+            if as_root:  # on a relay both run as vmail; here the daemon stays root
+                socket_path.chmod(0o666)
+            answer = imap(
+                'SETMETADATA INBOX (/private/devicetoken "ok-dovecot-device")',
+                "GETMETADATA INBOX (/private/devicetoken)",
+                'GETMETADATA "" (/shared/vendor/deltachat/maxsmtprecipients)',
+                'GETMETADATA "" (/shared/vendor/deltachat/irohrelay)',
+                'GETMETADATA "" (/shared/vendor/deltachat/nonsense)',
+            )
+            assert "a0 OK" in answer, answer
+            assert "ok-dovecot-device" in answer.split("a1 OK")[0].split("a0 OK")[1]
+            assert "1000" in answer.split("a2 OK")[0].split("a1 OK")[1]
+            assert "https://chat.example.org" in answer
+            assert "(/shared/vendor/deltachat/nonsense NIL)" in answer
+            assert Metadata(config.mailboxes_path).get_tokens_for_addr(ADDR) == [
+                "ok-dovecot-device"
+            ]
+
+            deliver(ADDR)  # the sender's own copy notifies nobody
+            time.sleep(1)
+            assert push_service.tokens() == []
+            deliver("other@chat.example.org")
+            wait_for(lambda: push_service.tokens() == ["ok-dovecot-device"], 30)
+            wait_for(lambda: queue_names(config.mailboxes_path / QUEUE_DIRNAME) == [], 30)
+        assert len(list((base / "mailboxes" / ADDR / "new").iterdir())) == 2
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=10)
-        shutil.rmtree(sock_dir)
-    assert proc.returncode == 0
-    log = stderr.decode()
-    assert "removing spurious queue item leftover.tmp" in log
-    assert "re-queued 1 pending notification" in log
+        shutil.rmtree(base)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chatmaild.accounts import get_or_create, verify_password
 from chatmaild.smtpdtable import (
@@ -40,16 +42,32 @@ def query(op: str, service: str, qid: str, key: str | None = None, table: str = 
         ("config|smtpd-version|7.6.0", ConfigEntry("smtpd-version", "7.6.0")),
         ("config|tablename|chat|mail", ConfigEntry("tablename", "chat|mail")),
         ("config|ready", ConfigEntry("ready", None)),
-        (query("check", "auth", "1a2b3c4d", "a@x.org:pw"), Query("chatmail", "check", "auth", "1a2b3c4d", "a@x.org:pw")),
-        (query("check", "auth", "1a2b3c4d", "a@x.org:p|w:x"), Query("chatmail", "check", "auth", "1a2b3c4d", "a@x.org:p|w:x")),
-        (query("lookup", "credentials", "ff", "a@x.org"), Query("chatmail", "lookup", "credentials", "ff", "a@x.org")),
+        (
+            query("check", "auth", "1a2b3c4d", "a@x.org:pw"),
+            Query("chatmail", "check", "auth", "1a2b3c4d", "a@x.org:pw"),
+        ),
+        (
+            query("check", "auth", "1a2b3c4d", "a@x.org:p|w:x"),
+            Query("chatmail", "check", "auth", "1a2b3c4d", "a@x.org:p|w:x"),
+        ),
+        (
+            query("lookup", "credentials", "ff", "a@x.org"),
+            Query("chatmail", "lookup", "credentials", "ff", "a@x.org"),
+        ),
         (query("check", "auth", "ff", ""), Query("chatmail", "check", "auth", "ff", "")),
         (query("fetch", "source", "ee"), Query("chatmail", "fetch", "source", "ee", None)),
         (f"table|0.1|{TS}|chatmail|update|0badf00d", Update("chatmail", "0badf00d")),
     ],
     ids=[
-        "config", "config-value-with-pipe", "config-ready", "check-auth",
-        "pipe-in-last-field", "lookup", "empty-key", "fetch-no-key", "update",
+        "config",
+        "config-value-with-pipe",
+        "config-ready",
+        "check-auth",
+        "pipe-in-last-field",
+        "lookup",
+        "empty-key",
+        "fetch-no-key",
+        "update",
     ],
 )
 def test_parse_line(line, expected):
@@ -70,8 +88,15 @@ def test_parse_line(line, expected):
         (f"table|0.1|{TS}|t|update|abcd|extra", "update", "abcd"),
     ],
     ids=[
-        "empty", "prose", "config-no-key", "too-few-fields", "no-service", "check-without-key",
-        "unknown-op", "unknown-version", "update-extra",
+        "empty",
+        "prose",
+        "config-no-key",
+        "too-few-fields",
+        "no-service",
+        "check-without-key",
+        "unknown-op",
+        "unknown-version",
+        "update-extra",
     ],
 )
 def test_parse_line_rejects(line, op, qid):
@@ -94,11 +119,20 @@ def table(example_config):
 
 def test_auth_creates_then_verifies(table, example_config):
     addr = f"abcdefghi@{DOMAIN}"
-    assert table.reply(query("check", "auth", "01", f"{addr}:pass|wo:rd1")) == "check-result|01|found\n"
+    assert (
+        table.reply(query("check", "auth", "01", f"{addr}:pass|wo:rd1"))
+        == "check-result|01|found\n"
+    )
     stored = User(example_config.mailboxes_path, addr).get_password()
     assert verify_password("pass|wo:rd1", stored)
-    assert table.reply(query("check", "auth", "02", f"{addr}:pass|wo:rd1")) == "check-result|02|found\n"
-    assert table.reply(query("check", "auth", "03", f"{addr}:wrongpass9")) == "check-result|03|not-found\n"
+    assert (
+        table.reply(query("check", "auth", "02", f"{addr}:pass|wo:rd1"))
+        == "check-result|02|found\n"
+    )
+    assert (
+        table.reply(query("check", "auth", "03", f"{addr}:wrongpass9"))
+        == "check-result|03|not-found\n"
+    )
     assert User(example_config.mailboxes_path, addr).get_password() == stored
 
 
@@ -119,11 +153,24 @@ def test_auth_refusals_are_not_found(table, example_config, key):
     assert os.listdir(example_config.mailboxes_path) == []
 
 
+def test_auth_username_is_case_insensitive(table, example_config):
+    addr = f"abcdefghi@{DOMAIN}"
+    get_or_create(example_config, addr, "Password123")
+    assert table.reply(query("check", "auth", "1", f"ABCdefghi@{DOMAIN}:Password123")) == (
+        "check-result|1|found\n"
+    )
+    assert table.reply(query("check", "auth", "2", f"{addr}:password123")) == (
+        "check-result|2|not-found\n"
+    )
+
+
 def test_nocreate_blocks_smtp_creation_not_existing(table, example_config):
     addr = f"existing1@{DOMAIN}"
     get_or_create(example_config, addr, "password123")
     example_config.nocreate_file.touch()
-    assert table.reply(query("check", "auth", "1", f"{addr}:password123")) == "check-result|1|found\n"
+    assert (
+        table.reply(query("check", "auth", "1", f"{addr}:password123")) == "check-result|1|found\n"
+    )
     assert table.reply(query("check", "auth", "2", f"newcomer1@{DOMAIN}:password123")) == (
         "check-result|2|not-found\n"
     )
@@ -138,7 +185,9 @@ def test_credentials_and_userinfo(table, example_config):
     assert table.reply(query("lookup", "credentials", "c3", f"nobody123@{DOMAIN}")) == (
         "lookup-result|c3|not-found\n"
     )
-    uid, gid, home = table.reply(query("lookup", "userinfo", "u1", addr)).split("|")[3].strip().split(":")
+    uid, gid, home = (
+        table.reply(query("lookup", "userinfo", "u1", addr)).split("|")[3].strip().split(":")
+    )
     assert int(uid) >= 0 and int(gid) >= 0 and home == str(example_config.mailboxes_path / addr)
     # smtpd's lookup never creates an account
     assert table.reply(query("lookup", "credentials", "c4", f"newcomer1@{DOMAIN}")) == (
@@ -162,6 +211,28 @@ def test_credentials_and_userinfo(table, example_config):
 def test_errors_and_update(table, line, reply_prefix):
     reply = table.reply(line)
     assert reply.startswith(reply_prefix) and reply.endswith("\n") and reply.count("\n") == 1
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.builds(lambda rest: "table|" + rest, st.text(max_size=80)),
+        st.builds(
+            lambda op, service, key: query(op, service, "0000abcd", key),
+            st.sampled_from(["check", "lookup", "fetch", "update", "x"]),
+            st.sampled_from(["auth", "credentials", "userinfo", "alias", ""]),
+            st.text(max_size=40),
+        ),
+    )
+)
+def test_random_lines_get_one_line_or_nothing(example_config, line):
+    """Whatever smtpd (or noise) sends: no exception, at most one whole reply line."""
+    table = ChatmailTable(example_config, ("auth", "credentials", "userinfo"))
+    reply = table.reply(line.replace("\n", " "))
+    assert reply is None or (reply.endswith("\n") and reply.count("\n") == 1)
 
 
 def test_unaddressable_garbage_gets_no_reply(table):
@@ -208,7 +279,12 @@ class TableProcess:
         return self.lines.get(timeout=timeout)
 
     def handshake(self) -> list[str]:
-        self.send("config|smtpd-version|7.6.0", "config|protocol|0.1", "config|tablename|chatmail", "config|ready")
+        self.send(
+            "config|smtpd-version|7.6.0",
+            "config|protocol|0.1",
+            "config|tablename|chatmail",
+            "config|ready",
+        )
         registered = []
         while (line := self.read()) != "register|ready\n":
             registered.append(line)
@@ -260,7 +336,9 @@ def test_check_found_not_found_and_garbage(table_process, example_config):
     assert proc.read() == "check-result|00000001|found\n"
     proc.send(query("check", "auth", "00000002", f"{addr}:wrongpassword"))
     assert proc.read() == "check-result|00000002|not-found\n"
-    proc.send("garbage without any structure", "\x00\xff", query("frobnicate", "auth", "00000003", "x"))
+    proc.send(
+        "garbage without any structure", "\x00\xff", query("frobnicate", "auth", "00000003", "x")
+    )
     assert proc.read().startswith("frobnicate-result|00000003|error|")
     proc.send(query("check", "auth", "00000004", f"{addr}:password123"))
     assert proc.read() == "check-result|00000004|found\n"

@@ -7,7 +7,12 @@ import logging
 import pytest
 
 from chatmaild import syslimits
-from chatmaild.syslimits import SystemReadings, exceeded_limit, has_sufficient_resources, read_system
+from chatmaild.syslimits import (
+    SystemReadings,
+    exceeded_limit,
+    has_sufficient_resources,
+    read_system,
+)
 
 LIMITS = {"max_load_1m": 2.0, "min_available_memory": "200M", "min_free_disk_space": "1G"}
 
@@ -27,8 +32,15 @@ LIMITS = {"max_load_1m": 2.0, "min_available_memory": "200M", "min_free_disk_spa
         (SystemReadings(None, None, 5), "disk"),
     ],
     ids=[
-        "idle", "exactly-at-limits", "load", "memory", "disk", "all-exceeded-load-first",
-        "all-unreadable", "unreadable-load-memory-still-checked", "unreadable-memory-load-checked",
+        "idle",
+        "exactly-at-limits",
+        "load",
+        "memory",
+        "disk",
+        "all-exceeded-load-first",
+        "all-unreadable",
+        "unreadable-load-memory-still-checked",
+        "unreadable-memory-load-checked",
         "only-disk-readable",
     ],
 )
@@ -41,7 +53,10 @@ def test_exceeded_limit(make_config, readings, reason):
 @pytest.mark.parametrize(
     ("readings", "needle"),
     [
-        (SystemReadings(7.5, 500, 2000), "registration rejected: load (1-minute load 7.50 > max_load_1m 2.0)"),
+        (
+            SystemReadings(7.5, 500, 2000),
+            "registration rejected: load (1-minute load 7.50 > max_load_1m 2.0)",
+        ),
         (SystemReadings(1.0, 10, 2000), "registration rejected: memory"),
         (SystemReadings(1.0, 500, 10), "registration rejected: disk"),
     ],
@@ -73,8 +88,12 @@ def test_unreadable_disk_is_ignored(make_config, tmp_path, caplog):
         readings = read_system(tmp_path / "does-not-exist")
     assert readings.free_disk_mb is None
     assert "ignoring unreadable system limit free_disk_space" in caplog.text
-    config = make_config("chat.example.org", max_load_1m=99999, min_available_memory="0",
-                         mailboxes_dir=tmp_path / "does-not-exist")
+    config = make_config(
+        "chat.example.org",
+        max_load_1m=99999,
+        min_available_memory="0",
+        mailboxes_dir=tmp_path / "does-not-exist",
+    )
     assert has_sufficient_resources(config) is True
 
 

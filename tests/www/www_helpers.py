@@ -158,8 +158,15 @@ def chromium_binary() -> str:
     return binary
 
 
-def chromium(url: str, profile: Path, *, size: tuple[int, int], screenshot: Path | None = None,
-             dump_dom: bool = False) -> str:
+def chromium(
+    url: str,
+    profile: Path,
+    *,
+    size: tuple[int, int],
+    screenshot: Path | None = None,
+    dump_dom: bool = False,
+    dark: bool = False,
+) -> str:
     """Run headless Chromium once; returns the DOM after scripts ran when ``dump_dom``."""
     args = [
         chromium_binary(),
@@ -175,12 +182,14 @@ def chromium(url: str, profile: Path, *, size: tuple[int, int], screenshot: Path
         # Lets fetch() and the QR drawing finish before the page is captured.
         "--virtual-time-budget=5000",
     ]
+    if dark:
+        args.append("--blink-settings=preferredColorScheme=0")  # prefers-color-scheme: dark
     if screenshot is not None:
         args.append(f"--screenshot={screenshot}")
     if dump_dom:
         args.append("--dump-dom")
     args.append(url)
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     if screenshot is not None:
         assert screenshot.is_file(), done.stderr[-2000:]

@@ -384,6 +384,17 @@ const QR = (() => {
       + "The account is created when Delta Chat first logs in.";
   }
 
+  // The API explains refusals (closed, rate limit, low resources) in a JSON "detail".
+  async function refusalReason(response) {
+    try {
+      const body = await response.json();
+      if (typeof body.detail === "string") return body.detail;
+    } catch (error) {
+      // not JSON (a proxy's error page): fall back to the status code
+    }
+    return `the relay answered ${response.status}`;
+  }
+
   async function fetchCredentials() {
     status.textContent = "Creating login credentials…";
     again.disabled = true;
@@ -393,8 +404,7 @@ const QR = (() => {
         headers: { Accept: "application/json" },
         cache: "no-store",
       });
-      if (response.status === 429) throw new Error("too many requests, please wait a moment");
-      if (!response.ok) throw new Error(`the relay answered ${response.status}`);
+      if (!response.ok) throw new Error(await refusalReason(response));
       const data = await response.json();
       if (typeof data.dclogin_url !== "string" || !data.dclogin_url.startsWith("dclogin:")) {
         throw new Error("the relay sent no login link");
@@ -407,6 +417,7 @@ const QR = (() => {
     }
   }
 
+  again.hidden = false;
   again.addEventListener("click", fetchCredentials);
   fetchCredentials();
 })();

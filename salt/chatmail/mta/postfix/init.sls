@@ -30,18 +30,27 @@ chatmail-mta-{{ map | replace("_", "-") }}:
       - file: chatmail-mta-main-cf
 {%- endfor %}
 
-{#- master.cf is checked against the live main.cf and vice versa, so on a first run
-    (Debian's stock main.cf) the new master.cf goes first: it only names parameters
-    that the stock main.cf accepts. #}
+{#- postconf checks main.cf and master.cf as a pair. master.cf goes live first, checked
+    against the main.cf about to follow (rendered here, outside Postfix's directory);
+    then main.cf is checked against the new master.cf. #}
+chatmail-mta-main-cf-candidate:
+  file.managed:
+    - name: {{ chatmail.postfix.candidate_dir }}/main.cf
+    - source: salt://chatmail/mta/postfix/files/main.cf.jinja
+    - template: jinja
+    - makedirs: True
+    - mode: "0644"
+
 chatmail-mta-master-cf:
   file.managed:
     - name: {{ dir }}/master.cf
     - source: salt://chatmail/mta/postfix/files/master.cf.jinja
     - template: jinja
     - mode: "0644"
-    - check_cmd: {{ chatmail.paths.check_config }} postfix-master
+    - check_cmd: {{ chatmail.paths.check_config }} postfix-master {{ chatmail.postfix.candidate_dir }}/main.cf
     - require:
       - pkg: chatmail-packages
+      - file: chatmail-mta-main-cf-candidate
       - file: chatmail-checks-script
 
 chatmail-mta-main-cf:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -41,7 +42,9 @@ def test_robots_txt_disallows_everything(site):
     lines = (site.out / "robots.txt").read_text().splitlines()
     assert lines == ["User-agent: *", "Disallow: /"]
     for name in PAGES:
-        assert {"name": "robots", "content": "noindex, nofollow"} in parse_page(site.out / name).attrs("meta")
+        assert {"name": "robots", "content": "noindex, nofollow"} in parse_page(
+            site.out / name
+        ).attrs("meta")
 
 
 @pytest.mark.parametrize("name", PAGES)
@@ -62,7 +65,7 @@ def test_html5_structure(site, name):
         assert "alt" in img, img
     # Headings never skip a level (h1 -> h3).
     levels = [int(tag[1]) for tag, _ in page.tags if re.fullmatch(r"h[1-6]", tag)]
-    assert all(b - a <= 1 for a, b in zip(levels, levels[1:])), levels
+    assert all(b - a <= 1 for a, b in itertools.pairwise(levels)), levels
     for svg in page.attrs("svg"):
         assert svg.get("role") == "img" and svg.get("aria-label"), svg
 
@@ -144,6 +147,8 @@ def test_self_signed_relay_page_has_no_static_credentials(self_site):
     assert {"src": "account.js"} in index.attrs("script")
     account = next(a for a in index.attrs("div") if a.get("id") == "account")
     assert account["data-new-url"] == "/new" and account["data-domain"] == "_relay.test"
+    # Without JavaScript the retry button would do nothing: the script reveals it.
+    assert {"type": "button", "id": "account-again", "hidden": None} in index.attrs("button")
 
 
 def test_second_build_changes_nothing(site):
@@ -165,8 +170,12 @@ def test_setting_change_rewrites_only_affected_files(site, make_config):
 def test_custom_source_replaces_pages_and_stale_files_go(site, tmp_path):
     source = tmp_path / "operator-www"
     (source / "img").mkdir(parents=True)
-    (source / "index.md").write_text("# Hello from {{ domain }}\n\n{{ account_qr }}\n\n[Rules](rules.html)\n")
-    (source / "rules.md").write_text("# House rules\n\nBe nice. Limit: {{ config.max_user_send_per_minute }}/min.\n")
+    (source / "index.md").write_text(
+        "# Hello from {{ domain }}\n\n{{ account_qr }}\n\n[Rules](rules.html)\n"
+    )
+    (source / "rules.md").write_text(
+        "# House rules\n\nBe nice. Limit: {{ config.max_user_send_per_minute }}/min.\n"
+    )
     (source / "img" / "team.png").write_bytes(b"\x89PNG fake")
     (source / ".hidden").write_text("not published")
     (site.out / "unrelated.txt").write_text("someone else's file")
@@ -196,7 +205,9 @@ def test_operator_layout_overrides_the_default(tmp_path, make_config):
     source = tmp_path / "src"
     source.mkdir()
     (source / "index.md").write_text("# Hi\n")
-    (source / "layout.html").write_text("<!doctype html><title>{{ page.title }}</title>{{ content }}\n")
+    (source / "layout.html").write_text(
+        "<!doctype html><title>{{ page.title }}</title>{{ content }}\n"
+    )
     config = make_config()
     files = render_site(config, source)
     assert files["index.html"] == b'<!doctype html><title>Hi</title><h1 id="hi">Hi</h1>\n'
@@ -225,7 +236,10 @@ def test_bad_sources_fail_and_leave_the_site_alone(tmp_path, make_config, files,
         (source / name).write_text(text)
     with pytest.raises(BuildError, match=message):
         build(tmp_path / "chatmail.ini", out, source)
-    assert main(["--ini", str(tmp_path / "chatmail.ini"), "--out", str(out), "--src", str(source)]) == 1
+    assert (
+        main(["--ini", str(tmp_path / "chatmail.ini"), "--out", str(out), "--src", str(source)])
+        == 1
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -239,8 +253,16 @@ def test_bad_ini_is_a_clean_error(tmp_path, caplog):
 
 def test_cli_salt_stateful_reports_changes_then_none(site, tmp_path):
     out = tmp_path / "fresh"
-    command = [sys.executable, "-m", "chatmail_www.build", "--ini", str(site.ini), "--out", str(out),
-               "--salt-stateful"]
+    command = [
+        sys.executable,
+        "-m",
+        "chatmail_www.build",
+        "--ini",
+        str(site.ini),
+        "--out",
+        str(out),
+        "--salt-stateful",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, check=True)
     second = subprocess.run(command, capture_output=True, text=True, check=True)
     assert '"changed": true' in first.stdout and "index.html" in first.stdout
@@ -262,3 +284,37 @@ def test_markdown_sources_are_packaged():
     package = Path(chatmail_www.__file__).parent
     assert {p.name for p in (package / "src").glob("*.md")} == {"index.md", "info.md", "privacy.md"}
     assert (package / "templates" / "layout.html").is_file()
+
+
+def test_ipv4_relay_pages(tmp_path, make_config):
+    config = make_config("203.0.113.5")
+    out = tmp_path / "www"
+    build(tmp_path / "chatmail.ini", out)
+    assert config.tls_cert_mode == "self"
+    info = parse_page(out / "info.html").plain_text
+    assert "name@[203.0.113.5]" in info
+    assert (out / "account.js").is_file()
+    assert (
+        unresolved_links(
+            out, {"https://delta.chat/", "https://delta.chat/download", "https://chatmail.at/"}
+        )
+        == []
+    )
+
+
+def test_a_tampered_manifest_never_deletes_outside_the_site(site, tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    (site.out / MANIFEST).write_text("index.html\n../precious.txt\n/etc/hostname\n")
+    clean_site(site.out)
+    assert outside.read_text() == "keep"
+    assert not (site.out / "index.html").exists()
+
+
+def test_unwritable_output_is_a_clean_error(tmp_path, make_config, caplog):
+    make_config()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the site folder should be")
+    argv = ["--ini", str(tmp_path / "chatmail.ini"), "--out", str(blocker / "www")]
+    assert main(argv) == 1
+    assert "cannot write the site" in caplog.text

@@ -1,0 +1,23 @@
+{#- The chatmail relay. One state per concern; each can also be applied alone
+    (`state.apply chatmail.dovecot`), pulling in what it needs. #}
+{%- from "chatmail/map.jinja" import chatmail with context %}
+include:
+  - chatmail.checks
+  - chatmail.users
+  - chatmail.packages
+  - chatmail.tls
+  - chatmail.chatmaild
+{%- if chatmail.dkim.enabled %}
+  - chatmail.dkim
+{%- endif %}
+  - chatmail.dovecot
+  - chatmail.mta
+  - chatmail.web
+  - chatmail.resolver
+  - chatmail.expiry
+{%- if chatmail.api.enabled %}
+  - chatmail.api
+{%- endif %}
+{%- if chatmail.www.enabled %}
+  - chatmail.www
+{%- endif %}

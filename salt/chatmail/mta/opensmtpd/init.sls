@@ -1,0 +1,73 @@
+{#- OpenSMTPD (mta: opensmtpd): ports 25/587/465, filtermail relays, reinjection with
+    DKIM signing (filter-dkimsign) and LMTP to Dovecot. smtpd has no reload: any change to
+    smtpd.conf or the doas rule restarts it (queued mail survives in the spool). smtpd.conf
+    is checked with `smtpd -n -f` before it goes live. -#}
+{%- from "chatmail/map.jinja" import chatmail with context %}
+{%- set o = chatmail.opensmtpd %}
+{%- set table = chatmail.paths.venv ~ "/bin/chatmail-smtpd-table" %}
+
+include:
+  - chatmail.packages
+  - chatmail.tls
+  - chatmail.chatmaild
+{%- if chatmail.dkim.enabled %}
+  - chatmail.dkim
+{%- endif %}
+
+{#- smtpd's lookup process runs unprivileged and starts the account table itself; the
+    table writes mailboxes, so this rule lets that one command (with exactly these
+    arguments) run as the vmail user. The operator's other doas rules stay untouched. #}
+chatmail-mta-doas:
+  file.blockreplace:
+    - name: {{ o.doas_conf }}
+    - marker_start: "# chatmail: account table for OpenSMTPD (managed by Salt) -- start"
+    - marker_end: "# chatmail: account table for OpenSMTPD (managed by Salt) -- end"
+    - content: |
+        permit nopass {{ o.user }} as {{ chatmail.users.vmail }} cmd {{ table }} args --services auth,mailaddrmap {{ chatmail.paths.ini }}
+    - append_if_not_found: True
+    - require:
+      - pkg: chatmail-packages
+
+chatmail-mta-doas-mode:
+  file.managed:
+    - name: {{ o.doas_conf }}
+    - replace: False
+    - user: root
+    - mode: "0600"
+    - require:
+      - file: chatmail-mta-doas
+
+chatmail-mta-table:
+  file.managed:
+    - name: {{ o.libexec }}/table-chatmail
+    - source: salt://chatmail/mta/opensmtpd/files/table-chatmail.jinja
+    - template: jinja
+    - mode: "0755"
+    - check_cmd: sh -n
+    - require:
+      - pkg: chatmail-packages
+
+chatmail-mta-config:
+  file.managed:
+    - name: {{ o.config }}
+    - source: salt://chatmail/mta/opensmtpd/files/smtpd.conf.jinja
+    - template: jinja
+    - mode: "0644"
+    - check_cmd: smtpd -n -f
+    - require:
+      - pkg: chatmail-packages
+      - sls: chatmail.tls
+{%- if chatmail.dkim.enabled %}
+      - sls: chatmail.dkim
+{%- endif %}
+
+chatmail-mta-service:
+  service.running:
+    - name: {{ chatmail.service.opensmtpd }}
+    - enable: True
+    - require:
+      - chatmail-chatmaild-venv
+    - watch:
+      - file: chatmail-mta-config
+      - file: chatmail-mta-doas
+      - file: chatmail-mta-table

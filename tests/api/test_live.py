@@ -1,0 +1,60 @@
+"""The API as a real ``chatmail-api --settings`` process behind uvicorn, over TCP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+import httpx
+
+from api_support import ADMIN, MONITOR
+
+
+def raw_get(url: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    return conn.getresponse()
+
+
+def test_live_endpoints(live_api):
+    url = live_api()
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    status = httpx.get(f"{url}/status", headers=MONITOR)
+    assert status.status_code == 200 and status.json()["status"] == "ok"
+    metrics = httpx.get(f"{url}/metrics", headers=MONITOR)
+    assert "chatmail_check_ok" in metrics.text
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    schema = httpx.get(f"{url}/openapi.json").json()
+    assert {"/health", "/status", "/dns", "/dns/zone", "/account-creation", "/metrics",
+            "/probe", "/new"} <= set(schema["paths"])
+    assert httpx.get(f"{url}/docs").status_code == 200
+    response = raw_get(url, "/status")
+    assert response.status == 401 and "server" not in {k.lower() for k in response.headers}
+
+
+def test_live_new_redirect_and_forwarded_rate_limit(live_api):
+    url = live_api(new_account={"rate_per_s": 0.1, "burst": 2})
+    response = raw_get(url, "/new")
+    assert response.status == 301
+    assert response.headers["location"] == "dcaccount:https://chat.example.org/new"
+
+    # nginx on 127.0.0.1 appends the real client: limits apply per forwarded address.
+    def post(client_ip: str) -> int:
+        headers = {"X-Forwarded-For": f"203.0.113.99, {client_ip}"}
+        return httpx.post(f"{url}/new", headers=headers).status_code
+
+    assert [post("198.51.100.1") for _ in range(3)] == [200, 200, 429]
+    assert post("198.51.100.2") == 200
+
+
+def test_live_toggle(live_api, tmp_path):
+    url = live_api()
+    closed = httpx.put(
+        f"{url}/account-creation", headers=ADMIN, json={"enabled": False, "reason": "r"}
+    )
+    assert closed.status_code == 200 and closed.json()["enabled"] is False
+    assert httpx.post(f"{url}/new").status_code == 403
+    audit = (tmp_path / "api-state" / "audit.log").read_text().splitlines()
+    assert json.loads(audit[-1])["client"] == "127.0.0.1"

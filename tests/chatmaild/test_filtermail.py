@@ -1,0 +1,469 @@
+"""filtermail over real sockets: smtplib client -> filtermail -> recording aiosmtpd sink."""
+
+from __future__ import annotations
+
+import json
+import logging
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail
+
+from chatmaild.filtermail import refuses_cleartext, split_params
+
+SENDER = "alice@chat.example.org"
+OTHER = "bob@other.example"
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO, logger="filtermail")
+
+
+@pytest.fixture
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture
+def sink(loop_thread):
+    sink = Sink(loop_thread)
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def start(loop_thread, sink, make_config):
+    """``start(mode, **config_overrides)`` -> a running Filtermail reinjecting into ``sink``."""
+    started = []
+
+    def start(mode: str = "outgoing", **overrides) -> Filtermail:
+        overrides.setdefault("postfix_reinject_port", sink.port)
+        overrides.setdefault("postfix_reinject_port_incoming", sink.port)
+        config = make_config("chat.example.org", **overrides)
+        fm = Filtermail(loop_thread, config, mode, skip_dkim=True)
+        started.append(fm)
+        return fm
+
+    yield start
+    for fm in started:
+        fm.stop()
+
+
+def send(port: int, mail_from: str, rcpts: list[str], data: bytes, mail_options=(), rcpt_options=()):
+    """One SMTP transaction; returns (code, text) of the first non-2xx reply or of DATA."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("postfix.local")
+        code, text = client.mail(mail_from, list(mail_options))
+        if code != 250:
+            return code, text.decode()
+        for rcpt in rcpts:
+            code, text = client.rcpt(rcpt, list(rcpt_options))
+            if code != 250:
+                return code, text.decode()
+        code, text = client.data(data)
+        return code, text.decode()
+
+
+# -- outgoing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["encrypted", "encrypted-symmetric", "encrypted-partial", "securejoin-vc"]
+)
+def test_outgoing_accepts_encrypted_byte_identical(start, sink, name):
+    fm = start("outgoing")
+    data = load_mail(name, SENDER, OTHER)
+    code, text = send(fm.port, SENDER, [OTHER], data)
+    assert (code, text) == (250, "2.0.0 Ok: queued as 4ABCDEF")  # the reinjection's reply
+    [got] = sink.received
+    assert got.content == data
+    assert (got.mail_from, got.rcpt_tos) == (SENDER, [OTHER])
+
+
+def test_outgoing_large_encrypted_with_dot_lines(start, sink):
+    fm = start("outgoing")
+    data = encrypted_mail(SENDER, OTHER, size=2_000_000)
+    # A preamble line starting with "." must survive dot-stuffing in both hops.
+    data = data.replace(b"\r\n\r\n--Xb8nFq2Wt0\r\n", b"\r\n\r\n.hidden\r\n..\r\n.\r\n--Xb8nFq2Wt0\r\n", 1)
+    assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+    assert sink.received[0].content == data
+
+
+@pytest.mark.parametrize(
+    "name", ["plain", "literal", "fake-encrypted", "mdn", "securejoin-vc-fake", "mailer-daemon"]
+)
+def test_outgoing_rejects_unencrypted(start, sink, name, caplog):
+    fm = start("outgoing")
+    data = load_mail(name, SENDER, OTHER)
+    if name == "mailer-daemon":
+        data = data.replace(b"MAILER-DAEMON@test.example.org", SENDER.encode())
+    assert send(fm.port, SENDER, [OTHER], data) == (523, "Encryption Needed: Invalid Unencrypted Mail")
+    assert sink.received == []
+    assert "Outgoing: Filtering unencrypted mail." in caplog.text
+    assert f"Rejected unencrypted mail from: {SENDER}" in caplog.text
+
+
+def test_outgoing_autocrypt_setup_message_only_to_self(start, sink):
+    fm = start("outgoing")
+    assert send(fm.port, SENDER, [SENDER], load_mail("asm", SENDER, SENDER))[0] == 250
+    assert send(fm.port, SENDER, [OTHER], load_mail("asm", SENDER, OTHER))[0] == 523
+    assert send(fm.port, SENDER, [SENDER, OTHER], load_mail("asm", SENDER, SENDER))[0] == 523
+    assert len(sink.received) == 1
+
+
+def test_outgoing_logs_encrypted(start, caplog):
+    fm = start("outgoing")
+    send(fm.port, SENDER, [OTHER], load_mail("encrypted", SENDER, OTHER))
+    assert "Outgoing: Filtering encrypted mail." in caplog.text
+
+
+@pytest.mark.parametrize(
+    "header_from,reply",
+    [
+        ("mallory@chat.example.org", "Invalid FROM <mallory@chat.example.org> for <alice@chat.example.org>"),
+        ("someone@example.org", "Invalid FROM <someone@example.org> for <alice@chat.example.org>"),
+        ("Alice <ALICE@Chat.Example.org>", None),
+    ],
+    ids=["forged-local", "forged-foreign", "case-insensitive"],
+)
+def test_outgoing_from_must_match_envelope(start, sink, header_from, reply):
+    fm = start("outgoing")
+    data = load_mail("encrypted", header_from, OTHER)
+    code, text = send(fm.port, SENDER, [OTHER], data)
+    if reply is None:
+        assert code == 250
+    else:
+        assert (code, text) == (500, reply)
+        assert sink.received == []
+
+
+@pytest.mark.parametrize(
+    "from_header,problem",
+    [(None, "missing"), ("not an address", "unparsable"), ("a@x.org, b@y.org", "unparsable")],
+    ids=["missing", "garbage", "two-addresses"],
+)
+def test_outgoing_invalid_from_header(start, from_header, problem):
+    fm = start("outgoing")
+    data = load_mail("encrypted", SENDER, OTHER).replace(f"From: {SENDER}\r\n".encode(), b"")
+    if from_header:
+        data = f"From: {from_header}\r\n".encode() + data
+    assert send(fm.port, SENDER, [OTHER], data) == (500, f"Invalid FROM header: {problem}")
+
+
+def test_outgoing_two_from_headers(start):
+    fm = start("outgoing")
+    data = f"From: {SENDER}\r\n".encode() + load_mail("encrypted", SENDER, OTHER)
+    assert send(fm.port, SENDER, [OTHER], data) == (500, "Invalid FROM header: 2 headers")
+
+
+@pytest.mark.parametrize("mail_from", ["no-at-sign", '"a@b"@chat.example.org'])
+def test_outgoing_invalid_envelope_sender(start, mail_from):
+    fm = start("outgoing")
+    code, text = send(fm.port, mail_from, [OTHER], b"")
+    assert (code, text) == (500, f"Invalid from address <{mail_from}>")
+
+
+def test_outgoing_rate_limit_after_burst(start, sink):
+    fm = start("outgoing", max_user_send_per_minute=60, max_user_send_burst_size=10)
+    data = load_mail("encrypted", SENDER, OTHER)
+    codes = []
+    with smtplib.SMTP("127.0.0.1", fm.port) as client:
+        client.ehlo("postfix.local")
+        for _ in range(12):
+            code, text = client.mail(SENDER)
+            codes.append(code)
+            if code == 250:
+                client.rcpt(OTHER)
+                client.data(data)
+    assert codes == [250] * 10 + [450, 450]
+    assert text.decode().startswith(f"4.7.1: Too much mail from {SENDER}, rate limited until ")
+    assert len(sink.received) == 10
+    # Another sender has its own budget.
+    other = "carol@chat.example.org"
+    assert send(fm.port, other, [OTHER], load_mail("encrypted", other, OTHER))[0] == 250
+    time.sleep(1.1)  # one more per second
+    assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+
+
+def test_dsn_and_size_parameters_accepted(start, sink):
+    fm = start("outgoing")
+    data = load_mail("encrypted", SENDER, OTHER)
+    code, _ = send(
+        fm.port, SENDER, [OTHER, "carol@other.example"], data,
+        mail_options=["SIZE=%d" % len(data), "BODY=8BITMIME", "RET=HDRS", "ENVID=QQ314159"],
+        rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@other.example"],
+    )  # fmt: skip
+    assert code == 250
+    [got] = sink.received
+    assert got.rcpt_tos == [OTHER, "carol@other.example"]
+    # The sink announces no DSN: only what it supports is passed on.
+    assert "BODY=8BITMIME" in got.mail_options
+    assert not any(o.startswith(("RET=", "ENVID=")) for o in got.mail_options)
+
+
+def test_dsn_parameters_passed_on_to_a_dsn_server(loop_thread, start):
+    class DSNSink(Sink):
+        """A sink announcing DSN that records the raw RCPT/MAIL arguments."""
+
+        def make_protocol(self):
+            protocol = super().make_protocol()
+            sink = self
+            original_rcpt, original_mail = protocol.smtp_RCPT, protocol.smtp_MAIL
+
+            async def smtp_RCPT(arg):
+                sink.commands.append("RCPT " + arg)
+                await original_rcpt(arg.split(" ")[0])
+
+            async def smtp_MAIL(arg):
+                sink.commands.append("MAIL " + arg)
+                await original_mail(arg.split(" ")[0])
+
+            protocol.smtp_RCPT, protocol.smtp_MAIL = smtp_RCPT, smtp_MAIL
+            protocol._smtp_methods.update(RCPT=smtp_RCPT, MAIL=smtp_MAIL)
+            return protocol
+
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):
+            session.host_name = hostname
+            return responses[:-1] + ["250-DSN", responses[-1]]
+
+    dsn_sink = DSNSink(loop_thread)
+    dsn_sink.commands = []
+    try:
+        fm = start("outgoing", postfix_reinject_port=dsn_sink.port)
+        data = load_mail("encrypted", SENDER, OTHER)
+        code, _ = send(
+            fm.port, SENDER, [OTHER], data, mail_options=["RET=FULL", "ENVID=abc"],
+            rcpt_options=["NOTIFY=NEVER", "ORCPT=rfc822;Bob@Other.example"],
+        )  # fmt: skip
+        assert code == 250
+        assert dsn_sink.commands[1] == f"RCPT TO:<{OTHER}> NOTIFY=NEVER ORCPT=rfc822;Bob@Other.example"
+        assert "RET=FULL ENVID=abc" in dsn_sink.commands[0]
+    finally:
+        dsn_sink.stop()
+
+
+def test_size_limit(start, sink):
+    fm = start("outgoing", max_message_size=100_000)
+    small = encrypted_mail(SENDER, OTHER, size=50_000)
+    big = encrypted_mail(SENDER, OTHER, size=150_000)
+    assert send(fm.port, SENDER, [OTHER], big) == (552, "Message exceeds maximum size")
+    assert send(fm.port, SENDER, [OTHER], big, mail_options=[f"SIZE={len(big)}"]) == (
+        552,
+        "Message exceeds maximum size",
+    )
+    assert send(fm.port, SENDER, [OTHER], small)[0] == 250
+    assert len(sink.received) == 1
+
+
+def test_garbage_and_non_utf8_keep_serving(start, sink):
+    fm = start("outgoing")
+    good = load_mail("encrypted", SENDER, OTHER)
+    with smtplib.SMTP("127.0.0.1", fm.port) as client:
+        client.ehlo("x")
+        assert client.docmd("HELLO?")[0] == 500
+        assert client.docmd("MAIL", "FROM:<<<>>>")[0] in (501, 553)
+        assert client.docmd("RCPT", "TO:<x@y>")[0] == 503
+        assert client.docmd("MAIL FROM:<" + "a" * 3000 + "@x.org>")[0] == 500
+        client.mail(SENDER)
+        client.rcpt(OTHER)
+        bad = good.replace(b"Subject: test", b"Subject: \xff\xfe latin1 \xe9")
+        assert client.data(bad) == (554, b"Non-UTF-8 message")
+        client.mail(SENDER)
+        client.rcpt(OTHER)
+        assert client.data(b"\r\n\r\n\r\n")[0] == 500
+        client.mail(SENDER)
+        client.rcpt(OTHER)
+        long_line = b"From: " + b"x" * 100_000 + b"\r\n"
+        assert client.data(long_line) == (500, b"Invalid FROM header: unparsable")
+        client.mail(SENDER)
+        client.rcpt(OTHER)
+        huge_header = b"X-Junk: start\r\n" + b" folded junk\r\n" * 100_000
+        assert client.data(huge_header + good) == (554, b"Malformed data: header section too large")
+        client.mail(SENDER)
+        client.rcpt(OTHER)
+        assert client.data(good)[0] == 250
+    # Raw garbage, binary and a connection dropped mid-DATA.
+    for junk in [b"\x00\xff\xfe garbage\r\n" * 10, b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nabc"]:
+        with socket.create_connection(("127.0.0.1", fm.port)) as raw:
+            raw.recv(100)
+            raw.sendall(junk)
+            time.sleep(0.1)
+    assert send(fm.port, SENDER, [OTHER], good)[0] == 250
+    assert [r.content for r in sink.received] == [good, good]
+
+
+def test_reinjection_rejection_and_outage(loop_thread, start, sink):
+    rejecting = Sink(loop_thread, reply="550 5.7.1 Go away")
+    fm = start("outgoing", postfix_reinject_port=rejecting.port)
+    data = load_mail("encrypted", SENDER, OTHER)
+    assert send(fm.port, SENDER, [OTHER], data) == (550, "5.7.1 Go away")
+    rejecting.stop()
+    assert send(fm.port, SENDER, [OTHER], data) == (451, "Local error")
+
+
+def test_reinjection_reuses_connections(start, sink):
+    fm = start("outgoing")
+    data = load_mail("encrypted", SENDER, OTHER)
+    for _ in range(3):
+        assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+    assert len(fm.handler.reinjector._idle) == 1
+    assert len(sink.received) == 3
+
+
+def test_counters(start, make_config, tmp_path):
+    fm = start("outgoing")
+    send(fm.port, SENDER, [OTHER], load_mail("encrypted", SENDER, OTHER))
+    send(fm.port, SENDER, [OTHER], load_mail("plain", SENDER, OTHER))
+    fm.handler.counters.flush()
+    data = json.loads((tmp_path / "counters" / "filtermail-outgoing.json").read_text())
+    rows = {tuple(sorted(r["labels"].items())): r["value"] for r in data["mail_filtered_total"]}
+    labels = (("direction", "outgoing"), ("encrypted", "true"), ("result", "accepted"))
+    assert rows[labels] == 1
+    labels = (("direction", "outgoing"), ("encrypted", "false"), ("result", "rejected"))
+    assert rows[labels] == 1
+
+
+# -- incoming ---------------------------------------------------------------------------
+
+LOCAL = "dave@chat.example.org"
+
+
+def enforce_e2ee(make_config, addr):
+    mailboxes = make_config().mailboxes_path
+    (mailboxes / addr).mkdir(parents=True, exist_ok=True)
+    (mailboxes / addr / "enforceE2EEincoming").touch()
+    return mailboxes
+
+
+def test_incoming_encrypted_accepted_and_sender_kept(start, sink, make_config, caplog):
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    data = load_mail("encrypted", OTHER, LOCAL)
+    assert send(fm.port, OTHER, [LOCAL], data)[0] == 250
+    assert sink.received[0].mail_from == OTHER
+    assert sink.received[0].content == data
+    assert "Incoming: Filtering encrypted mail." in caplog.text
+
+
+def test_incoming_envelope_sender_reset_when_different(start, sink):
+    fm = start("incoming")
+    data = load_mail("encrypted", OTHER, LOCAL)
+    assert send(fm.port, "srs0=abc=xy=other.example=bob@forwarder.example", [LOCAL], data)[0] == 250
+    assert sink.received[0].mail_from == "<>"
+
+
+def test_incoming_null_sender(start, sink):
+    fm = start("incoming")
+    data = load_mail("mailer-daemon", OTHER, LOCAL)
+    assert send(fm.port, "<>", [LOCAL], data)[0] == 250
+    assert sink.received[0].mail_from == "<>"
+
+
+@pytest.mark.parametrize(
+    "rcpt,enforced,code",
+    [
+        (LOCAL, False, 250),
+        (LOCAL, True, 523),
+        ("Dave@Chat.Example.org", True, 523),
+        ("dave+tag@chat.example.org", True, 523),
+        ("nobody@chat.example.org", True, 250),
+    ],
+    ids=["not-enforced", "enforced", "enforced-case", "enforced-extension", "missing-mailbox"],
+)
+def test_incoming_cleartext(start, sink, make_config, rcpt, enforced, code, caplog):
+    if enforced:
+        enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    assert send(fm.port, OTHER, [rcpt], load_mail("plain", OTHER, rcpt))[0] == code
+    assert len(sink.received) == (code == 250)
+    assert "Incoming: Filtering unencrypted mail." in caplog.text
+
+
+def test_incoming_cleartext_rejected_if_any_recipient_enforces(start, sink, make_config):
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    rcpts = ["nobody@chat.example.org", LOCAL]
+    assert send(fm.port, OTHER, rcpts, load_mail("plain", OTHER, LOCAL))[0] == 523
+    assert sink.received == []
+
+
+def test_incoming_mailer_daemon_report_accepted(start, sink, make_config, caplog):
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    data = load_mail("mailer-daemon", OTHER, LOCAL)
+    assert send(fm.port, "<>", [LOCAL], data)[0] == 250
+    assert "Incoming: Filtering mailer-daemon message from MAILER-DAEMON@test.example.org" in caplog.text
+    # An MDN is a report too, but not from a mailer-daemon.
+    assert send(fm.port, OTHER, [LOCAL], load_mail("mdn", OTHER, LOCAL))[0] == 523
+
+
+@pytest.mark.parametrize(
+    "rcpt,refuses",
+    [
+        ("nobody@chat.example.org", False),
+        ("../etc@chat.example.org", True),
+        ("a/b@chat.example.org", True),
+        ("no-at-sign", True),
+        ("@chat.example.org", True),
+        ("dave@", True),
+    ],
+)
+def test_refuses_cleartext(tmp_path, rcpt, refuses):
+    assert refuses_cleartext(tmp_path, rcpt) is refuses
+
+
+@pytest.mark.parametrize(
+    "arg,rest,params",
+    [
+        ("TO:<a@b>", "TO:<a@b>", {}),
+        ("TO:<a@b> NOTIFY=NEVER", "TO:<a@b>", {"NOTIFY": "NEVER"}),
+        ("TO:<a@b> notify=SUCCESS ORCPT=rfc822;A@B", "TO:<a@b>", {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;A@B"}),
+        ("TO:<a@b> FOO=1 NOTIFY=NEVER", "TO:<a@b> FOO=1", {"NOTIFY": "NEVER"}),
+        ("TO: NOTIFY=NEVER", "TO:", {"NOTIFY": "NEVER"}),
+        (None, None, {}),
+    ],
+)
+def test_split_params(arg, rest, params):
+    assert split_params(arg, frozenset({"NOTIFY", "ORCPT"})) == (rest, params)
+
+
+def test_console_script(make_config, ini_path, sink, tmp_path):
+    """``filtermail INI outgoing`` as systemd runs it: serves, logs, stops on SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    make_config(filtermail_smtp_port=port, postfix_reinject_port=sink.port)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatmaild.filtermail", str(ini_path), "outgoing"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = process.stderr.readline()
+        assert "entering serving loop" in line
+        data = load_mail("encrypted", SENDER, OTHER)
+        assert send(port, SENDER, [OTHER], data)[0] == 250
+        assert send(port, SENDER, [OTHER], load_mail("plain", SENDER, OTHER))[0] == 523
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert "Outgoing: Filtering encrypted mail." in err
+    assert sink.received[0].content == data
+
+
+def test_console_script_bad_config(tmp_path):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("[params]\nmail_domain = x.org\nmax_message_size = huge\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "chatmaild.filtermail", str(ini), "incoming"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "max_message_size" in result.stderr

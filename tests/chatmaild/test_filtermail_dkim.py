@@ -1,0 +1,207 @@
+"""Incoming DKIM verification: keys served by a real NSD on loopback, signatures by dkimpy."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import smtplib
+import socket
+import subprocess
+
+import dkim
+import pytest
+from dnsserver import txt_strings
+from filtermail_support import Filtermail, LoopThread, Sink, load_mail
+
+from chatmaild.dkimverify import TxtLookup, parse_resolver_address
+
+RCPT = "dave@chat.example.org"
+SENDER = "bob@example.org"
+
+
+def generate_key() -> tuple[bytes, str]:
+    """(private key PEM, base64 DER public key) made by openssl."""
+    private = subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    public = subprocess.run(
+        ["openssl", "pkey", "-pubout", "-outform", "DER"], input=private, check=True, capture_output=True
+    ).stdout
+    return private, base64.b64encode(public).decode()
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return [generate_key() for _ in range(2)]
+
+
+def key_record(selector: str, public: str) -> str:
+    return f"{selector}._domainkey TXT " + txt_strings(f"v=DKIM1; k=rsa; p={public}")
+
+
+def sign(data: bytes, private: bytes, domain: str, selector: str = "sel") -> bytes:
+    signature = dkim.sign(
+        data, selector.encode(), domain.encode(), private,
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+    )  # fmt: skip
+    return signature + data
+
+
+@pytest.fixture
+def incoming(dns_server, keys, make_config):
+    """A running incoming filter resolving through NSD, plus its sink."""
+    dns_server.set_zone("example.org", [key_record("sel", keys[0][1])])
+    dns_server.set_zone("other.org", [key_record("sel", keys[1][1])])
+    loop_thread = LoopThread()
+    sink = Sink(loop_thread)
+    config = make_config(dns_resolver=dns_server.address, postfix_reinject_port_incoming=sink.port)
+    fm = Filtermail(loop_thread, config, "incoming")
+    yield fm, sink
+    fm.stop()
+    sink.stop()
+    loop_thread.stop()
+
+
+def send(port: int, data: bytes, mail_from: str = SENDER) -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo("mx.example.org")
+        client.mail(mail_from)
+        client.rcpt(RCPT)
+        code, text = client.data(data)
+        return code, text.decode()
+
+
+def test_valid_aligned_signature_passes(incoming, keys):
+    fm, sink = incoming
+    data = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org")
+    assert send(fm.port, data)[0] == 250
+    assert sink.received[0].content == data
+
+
+def test_domain_comparison_is_case_insensitive(incoming, keys):
+    fm, sink = incoming
+    data = sign(load_mail("encrypted", "Bob <bob@EXAMPLE.Org>", RCPT), keys[0][0], "Example.ORG")
+    assert send(fm.port, data)[0] == 250
+
+
+def test_no_signature(incoming):
+    fm, sink = incoming
+    data = load_mail("encrypted", SENDER, RCPT)
+    assert send(fm.port, data) == (554, "5.7.1 No DKIM signature found")
+    assert sink.received == []
+
+
+def test_signature_of_another_domain_is_not_aligned(incoming, keys):
+    fm, sink = incoming
+    data = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "other.org")
+    other_key = f"v=DKIM1; k=rsa; p={keys[1][1]}".encode()
+    assert dkim.verify(data, dnsfunc=lambda name, timeout=5: other_key)  # valid, for other.org
+    assert send(fm.port, data) == (554, "5.7.1 No valid DKIM signature found")
+    assert sink.received == []
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda d: d.replace(b"hQEMAyDQmyyKtDMb", b"hQEMAyDQmyyKtDMc"),
+        lambda d: d.replace(b"Subject: test", b"Subject: tesT"),
+        lambda d: d + b"appended\r\n",
+    ],
+    ids=["body", "signed-header", "appended"],
+)
+def test_tampered_message_fails(incoming, keys, tamper):
+    fm, sink = incoming
+    data = tamper(sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))
+    assert send(fm.port, data) == (554, "5.7.1 No valid DKIM signature found")
+    assert sink.received == []
+
+
+def test_wrong_key_and_unpublished_selector_fail(incoming, keys):
+    fm, _ = incoming
+    wrong_key = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "example.org")
+    assert send(fm.port, wrong_key)[0] == 554
+    no_key = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org", selector="gone")
+    assert send(fm.port, no_key) == (554, "5.7.1 No valid DKIM signature found")
+
+
+def test_any_aligned_valid_signature_wins(incoming, keys):
+    fm, sink = incoming
+    data = load_mail("encrypted", SENDER, RCPT)
+    signed = sign(data, keys[0][0], "example.org")
+    signed = sign(signed, keys[1][0], "other.org")  # unaligned one on top
+    broken = sign(data, keys[1][0], "example.org")  # aligned but the wrong key
+    signed = broken.split(b"\r\n\r\n")[0].split(b"From:")[0] + signed
+    assert signed.count(b"DKIM-Signature") == 3
+    assert send(fm.port, signed)[0] == 250
+
+
+def test_rotated_key_is_fetched_again(incoming, keys, dns_server):
+    fm, sink = incoming
+    assert send(fm.port, sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))[0] == 250
+    dns_server.set_zone("example.org", [key_record("sel", keys[1][1])])  # cached: keys[0]
+    data = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "example.org")
+    assert send(fm.port, data)[0] == 250
+
+
+def test_cleartext_is_refused_before_dkim(incoming, make_config, caplog):
+    fm, sink = incoming
+    mailbox = make_config().mailboxes_path / RCPT
+    mailbox.mkdir(parents=True)
+    (mailbox / "enforceE2EEincoming").touch()
+    assert send(fm.port, load_mail("plain", SENDER, RCPT))[0] == 523
+
+
+def test_domain_literal_sender_skips_dkim(incoming):
+    fm, sink = incoming
+    sender = "bob@[192.0.2.1]"
+    assert send(fm.port, load_mail("encrypted", sender, RCPT), mail_from=sender)[0] == 250
+
+
+def test_dns_outage_is_temporary(keys, make_config, caplog):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))  # bound but never answering: every query times out
+        loop_thread = LoopThread()
+        sink = Sink(loop_thread)
+        config = make_config(dns_resolver=f"127.0.0.1:{s.getsockname()[1]}",
+                             postfix_reinject_port_incoming=sink.port)  # fmt: skip
+        fm = Filtermail(loop_thread, config, "incoming")
+        fm.handler.dkim.txt.resolver.lifetime = 1.0
+        try:
+            with caplog.at_level(logging.WARNING, logger="chatmaild.dkimverify"):
+                data = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org")
+                code, text = send(fm.port, data)
+            assert code == 451 and "DNS" in text
+            assert "DKIM key lookup failed" in caplog.text
+        finally:
+            fm.stop()
+            sink.stop()
+            loop_thread.stop()
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("", None), ("127.0.0.1", ("127.0.0.1", 53)), ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+     ("::1", ("::1", 53)), ("[::1]:5353", ("::1", 5353))],  # fmt: skip
+)
+def test_parse_resolver_address(value, expected):
+    assert parse_resolver_address(value) == expected
+
+
+def test_txt_cache_is_bounded(dns_server):
+    dns_server.set_zone("example.org", [f"k{i} TXT \"v{i}\"" for i in range(20)])
+
+    async def run():
+        txt = TxtLookup(dns_server.address, cache_size=5)
+        values = [await txt.lookup(f"k{i}.example.org") for i in range(20)]
+        missing = await txt.lookup("nothing.example.org")
+        return values, missing, len(txt._cache)
+
+    loop_thread = LoopThread()
+    try:
+        values, missing, size = loop_thread.run(run())
+    finally:
+        loop_thread.stop()
+    assert values == [f"v{i}".encode() for i in range(20)]
+    assert missing is None
+    assert size == 5

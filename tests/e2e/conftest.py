@@ -1,0 +1,120 @@
+"""The applied-container fixtures: one relay per test session, torn down at the end.
+
+A systemd-nspawn container (Debian 12) boots from the cached base rootfs, the repository
+is bind-mounted read-only at /srv/chatmail, and `salt-call --local state.apply chatmail`
+applies the formula with a pillar for a self-signed ``_``-domain relay. The container shares
+the host's network, so tests talk to 127.0.0.1. Everything here is marked ``container``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
+
+import relayctl  # noqa: E402
+
+from relayclient import RelayClient  # noqa: E402
+
+SESSIONS_DIR = Path("/var/tmp/chatmail-test")
+DOMAIN = "_chatmail.test"
+
+
+def _remove_stale_sessions() -> None:
+    """Roots left by a session that was killed (its nspawn is gone): free the disk."""
+    if not SESSIONS_DIR.is_dir():
+        return
+    for pidfile in SESSIONS_DIR.glob("*.pid"):
+        root = pidfile.with_suffix("")
+        try:
+            pid = int(pidfile.read_text())
+        except ValueError:
+            pid = 0
+        if pid and relayctl._is_nspawn(pid):
+            continue
+        relayctl.remove_tree(root)
+        relayctl.remove_tree(Path(f"{root}.src"))
+        pidfile.unlink(missing_ok=True)
+        Path(f"{root}.console.log").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so fixture finalizers still stop the container."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="session")
+def container():
+    """A booted relay container (formula not yet applied)."""
+    if os.geteuid() != 0:
+        pytest.fail("the container tests need root (systemd-nspawn)")
+    if os.environ.get("CHATMAIL_TEST_REUSE"):
+        # Development loop: test the relay `scripts/deploy` keeps running; leave it be.
+        relay, _ = relayctl._persistent_relay()
+        if not relay.is_running():
+            pytest.fail("CHATMAIL_TEST_REUSE is set but `scripts/deploy` runs no relay")
+        yield relay
+        return
+    try:
+        relayctl.require_tools()
+        relayctl.require_free_ports()
+    except relayctl.RelayError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _remove_stale_sessions()
+    SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
+    name = f"chatmail-test-{uuid.uuid4().hex[:8]}"
+    # A snapshot of the checkout: edits made while the session runs cannot make the
+    # second apply report changes.
+    source = SESSIONS_DIR / f"{name}.src"
+    relay = relayctl.Relay(SESSIONS_DIR / name, name=name, repo=source)
+    with _sigterm_as_interrupt():
+        try:
+            relayctl.snapshot_repo(REPO_ROOT, source)
+            relay.unpack()
+            relay.boot()
+            Path(f"{relay.root}.pid").write_text(str(relay.nspawn_pid))
+            yield relay
+        finally:
+            started = time.monotonic()
+            relay.destroy()
+            Path(f"{relay.root}.pid").unlink(missing_ok=True)
+            relayctl.remove_tree(source)
+            print(f"\ncontainer {name} removed in {time.monotonic() - started:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def applied(container):
+    """The container after the first `state.apply chatmail`; its ApplyResult is `.first_apply`."""
+    container.configure_salt(relayctl.local_relay_pillar(DOMAIN))
+    result = container.apply()
+    print(f"\nfirst apply: {result.seconds:.1f} s\n{result.summary()}")
+    if not result.ok:
+        journal = container.run("journalctl --no-pager -n 80 -p warning", check=False).stdout
+        pytest.fail(f"{result.summary()}\n--- journal ---\n{journal}", pytrace=False)
+    container.wait_for_services()
+    container.first_apply = result
+    return container
+
+
+@pytest.fixture(scope="session")
+def relay(applied) -> RelayClient:
+    """Client-side helpers for the applied relay: accounts, IMAP, SMTP, HTTPS."""
+    return RelayClient(applied, DOMAIN)

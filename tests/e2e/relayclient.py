@@ -1,0 +1,205 @@
+"""Client-side helpers for a relay running in a container on 127.0.0.1.
+
+Used by the container tests and by ``tests/bench/bench_relay.py``. The relay's certificate
+is self-signed (a ``_`` domain), so every TLS connection here is unverified, as Delta Chat
+does for ``_`` domains. The relay's domain does not resolve on the host: clients connect to
+127.0.0.1 and name the domain only in addresses and HTTP Host headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import http.client
+import imaplib
+import re
+import secrets
+import smtplib
+import ssl
+import string
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chatmaild"))
+
+from filtermail_support import armor, encrypted_payload  # noqa: E402
+
+HOST = "127.0.0.1"
+ALNUM = string.ascii_lowercase + string.digits
+
+
+def unverified_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def message_id(domain: str) -> str:
+    return f"<{secrets.token_hex(12)}@{domain}>"
+
+
+def encrypted_mail(from_addr: str, to_addrs: list[str], msgid: str, size: int = 4000) -> bytes:
+    """An OpenPGP/MIME message (PKESK + SEIPD packets, armored) shaped like Delta Chat's."""
+    payload = armor(encrypted_payload(size))
+    return (
+        f"From: <{from_addr}>\r\nTo: {', '.join(f'<{a}>' for a in to_addrs)}\r\n"
+        f"Subject: ...\r\nDate: {email.utils.formatdate()}\r\nMessage-ID: {msgid}\r\n"
+        "Chat-Version: 1.0\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
+        ' boundary="e2eB0undary"\r\n\r\n'
+        "--e2eB0undary\r\nContent-Type: application/pgp-encrypted\r\n"
+        "Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
+        '--e2eB0undary\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n'
+        "Content-Description: OpenPGP encrypted message\r\n"
+        'Content-Disposition: inline; filename="encrypted.asc";\r\n\r\n'
+        f"{payload}\r\n--e2eB0undary--\r\n"
+    ).encode()
+
+
+def plain_mail(from_addr: str, to_addrs: list[str], msgid: str) -> bytes:
+    return (
+        f"From: <{from_addr}>\r\nTo: {', '.join(f'<{a}>' for a in to_addrs)}\r\n"
+        f"Subject: hello\r\nDate: {email.utils.formatdate()}\r\nMessage-ID: {msgid}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "not encrypted\r\n"
+    ).encode()
+
+
+class RelayClient:
+    def __init__(self, container, domain: str):
+        self.container = container
+        self.domain = domain
+
+    # accounts
+
+    def gencreds(self) -> tuple[str, str]:
+        """A fresh address and password that satisfy the relay's default account rules."""
+        user = "".join(secrets.choice(ALNUM) for _ in range(9))
+        return f"{user}@{self.domain}", "".join(secrets.choice(ALNUM) for _ in range(16))
+
+    def new_account(self) -> tuple[str, str]:
+        """An account created by its first IMAP login."""
+        addr, password = self.gencreds()
+        with self.imap(addr, password):
+            pass
+        return addr, password
+
+    def mailbox_dir(self, addr: str) -> str:
+        return f"/home/vmail/mail/{self.domain}/{addr}"
+
+    def account_exists(self, addr: str) -> bool:
+        return self.container.run(["test", "-d", self.mailbox_dir(addr)], check=False).returncode == 0
+
+    # IMAP
+
+    @contextmanager
+    def imap(self, addr: str, password: str, port: int = 993):
+        conn = imaplib.IMAP4_SSL(HOST, port, ssl_context=unverified_context(), timeout=30)
+        try:
+            conn.login(addr, password)
+            yield conn
+        finally:
+            try:
+                conn.logout()
+            except (imaplib.IMAP4.error, OSError):
+                pass
+
+    def fetch_inbox_message(self, addr: str, password: str, msgid: str, timeout: float = 30) -> bytes:
+        """The raw message with this Message-ID, waiting for it to arrive in INBOX."""
+        deadline = time.monotonic() + timeout
+        with self.imap(addr, password) as conn:
+            while True:
+                conn.select("INBOX")
+                typ, data = conn.search(None, "HEADER", "Message-ID", msgid)
+                ids = data[0].split()
+                if ids:
+                    typ, fetched = conn.fetch(ids[-1], "(RFC822)")
+                    return fetched[0][1]
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{msgid} did not arrive in {addr}'s INBOX in {timeout} s")
+                time.sleep(0.3)
+
+    # SMTP
+
+    def smtp(self, port: int, addr: str | None = None, password: str | None = None) -> smtplib.SMTP:
+        """A connection to 25/587 (STARTTLS) or 465 (implicit TLS), logged in if asked."""
+        ctx = unverified_context()
+        if port == 465:
+            conn = smtplib.SMTP_SSL(HOST, port, context=ctx, timeout=30)
+        else:
+            conn = smtplib.SMTP(HOST, port, timeout=30)
+            conn.starttls(context=ctx)
+        if addr is not None:
+            conn.login(addr, password)
+        return conn
+
+    def send(self, port: int, addr: str, password: str, to_addrs: list[str], msg: bytes,
+             mail_from: str | None = None) -> None:
+        with self.smtp(port, addr, password) as conn:
+            conn.sendmail(mail_from or addr, to_addrs, msg)
+
+    # HTTPS through port 443 (nginx stream, ALPN routing)
+
+    def https_get(self, path: str, host: str | None = None, method: str = "GET"):
+        conn = http.client.HTTPSConnection(HOST, 443, context=unverified_context(), timeout=30)
+        try:
+            conn.request(method, path, headers={"Host": host or self.domain})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    # the relay's resolver
+
+    def publish_txt(self, name: str, value: str) -> None:
+        """A TXT record in the relay's unbound (split into 255-byte strings)."""
+        chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        self.local_data(f"{name}. 300 IN TXT {chunks}")
+
+    def local_data(self, record: str) -> None:
+        res = self.container.run(["unbound-control", "local_data", record])
+        assert res.stdout.strip() == "ok", res.stdout
+
+    # the relay's DKIM key and outgoing queue
+
+    def dkim_public_txt(self, selector: str = "opendkim") -> str:
+        text = self.container.read_file(f"/etc/dkimkeys/{selector}.txt")
+        return "".join(re.findall(r'"([^"]*)"', text))
+
+    def queued_message(self, recipient: str, timeout: float = 30) -> tuple[str, bytes]:
+        """(queue id, raw message) of the queued mail to ``recipient`` (deferred remote mail)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.container.run(["postqueue", "-j"]).stdout
+            for line in out.splitlines():
+                if f'"address": "{recipient}"' in line or f'"address":"{recipient}"' in line:
+                    queue_id = re.search(r'"queue_id": ?"([^"]+)"', line).group(1)
+                    raw = self.container.run(
+                        ["postcat", "-h", "-b", "-q", queue_id], text=False
+                    ).stdout
+                    return queue_id, raw
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no queued mail to {recipient}: {out[-2000:]}")
+            time.sleep(0.5)
+
+    def delete_queued(self, queue_id: str) -> None:
+        self.container.run(["postsuper", "-d", queue_id], check=False)
+
+
+def dkim_keypair() -> tuple[bytes, str]:
+    """(PEM private key, base64 DER public key for a DKIM TXT ``p=``), RSA 2048."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, base64.b64encode(der).decode()

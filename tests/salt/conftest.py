@@ -1,0 +1,226 @@
+"""Fixtures for the Salt formula's render tests.
+
+- ``salt_python``: Salt in its own venv under /var/cache/chatmail-test/salt-venv
+  (``pip install salt`` once, ~70 s; Salt is no dependency of the project venv).
+- ``trixie_root``: a Debian 13 chroot with Dovecot 2.4, OpenSMTPD 7.6, nginx and unbound,
+  for validating what the host (Debian 12) has no validator for. Built once with
+  debootstrap and cached as a tarball (tests/salt/chroots.py).
+- ``render``: compiles the formula for a platform's grains and a pillar and renders every
+  managed file (tests/salt/saltrender.py); results are cached for the session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from chroots import CACHE_DIR, debian_chroot  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SALT_VENV = CACHE_DIR / "salt-venv"
+# Salt 3006 is the oldest LTS with the functions we use (slsutil.merge, file.get_managed).
+SALT_MIN_MAJOR = 3006
+
+TRIXIE_PACKAGES = [
+    "dovecot-core", "dovecot-imapd", "dovecot-lmtpd", "dovecot-auth-lua",
+    "opensmtpd", "opensmtpd-filter-dkimsign", "nginx", "libnginx-mod-stream", "unbound",
+]
+
+PLATFORMS = {
+    "debian12": {
+        "os_family": "Debian", "os": "Debian", "osfinger": "Debian-12",
+        "osrelease": "12", "osmajorrelease": 12, "oscodename": "bookworm",
+    },
+    "debian13": {
+        "os_family": "Debian", "os": "Debian", "osfinger": "Debian-13",
+        "osrelease": "13", "osmajorrelease": 13, "oscodename": "trixie",
+    },
+    "ubuntu2404": {
+        "os_family": "Debian", "os": "Ubuntu", "osfinger": "Ubuntu-24.04",
+        "osrelease": "24.04", "osmajorrelease": 24, "oscodename": "noble",
+    },
+}
+
+
+def _example_pillar() -> dict:
+    return yaml.safe_load((REPO / "pillar.example").read_text())
+
+
+PILLARS = {
+    # pillar.example as shipped: acme (acmetool), IPv6, the defaults.
+    "example": _example_pillar,
+    # A test relay: _-domain (self-signed), IPv4 only, forwarding resolver, creation
+    # pinned off, certbot never used.
+    "underscore": lambda: {
+        "chatmail": {
+            "mail_domain": "_chat.test",
+            "version": "v1.2.3-4-gdeadbee",
+            "ipv6": False,
+            "dns_forwarder": "192.0.2.53",
+            "settings": {"max_mailbox_size": "2G", "privacy_mail": "privacy@chat.test"},
+            "api": {"account_creation_pin": False},
+        }
+    },
+    # External certificate, IMAP COMPRESS and rawlog, certbot as the (unused) client.
+    "external": lambda: {
+        "chatmail": {
+            "mail_domain": "mail.example.net",
+            "tls": {"cert": "/etc/relay-tls/fullchain.pem", "key": "/etc/relay-tls/key.pem"},
+            "settings": {"imap_compress": True, "imap_rawlog": True, "max_smtp_connections": 50},
+            "api": {"account_creation_pin": True},
+        }
+    },
+    # acme with certbot.
+    "certbot": lambda: {
+        "chatmail": {"mail_domain": "chat.example.com", "tls": {"acme_client": "certbot"}},
+    },
+}
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def salt_python() -> Path:
+    """Python of a venv with Salt installed; installs it on first use."""
+    python = SALT_VENV / "bin" / "python"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".salt-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (SALT_VENV / "bin" / "salt-call").exists():
+            shutil.rmtree(SALT_VENV, ignore_errors=True)
+            result = run(["/usr/bin/python3", "-m", "venv", str(SALT_VENV)])
+            assert result.returncode == 0, result.stderr
+            result = run([str(python), "-m", "pip", "install", "--quiet", "salt"])
+            assert result.returncode == 0, result.stdout + result.stderr
+    version = run([str(SALT_VENV / "bin" / "salt-call"), "--version"])
+    assert version.returncode == 0, version.stderr
+    major = int(version.stdout.split()[1].split(".")[0])
+    assert major >= SALT_MIN_MAJOR, f"Salt too old: {version.stdout}"
+    return python
+
+
+@pytest.fixture(scope="session")
+def trixie_root() -> Path:
+    """Root of a Debian 13 chroot holding its validators (doveconf 2.4, smtpd 7.6, ...)."""
+    return debian_chroot("trixie", TRIXIE_PACKAGES)
+
+
+class Rendered:
+    """One compiled and rendered formula: the map, the states and the managed files."""
+
+    def __init__(self, out: Path, index: dict):
+        self.out = out
+        self.map = index["map"]
+        self.states = index["states"]
+        self.files = index["files"]
+
+    def path(self, name: str) -> Path:
+        return Path(self.files[name]["rendered"])
+
+    def text(self, name: str) -> str:
+        return self.path(name).read_text()
+
+
+def write_minion_config(root: Path, grains: dict, pillar: dict) -> Path:
+    """A masterless minion config: file_roots = the formula + the checkout, like a relay."""
+    config_dir = root / "config"
+    pillar_dir = root / "pillar"
+    extra_dir = root / "extra"
+    for d in (config_dir, pillar_dir, extra_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    (pillar_dir / "top.sls").write_text("base:\n  '*':\n    - chatmail\n")
+    (pillar_dir / "chatmail.sls").write_text(yaml.safe_dump(pillar))
+    config = {
+        "file_client": "local",
+        "root_dir": str(root / "salt-root"),
+        "file_roots": {"base": [str(REPO / "salt"), str(REPO), str(extra_dir)]},
+        "pillar_roots": {"base": [str(pillar_dir)]},
+        "file_ignore_regex": [
+            r"(^|/)\.venv(/|$)", r"(^|/)\.git(/|$)", r"(^|/)node_modules(/|$)",
+            r"(^|/)__pycache__(/|$)", r"\.egg-info(/|$)",
+        ],
+        "log_level": "error",
+        "grains": grains,
+    }
+    (config_dir / "minion").write_text(yaml.safe_dump(config))
+    return config_dir
+
+
+@pytest.fixture(scope="session")
+def render(salt_python, tmp_path_factory):
+    """``render(platform, pillar) -> Rendered``; raises RenderError with Salt's message."""
+    cache: dict[tuple, Rendered] = {}
+
+    def do_render(platform: str, pillar_name: str, pillar: dict | None = None,
+                  grains: dict | None = None) -> Rendered:
+        key = (platform, pillar_name)
+        if pillar is None and key in cache:
+            return cache[key]
+        root = tmp_path_factory.mktemp(f"salt-{platform}-{pillar_name}")
+        config_dir = write_minion_config(
+            root, grains or PLATFORMS[platform], pillar or PILLARS[pillar_name]()
+        )
+        out = root / "out"
+        result = run([
+            str(salt_python), str(Path(__file__).parent / "saltrender.py"),
+            "--config-dir", str(config_dir), "--out", str(out),
+            "--map-template-dir", str(root / "extra"),
+        ], timeout=300)
+        index_path = out / "index.json"
+        if result.returncode != 0 or not index_path.exists():
+            raise RenderError(result.stdout + result.stderr)
+        index = json.loads(index_path.read_text())
+        if index["errors"]:
+            raise RenderError("\n".join(index["errors"]))
+        rendered = Rendered(out, index)
+        if pillar is None:
+            cache[key] = rendered
+        return rendered
+
+    return do_render
+
+
+class RenderError(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="session")
+def test_cert(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate and key standing in for the relay's TLS files."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    result = run([
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-noenc", "-days", "2", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=test",
+    ])
+    assert result.returncode == 0, result.stderr
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def fake_venv(tmp_path_factory) -> Path:
+    """A venv stand-in whose console scripts exist (systemd-analyze checks ExecStart)."""
+    venv = tmp_path_factory.mktemp("venv")
+    (venv / "bin").mkdir()
+    for script in ("doveauth", "chatmail-metadata", "lastlogin", "filtermail",
+                   "chatmail-expire", "chatmail-quota-expire", "chatmail-api", "chatmail-www",
+                   "python"):
+        path = venv / "bin" / script
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(0o755)
+    return venv
+
+
+os.environ.setdefault("LC_ALL", "C")

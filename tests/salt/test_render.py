@@ -1,0 +1,482 @@
+"""The Salt formula compiles for every platform and its config files pass the real validators.
+
+For each platform (Debian 12, Debian 13, Ubuntu 24.04 grains) and pillar (pillar.example,
+an _-domain test relay, external TLS, certbot) the formula is compiled with
+``state.show_sls chatmail`` and every managed file is rendered the way file.managed does.
+Then each config goes through the validator its check_cmd runs on a relay: postconf (via
+the formula's own chatmail-check-config), doveconf (Debian 12's 2.3 on the host, Debian
+13's 2.4 in a trixie chroot), nginx -t, unbound-checkconf, opendkim -n,
+systemd-analyze verify, and chatmaild's own ini parser.
+
+TLS paths, the DKIM key directory and the venv are rewritten to test stand-ins before
+validation: the validators open those files, the syntax around them is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from chatmaild.config import load_config
+
+from conftest import PILLARS, PLATFORMS, REPO, RenderError, run
+
+CHECK_SCRIPT = REPO / "salt" / "chatmail" / "files" / "chatmail-check-config"
+GOLDEN_DIR = Path(__file__).parent / "golden"
+DAEMONS = ["doveauth", "chatmail-metadata", "lastlogin", "filtermail", "filtermail-incoming"]
+
+COMBOS = [(platform, pillar) for platform in PLATFORMS for pillar in PILLARS]
+COMBO_IDS = [f"{platform}-{pillar}" for platform, pillar in COMBOS]
+
+
+@pytest.fixture(params=COMBOS, ids=COMBO_IDS)
+def rendered(request, render):
+    return render(*request.param)
+
+
+def stand_in(text: str, m: dict, cert: Path, key: Path, venv: Path | None = None) -> str:
+    """Point a rendered config at test files instead of the relay's."""
+    text = text.replace(m["tls"]["cert"], str(cert)).replace(m["tls"]["key"], str(key))
+    if venv is not None:
+        text = text.replace(m["paths"]["venv"], str(venv))
+    return text
+
+
+# -- compilation ------------------------------------------------------------------------
+
+
+def test_show_sls_compiles_with_contract_ids(rendered):
+    ids = set(rendered.states)
+    contract = {
+        "chatmail-packages", "chatmail-mta-service", "chatmail-dovecot-service",
+        "chatmail-web-service", "chatmail-chatmaild-venv", "chatmail-resolver-service",
+        *(f"chatmail-chatmaild-{daemon}-service" for daemon in DAEMONS),
+    }
+    assert contract <= ids, contract - ids
+    assert all(i.startswith("chatmail-") for i in ids), [i for i in ids if not i.startswith("chatmail-")]
+    assert len(ids) > 60
+
+
+def test_every_command_is_guarded(rendered):
+    """A second apply reports no changes: every cmd.run has creates/unless/onlyif/onchanges
+    (or is stateful and reports changes itself)."""
+    guards = {"creates", "unless", "onlyif", "onchanges", "stateful"}
+    unguarded = []
+    for state_id, body in rendered.states.items():
+        if not isinstance(body, dict) or "cmd" not in body:
+            continue
+        keys = {k for item in body["cmd"] if isinstance(item, dict) for k in item}
+        if not keys & guards:
+            unguarded.append(state_id)
+    assert not unguarded
+
+
+def test_map_derivations(rendered):
+    m = rendered.map
+    assert m["mail_domain"]
+    assert m["paths"]["mailboxes"] == f"/home/vmail/mail/{m['mail_domain']}"
+    expected_mode = (
+        "external" if m["mail_domain"] == "mail.example.net"
+        else "self" if m["mail_domain"].startswith("_") else "acme"
+    )
+    assert m["tls"]["mode"] == expected_mode
+    assert m["settings"]["disable_ipv6"] is (not m["ipv6"])
+    assert m["version"]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_dovecot_syntax_follows_the_os(render, platform):
+    rendered = render(platform, "example")
+    expected = "2.4" if platform == "debian13" else "2.3"
+    assert rendered.map["dovecot"]["syntax"] == expected
+    conf = rendered.text("/etc/dovecot/dovecot.conf")
+    assert f"Dovecot {expected} syntax" in conf
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_golden_map(render, platform):
+    """The merged map for pillar.example; CHATMAIL_UPDATE_GOLDEN=1 rewrites the files."""
+    merged = dict(render(platform, "example").map)
+    merged["version"] = "<package version>"
+    golden = GOLDEN_DIR / f"{platform}.json"
+    text = json.dumps(merged, indent=2, sort_keys=True) + "\n"
+    if os.environ.get("CHATMAIL_UPDATE_GOLDEN"):
+        GOLDEN_DIR.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), "run with CHATMAIL_UPDATE_GOLDEN=1 to create it"
+    assert json.loads(golden.read_text()) == json.loads(text)
+
+
+def test_missing_os_file_fails_loudly(render):
+    grains = dict(PLATFORMS["debian12"], osfinger="Debian-99")
+    with pytest.raises(RenderError, match="Debian-99"):
+        render("debian99", "example", pillar=PILLARS["example"](), grains=grains)
+
+
+def test_missing_mail_domain_fails_loudly(render):
+    with pytest.raises(RenderError, match="mail_domain is required"):
+        render("debian12", "nodomain", pillar={"chatmail": {"settings": {}}})
+
+
+def test_external_mode_needs_both_paths(render):
+    pillar = {"chatmail": {"mail_domain": "x.example", "tls": {"mode": "external", "cert": "/c"}}}
+    with pytest.raises(RenderError, match="needs tls:cert and tls:key"):
+        render("debian12", "halfexternal", pillar=pillar)
+
+
+# -- chatmail.ini, version, nocreate ---------------------------------------------------
+
+
+def test_chatmail_ini_is_what_chatmaild_reads(rendered):
+    m = rendered.map
+    config = load_config(rendered.path("/usr/local/lib/chatmaild/chatmail.ini")).config
+    assert config.mail_domain == m["mail_domain"]
+    assert config.max_mailbox_size == m["settings"]["max_mailbox_size"]
+    assert config.max_smtp_connections == m["settings"]["max_smtp_connections"]
+    assert config.disable_ipv6 is (not m["ipv6"])
+    assert config.tls_cert_mode == m["tls"]["mode"]
+    assert str(config.mailboxes_path) == m["paths"]["mailboxes"]
+    assert str(config.nocreate_file) == "/etc/chatmail-nocreate"
+    assert str(config.counters_dir) == "/var/lib/chatmail/counters"
+    assert config.iroh_relay == ""
+
+
+def test_version_file(render):
+    assert render("debian12", "underscore").text("/etc/chatmail-version").strip() == (
+        "v1.2.3-4-gdeadbee"
+    )
+    assert render("debian12", "example").text("/etc/chatmail-version").startswith(
+        "chatmail-relay 0."
+    )
+
+
+def test_nocreate_follows_the_pin(render):
+    example = render("debian12", "example").states
+    assert "chatmail-chatmaild-nocreate" not in example
+    assert "absent" in json.dumps(render("debian12", "external").states["chatmail-chatmaild-nocreate"])
+    pinned_off = render("debian12", "underscore").states["chatmail-chatmaild-nocreate"]
+    assert "managed" in json.dumps(pinned_off)
+
+
+# -- Postfix ------------------------------------------------------------------------------
+
+
+def postfix_dir(rendered, tmp_path, cert, key) -> Path:
+    d = tmp_path / "postfix"
+    d.mkdir()
+    for name in ("main.cf", "master.cf", "login_map", "submission_header_cleanup",
+                 "lmtp_header_cleanup", "smtp_tls_policy_map"):
+        text = stand_in(rendered.text(f"/etc/postfix/{name}"), rendered.map, cert, key)
+        (d / name).write_text(text.replace("/etc/postfix/", f"{d}/"))
+    return d
+
+
+def test_postfix_passes_postconf(rendered, tmp_path, test_cert):
+    d = postfix_dir(rendered, tmp_path, *test_cert)
+    result = run(["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    # The candidate main.cf the formula checks master.cf against is the same file.
+    assert rendered.text("/var/lib/chatmail/postfix-candidate/main.cf") == rendered.text(
+        "/etc/postfix/main.cf"
+    )
+
+
+def test_postfix_check_catches_warnings(rendered, tmp_path, test_cert):
+    """The check_cmd is able to fail: a typo Postfix only warns about is an error."""
+    d = postfix_dir(rendered, tmp_path, *test_cert)
+    with open(d / "main.cf", "a") as main:
+        main.write("smtpd_tls_security_levle = encrypt\n")
+    result = run(["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")])
+    assert result.returncode == 1
+    assert "smtpd_tls_security_levle" in result.stderr
+
+
+def postconf_services(d: Path) -> dict[str, dict[str, str]]:
+    """master.cf service name -> its -o overrides, as Postfix parses them."""
+    result = run(["postconf", "-c", str(d), "-P"])
+    assert result.returncode == 0, result.stderr
+    services: dict[str, dict[str, str]] = {}
+    for line in result.stdout.splitlines():
+        service_type, _, rest = line.partition("/")
+        _type, _, setting = rest.partition("/")
+        name, _, value = setting.partition(" = ")
+        services.setdefault(service_type, {})[name] = value
+    return services
+
+
+def test_postfix_mail_flow(rendered, tmp_path, test_cert):
+    m = rendered.map
+    s = m["settings"]
+    d = postfix_dir(rendered, tmp_path, *test_cert)
+    services = postconf_services(d)
+    smtp = services["25"]
+    assert smtp["smtpd_tls_security_level"] == "encrypt"
+    assert smtp["smtpd_proxy_filter"] == f"127.0.0.1:{s['filtermail_smtp_port_incoming']}"
+    for port, wrapper in (("587", "no"), ("465", "yes")):
+        sub = services[port]
+        assert sub["smtpd_proxy_filter"] == f"127.0.0.1:{s['filtermail_smtp_port']}"
+        assert sub["smtpd_tls_mandatory_protocols"] == ">=TLSv1.3"
+        assert sub["smtpd_tls_wrappermode"] == wrapper
+        assert sub["smtpd_sasl_auth_enable"] == "yes"
+        assert sub["smtpd_client_connection_count_limit"] == str(s["max_smtp_connections"] // 5)
+    reinject = services[f"127.0.0.1:{s['postfix_reinject_port']}"]
+    assert reinject["cleanup_service_name"] == "authclean"
+    assert reinject["smtpd_milters"] == "unix:opendkim/opendkim.sock"
+    assert services[f"127.0.0.1:{s['postfix_reinject_port_incoming']}"][
+        "smtpd_relay_restrictions"] == "reject_unauth_destination"
+
+    def main(name: str) -> str:
+        result = run(["postconf", "-c", str(d), "-h", name])
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert main("message_size_limit") == str(s["max_message_size"])
+    assert main("local_transport") == "lmtp:unix:private/dovecot-lmtp"
+    assert main("mydestination") == m["mail_domain"]
+    assert main("non_smtpd_milters") == "unix:opendkim/opendkim.sock"
+    assert main("disable_vrfy_command") == "no"  # VRFY answers 252, as upstream
+    assert main("inet_protocols") == ("all" if m["ipv6"] else "ipv4")
+    master_text = (d / "master.cf").read_text()
+    assert master_text.count(f"{s['max_smtp_connections']}    smtpd") == 2
+
+
+@pytest.mark.parametrize(
+    ("header", "table", "expected"),
+    [
+        ("Received: from phone (1.2.3.4)", "submission_header_cleanup", "IGNORE"),
+        ("X-Mailer: Delta Chat", "submission_header_cleanup", "IGNORE"),
+        ("User-Agent: x", "submission_header_cleanup", "IGNORE"),
+        ("X-Originating-IP: 1.2.3.4", "submission_header_cleanup", "IGNORE"),
+        ("Subject: secret plans", "submission_header_cleanup", "REPLACE Subject: [...]"),
+        ("From: a@b", "submission_header_cleanup", ""),
+        ("DKIM-Signature: v=1", "lmtp_header_cleanup", "IGNORE"),
+        ("Authentication-Results: x", "lmtp_header_cleanup", "IGNORE"),
+        ("Subject: hi", "lmtp_header_cleanup", ""),
+    ],
+    ids=lambda v: v.split(":")[0] if isinstance(v, str) else v,
+)
+def test_postfix_header_tables(render, header, table, expected):
+    """postmap -q applies the regexp tables exactly as cleanup(8) and lmtp(8) do."""
+    path = render("debian12", "example").path(f"/etc/postfix/{table}")
+    result = run(["postmap", "-q", header, f"regexp:{path}"])
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    ("sender", "owner"), [("alice@x.org", "alice@x.org"), ("a.b-c@[1.2.3.4]", "a.b-c@[1.2.3.4]")]
+)
+def test_postfix_login_map_is_one_to_one(render, sender, owner):
+    path = render("debian12", "example").path("/etc/postfix/login_map")
+    assert run(["postmap", "-q", sender, f"regexp:{path}"]).stdout.strip() == owner
+
+
+def test_postfix_tls_policy(render):
+    path = render("debian12", "example").path("/etc/postfix/smtp_tls_policy_map")
+    query = lambda domain: run(["postmap", "-q", domain, f"regexp:{path}"]).stdout.strip()  # noqa: E731
+    assert query("_chat.test") == "encrypt"
+    assert query("[192.0.2.1]") == "encrypt"
+    assert query("example.org") == ""
+
+
+# -- Dovecot ------------------------------------------------------------------------------
+
+
+def doveconf_check(rendered, tmp_path, cert, key, trixie_root) -> str:
+    m = rendered.map
+    text = stand_in(rendered.text("/etc/dovecot/dovecot.conf"), m, cert, key)
+    if m["dovecot"]["syntax"] == "2.3":
+        conf = tmp_path / "dovecot.conf"
+        conf.write_text(text)
+        result = run(["doveconf", "-n", "-c", str(conf)])
+    else:
+        inside = Path("/tmp/chatmail-render") / tmp_path.name
+        target = trixie_root / inside.relative_to("/")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(cert, target / "cert.pem")
+        shutil.copy(key, target / "key.pem")
+        text = text.replace(str(cert), str(inside / "cert.pem")).replace(str(key), str(inside / "key.pem"))
+        (target / "dovecot.conf").write_text(text)
+        try:
+            result = subprocess.run(
+                ["chroot", str(trixie_root), "doveconf", "-n", "-c", str(inside / "dovecot.conf")],
+                capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+    return result.stdout
+
+
+def test_dovecot_passes_doveconf(rendered, tmp_path, test_cert, request):
+    trixie_root = (
+        request.getfixturevalue("trixie_root") if rendered.map["dovecot"]["syntax"] == "2.4" else None
+    )
+    out = doveconf_check(rendered, tmp_path, *test_cert, trixie_root)
+    m = rendered.map
+    s = m["settings"]
+    assert "imap_capability = +XDELTAPUSH XCHATMAIL" in out
+    assert f"{m['paths']['mailboxes']}/%" in out
+    assert "chatmail-quota-expire" in out
+    assert str(s["max_imap_connections"]) in out
+    assert "port = 9900" in out
+    if s.get("privacy_mail"):
+        assert f"mail_server_admin = mailto:{s['privacy_mail']}" in out
+    if m["dovecot"]["syntax"] == "2.3":
+        assert f"quota_rule = *:storage={m['dovecot']['quota_mb']}M" in out
+        assert "auth-dict.conf.ext" in out
+    else:
+        assert f"storage_size = {m['dovecot']['quota_mb']}M" in out
+        assert "auth-doveauth.lua" in out
+    assert ("imap_hibernate_timeout = 30" in out) is (not s["imap_compress"])
+
+
+def test_dovecot_quota_is_parsed_like_chatmaild(render):
+    assert render("debian12", "example").map["dovecot"]["quota_mb"] == 500
+    assert render("debian12", "underscore").map["dovecot"]["quota_mb"] == 2048
+
+
+def test_dovecot_auth_dict_keys(render):
+    text = render("debian12", "example").text("/etc/dovecot/auth-dict.conf.ext")
+    assert 'password_key = passdb/%Ew"%Eu' in text
+    assert "user_key = userdb/%Eu" in text
+    assert "uri = proxy:/run/doveauth/doveauth.socket:auth" in text
+
+
+# -- nginx --------------------------------------------------------------------------------
+
+
+def test_nginx_passes_nginx_t(rendered, tmp_path, test_cert):
+    m = rendered.map
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(stand_in(rendered.text("/etc/nginx/nginx.conf"), m, *test_cert))
+    result = run(["nginx", "-q", "-t", "-c", str(conf)])
+    assert result.returncode == 0, result.stderr
+    dump = run(["nginx", "-q", "-T", "-c", str(conf)]).stdout
+    assert dump.count("access_log") == 1
+    assert "ssl_preread on;" in dump
+    assert f"127.0.0.1:{m['ports']['imaps']}" in dump
+    assert f"proxy_pass http://127.0.0.1:{m['api']['port']};" in dump
+    assert ("[::]:443" in dump) is m["ipv6"]
+    if m["tls"]["mode"] == "self":
+        assert "limit_req zone=newaccount" in dump
+        assert "dcaccount:" not in dump
+    else:
+        assert f"return 301 dcaccount:https://{m['mail_domain']}/new;" in dump
+
+
+def test_autoconfig_and_mta_sts(rendered):
+    import xml.etree.ElementTree as ET
+
+    m = rendered.map
+    root = ET.fromstring(rendered.text("/var/lib/chatmail/wellknown/config-v1.1.xml"))
+    incoming = {(s.find("port").text, s.find("socketType").text) for s in root.iter("incomingServer")}
+    outgoing = {(s.find("port").text, s.find("socketType").text) for s in root.iter("outgoingServer")}
+    assert incoming == {("993", "SSL"), ("143", "STARTTLS"), ("443", "SSL")}
+    assert outgoing == {("465", "SSL"), ("587", "STARTTLS"), ("443", "SSL")}
+    assert {h.text for h in root.iter("hostname")} == {m["mail_domain"]}
+    sts = rendered.text("/var/lib/chatmail/wellknown/mta-sts.txt")
+    assert sts.splitlines() == ["version: STSv1", "mode: enforce", f"mx: {m['mail_domain']}",
+                                "max_age: 2419200"]
+
+
+# -- unbound, OpenDKIM, systemd units -----------------------------------------------------
+
+
+def test_unbound_passes_checkconf(rendered, tmp_path):
+    m = rendered.map
+    conf = tmp_path / "chatmail.conf"
+    conf.write_text(rendered.text("/etc/unbound/unbound.conf.d/chatmail.conf"))
+    result = run(["unbound-checkconf", str(conf)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = conf.read_text()
+    if m["dns_forwarder"]:
+        assert f"forward-addr: {m['dns_forwarder']}" in text
+        assert 'module-config: "iterator"' in text  # no DNSSEC validation of forwarded answers
+    else:
+        assert "forward-zone" not in text
+    assert rendered.text("/etc/resolv.conf").strip().endswith("nameserver 127.0.0.1")
+
+
+def test_opendkim_passes_config_check(rendered, tmp_path):
+    m = rendered.map
+    key_dir = m["dkim"]["key_dir"]
+    local = tmp_path / "dkimkeys"
+    local.mkdir()
+    for name in ("KeyTable", "SigningTable"):
+        (local / name).write_text(rendered.text(f"{key_dir}/{name}").replace(key_dir, str(local)))
+    conf = tmp_path / "opendkim.conf"
+    conf.write_text(rendered.text("/etc/opendkim.conf").replace(key_dir, str(local)))
+    result = run(["opendkim", "-n", "-x", str(conf)])
+    assert result.returncode == 0, result.stderr
+    d = m["mail_domain"]
+    assert (local / "SigningTable").read_text().strip() == f"*@{d} opendkim._domainkey.{d}"
+    assert f"opendkim._domainkey.{d} {d}:opendkim:" in (local / "KeyTable").read_text()
+
+
+def unit_files(rendered) -> dict[str, str]:
+    return {
+        name: name.rsplit("/", 1)[1]
+        for name in rendered.files
+        if name.startswith("/etc/systemd/system/") and "/" not in name[len("/etc/systemd/system/"):]
+    }
+
+
+def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
+    m = rendered.map
+    units = unit_files(rendered)
+    assert {f"{d}.service" for d in DAEMONS} | {"chatmail-expire.service",
+                                               "chatmail-expire.timer"} <= set(units.values())
+    for name, unit in units.items():
+        candidate = tmp_path / f"candidate-{unit}"
+        text = rendered.text(name).replace(m["paths"]["venv"], str(fake_venv))
+        # Programs of packages the host lacks (acmetool, certbot) are stood in too.
+        text = re.sub(
+            r"^(ExecStart=)(/\S+)",
+            lambda g: g[1] + (g[2] if Path(g[2]).exists() else str(fake_venv / "bin" / "python")),
+            text, flags=re.M,
+        )
+        candidate.write_text(text)
+        result = run(["sh", str(CHECK_SCRIPT), "unit", unit, str(candidate)])
+        assert result.returncode == 0, f"{unit}: {result.stdout}{result.stderr}"
+
+
+def test_unit_check_catches_errors(tmp_path):
+    candidate = tmp_path / "candidate"
+    candidate.write_text("[Service]\nExecStart=/nonexistent/binary\nRestart=sometimes\n")
+    result = run(["sh", str(CHECK_SCRIPT), "unit", "broken.service", str(candidate)])
+    assert result.returncode == 1
+    assert "broken.service" in result.stderr
+
+
+def test_daemon_units_are_sandboxed(rendered):
+    m = rendered.map
+    for daemon in DAEMONS:
+        text = rendered.text(f"/etc/systemd/system/{daemon}.service")
+        for line in ("User=vmail", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                     "PrivateTmp=yes", f"ReadWritePaths={m['paths']['counters']}"):
+            assert line in text, (daemon, line)
+        assert re.search(rf"^ExecStart={re.escape(m['paths']['venv'])}/bin/", text, re.M)
+    assert "ProtectHome=yes" in rendered.text("/etc/systemd/system/filtermail.service")
+    expire = rendered.text("/etc/systemd/system/chatmail-expire.service")
+    assert f"chatmail-expire {m['paths']['ini']} --remove" in expire
+    assert "Type=oneshot" in expire
+
+
+def test_every_checked_file_is_validated_here(rendered):
+    """Each config the formula validates on the relay is also validated by a test above."""
+    covered = re.compile(
+        r"^/etc/(postfix/(main|master)\.cf|dovecot/dovecot\.conf|nginx/nginx\.conf|"
+        r"unbound/unbound\.conf\.d/chatmail\.conf|opendkim\.conf|systemd/system/[^/]+)$"
+        r"|^/usr/local/lib/chatmaild/chatmail\.ini$"
+    )
+    checked = [name for name, f in rendered.files.items() if f["check_cmd"]]
+    assert checked
+    assert [name for name in checked if not covered.match(name)] == []
