@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from chatmaild.config import Config
 from chatmaild.fileio import write_text_atomic
 
-from .accountcreation import AccountCreationControl, statvfs_path
+from .accountcreation import AccountCreationControl, CreationState, statvfs_path
 from .settings import PortSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,18 @@ def _first_line(text: str) -> str:
 class Checker:
     """Runs every check once; owns the small caches that keep a run cheap."""
 
-    def __init__(self, settings: Settings, config: Config, creation: AccountCreationControl):
+    def __init__(
+        self,
+        settings: Settings,
+        config: Config,
+        creation: AccountCreationControl,
+        creation_state: Callable[[], Awaitable[CreationState]],
+    ):
         self.settings = settings
         self.config = config
         self.creation = creation
+        #: The state under the API's creation lock (reading may re-open an expired close).
+        self.creation_state = creation_state
         self.cert_path = settings.tls_cert or default_cert_path(config)
         self.ports = settings.ports or default_ports(config)
         self._cert_cache: tuple[tuple[int, int], float] | None = None
@@ -331,7 +339,7 @@ class Checker:
         return [CheckResult("disk.mailboxes", "critical", "ok", summary)]
 
     async def check_registration(self, facts: Facts) -> list[CheckResult]:
-        state = await asyncio.to_thread(self.creation.current)
+        state = await self.creation_state()
         if state.closed:
             facts.registration_open = False
             reason = state.reason or "no reason given"

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from chatmaild.config import Config
 
-from .accountcreation import AccountCreationControl
+from .accountcreation import AccountCreationControl, CreationState
 from .accountstats import AccountStats, read_stats, scan_mailboxes
 from .checks import Checker, CheckResult, CheckStateStore, Facts, overall
 from .dnscheck import check_dns
@@ -65,7 +65,7 @@ class Runtime:
         self.creation = AccountCreationControl(
             config, settings.audit_log_path, settings.account_creation_pin
         )
-        self.checker = Checker(settings, config, self.creation)
+        self.checker = Checker(settings, config, self.creation, self.creation_state)
         self.check_states = CheckStateStore(settings.check_state_path)
         self.rate_limiter = RateLimiter(
             settings.new_account.rate_per_s, settings.new_account.burst
@@ -110,6 +110,11 @@ class Runtime:
             )
             self.last_status = StatusSnapshot(status, results, facts, time.monotonic())
             return self.last_status
+
+    async def creation_state(self) -> CreationState:
+        """Account creation now, re-opening first if a closing ``until`` has passed."""
+        async with self._creation_lock:
+            return await asyncio.to_thread(self.creation.current)
 
     def invalidate_status(self) -> None:
         self.last_status = None
@@ -167,9 +172,8 @@ class Runtime:
         self._tasks.clear()
 
     async def _reopen(self) -> None:
-        async with self._creation_lock:
-            before = self.creation.read()
-            after = await asyncio.to_thread(self.creation.current)
+        before = await asyncio.to_thread(self.creation.read)
+        after = await self.creation_state()
         if before.closed != after.closed:
             self.invalidate_status()
 

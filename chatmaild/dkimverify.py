@@ -60,8 +60,9 @@ def parse_resolver_address(value: str) -> tuple[str, int] | None:
 class TxtLookup:
     """Cached asynchronous TXT lookups."""
 
-    def __init__(self, resolver_address: str, cache_size: int = CACHE_SIZE,
-                 timeout: float = DNS_TIMEOUT_S):  # fmt: skip
+    def __init__(
+        self, resolver_address: str, cache_size: int = CACHE_SIZE, timeout: float = DNS_TIMEOUT_S
+    ):
         server = parse_resolver_address(resolver_address)
         if server is None:
             self.resolver = dns.asyncresolver.Resolver()
@@ -128,8 +129,9 @@ def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[S
     return result
 
 
-def _verify_signatures(message: bytes, signatures: list[Signature], keys: dict[str, bytes | None]
-                       ) -> Signature | None:  # fmt: skip
+def _verify_signatures(
+    message: bytes, signatures: list[Signature], keys: dict[str, bytes | None]
+) -> Signature | None:
     """The first signature that verifies with the prefetched keys (runs in a thread)."""
 
     def dnsfunc(name: bytes, timeout: float = 0) -> bytes | None:
@@ -154,7 +156,9 @@ class DKIMVerifier:
     def __init__(self, txt: TxtLookup):
         self.txt = txt
 
-    async def check(self, message: bytes, signature_headers: list[str], from_domain: str) -> str | None:
+    async def check(
+        self, message: bytes, signature_headers: list[str], from_domain: str
+    ) -> str | None:
         """None if an aligned signature verifies, else the SMTP reply to give."""
         if not signature_headers:
             return NO_SIGNATURE
@@ -173,7 +177,9 @@ class DKIMVerifier:
         except DNSTemporaryError as exc:
             log.warning("DKIM key lookup failed: %s", exc)
             return DNS_FAILURE
-        if fresh != keys and await asyncio.to_thread(_verify_signatures, message, signatures, fresh):
+        if fresh != keys and await asyncio.to_thread(
+            _verify_signatures, message, signatures, fresh
+        ):
             return None
         return NO_VALID_SIGNATURE
 

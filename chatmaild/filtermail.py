@@ -20,8 +20,10 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import dns.exception
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from .config import Config, ConfigError, read_config
@@ -83,12 +85,15 @@ def split_params(arg: str | None, known: frozenset[str]) -> tuple[str | None, di
     return " ".join(words), dict(reversed(taken.items()))
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
+async def read_data(
+    reader: asyncio.StreamReader, limit: int, progress: Callable[[], None] = lambda: None
+) -> bytes | None:
     """The message after DATA's 354, dot-unstuffed; None if it exceeded ``limit`` bytes.
 
     Reads in large chunks instead of line by line (the bulk of filtermail's work is
     receiving mail). Oversized data is read to its end and discarded, so the session
-    stays in sync; memory stays bounded by ``limit`` plus one buffer.
+    stays in sync; memory stays bounded by ``limit`` plus one buffer. ``progress`` is
+    called per chunk (a slow upload is not an idle connection).
     """
     chunks: list[bytes] = []
     size = 0
@@ -106,6 +111,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> bytes | None:
         else:
             found = False  # "text.\r\n": a line that merely ends with a dot
         tail = last[-2:]
+        progress()
         size += len(chunk)
         if size <= limit:
             chunks.append(chunk)
@@ -150,7 +156,8 @@ class FilterSMTP(SMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         """Like aiosmtpd's DATA, but reading the message in bulk (see ``read_data``).
 
-        aiosmtpd keeps its stream reader in ``_reader``; there is no public accessor.
+        aiosmtpd has no public accessor for its stream reader (``_reader``) and idle timer
+        (``_reset_timeout``); both are used as aiosmtpd's own DATA uses them.
         """
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -162,7 +169,7 @@ class FilterSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            data = await read_data(self._reader, self.data_size_limit)
+            data = await read_data(self._reader, self.data_size_limit, self._reset_timeout)
         except asyncio.IncompleteReadError:
             log.info("connection lost during DATA")
             self.transport.close()
@@ -224,7 +231,9 @@ class FilterHandler:
         self.mode = mode
         self.outgoing = mode == "outgoing"
         self.counters = Counters(config.counters_dir, f"filtermail-{mode}")
-        port = config.postfix_reinject_port if self.outgoing else config.postfix_reinject_port_incoming
+        port = (
+            config.postfix_reinject_port if self.outgoing else config.postfix_reinject_port_incoming
+        )
         self.reinjector = Reinjector(config.postfix_host, port, helo=config.mail_domain)
         self.ratelimiter = RateLimiter(
             config.max_user_send_per_minute, config.max_user_send_burst_size
@@ -234,16 +243,28 @@ class FilterHandler:
     def close(self) -> None:
         self.reinjector.close()
 
-    async def handle_EHLO(self, server: FilterSMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:  # fmt: skip
+    async def handle_EHLO(
+        self,
+        server: FilterSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         return responses[:-1] + ["250-DSN", responses[-1]]
 
-    async def handle_MAIL(self, server: FilterSMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:  # fmt: skip
+    async def handle_MAIL(
+        self,
+        server: FilterSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         if self.outgoing:
             if address.count("@") != 1:
-                return f"500 Invalid from address <{address}>"
+                return f"500 Invalid from address <{_plain_sender(address)}>"
             delay = self.ratelimiter.acquire(address.lower())
             if delay is not None:
                 until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + delay))
@@ -261,8 +282,14 @@ class FilterHandler:
         envelope.recipients = []
         return "250 OK"
 
-    async def handle_RCPT(self, server: FilterSMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:  # fmt: skip
+    async def handle_RCPT(
+        self,
+        server: FilterSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         envelope.rcpt_tos.append(address)
         envelope.recipients.append(Recipient(address, dict(server.extra_params)))
         return "250 OK"
@@ -295,14 +322,21 @@ class FilterHandler:
         from_addr = from_address(mail)
         if from_addr is None:
             values = mail.headers.get_all("From") or []
-            problem = "missing" if not values else f"{len(values)} headers" if len(values) > 1 else "unparsable"
+            problem = (
+                "missing"
+                if not values
+                else f"{len(values)} headers"
+                if len(values) > 1
+                else "unparsable"
+            )
             return f"500 Invalid FROM header: {problem}", None
         if self.outgoing:
             return await self._outgoing(envelope, mail, from_addr, data)
         return await self._incoming(envelope, mail, from_addr, data)
 
-    async def _outgoing(self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
-                        ) -> tuple[str, bool | None]:  # fmt: skip
+    async def _outgoing(
+        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
+    ) -> tuple[str, bool | None]:
         mail_from = envelope.mail_from
         if from_addr.lower() != mail_from.lower():
             return f"500 Invalid FROM <{from_addr}> for <{mail_from}>", None
@@ -316,8 +350,9 @@ class FilterHandler:
                 return ENCRYPTION_NEEDED, False
         return await self._reinject(envelope, mail_from, data), encrypted
 
-    async def _incoming(self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
-                        ) -> tuple[str, bool | None]:  # fmt: skip
+    async def _incoming(
+        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
+    ) -> tuple[str, bool | None]:
         mail_from = _plain_sender(envelope.mail_from)
         if mail_from.lower() != from_addr.lower():
             mail_from = ""  # forwarded (SRS) or forged: never bounce to the envelope sender
@@ -353,7 +388,11 @@ async def start_server(
     """Listen on the mode's port (or ``port``, 0 for an ephemeral one in tests)."""
     handler = FilterHandler(config, mode, skip_dkim=skip_dkim)
     if port is None:
-        port = config.filtermail_smtp_port if mode == "outgoing" else config.filtermail_smtp_port_incoming
+        port = (
+            config.filtermail_smtp_port
+            if mode == "outgoing"
+            else config.filtermail_smtp_port_incoming
+        )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: FilterSMTP(handler, config.max_message_size),
@@ -364,8 +403,13 @@ async def start_server(
     return server, handler
 
 
-async def serve(config: Config, mode: str, skip_dkim: bool) -> None:
-    server, handler = await start_server(config, mode, skip_dkim=skip_dkim)
+async def serve(config: Config, mode: str, skip_dkim: bool) -> int:
+    try:
+        server, handler = await start_server(config, mode, skip_dkim=skip_dkim)
+    except (OSError, ValueError, dns.exception.DNSException) as exc:
+        # Port in use, a bad dns_resolver, no /etc/resolv.conf: say so in one line.
+        log.error("cannot start the %s filter: %s", mode, exc)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -379,6 +423,7 @@ async def serve(config: Config, mode: str, skip_dkim: bool) -> None:
         handler.close()
         handler.counters.flush()
     log.info("stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     skip_dkim = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
     if skip_dkim and args.mode == "incoming":
         log.warning("DKIM verification DISABLED!")
-    asyncio.run(serve(config, args.mode, skip_dkim))
-    return 0
+    return asyncio.run(serve(config, args.mode, skip_dkim))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def single_address(value: str) -> str | None:
     try:
         header = _address_header("From", value)
         addresses = header.addresses
-    except Exception:  # the parser has no documented exception set; any failure is "invalid"
+    except Exception:  # noqa: BLE001 - the parser documents no exception set; any is "invalid"
         return None
     if header.defects or len(addresses) != 1:
         return None
@@ -164,7 +164,7 @@ def split_multipart(body: memoryview, boundary: str) -> list[memoryview] | None:
             end = line_start - 1 if line_start > start else line_start
             if end > start and body[end - 1] == 0x0D:
                 end -= 1
-            parts.append(body[start:max(start, end)])
+            parts.append(body[start : max(start, end)])
         if match.group(1):
             return parts if start is not None else None
         start = match.end()

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 LOCAL_ERROR = "451 Local error"
 _DOT_LINE = re.compile(rb"^\.", re.MULTILINE)
 MAX_REPLY_LINES = 100
+WRITE_CHUNK = 1 << 18
 
 
 class SMTPProtocolError(OSError):
@@ -124,12 +125,20 @@ class Connection:
         return await self.read_reply()
 
     def envelope_commands(
-        self, mail_from: str, mail_params: dict[str, str], recipients: Iterable[Recipient], size: int
+        self,
+        mail_from: str,
+        mail_params: dict[str, str],
+        recipients: Iterable[Recipient],
+        size: int,
     ) -> list[str]:
         ext = self.extensions
         params = {"SIZE": str(size)} if "SIZE" in ext else {}
-        for key, extension in (("BODY", "8BITMIME"), ("SMTPUTF8", "SMTPUTF8"),
-                               ("RET", "DSN"), ("ENVID", "DSN")):  # fmt: skip
+        for key, extension in (
+            ("BODY", "8BITMIME"),
+            ("SMTPUTF8", "SMTPUTF8"),
+            ("RET", "DSN"),
+            ("ENVID", "DSN"),
+        ):
             if key in mail_params and extension in ext:
                 params[key] = mail_params[key]
         commands = [f"MAIL FROM:<{mail_from}>{_format_params(params)}"]
@@ -226,7 +235,16 @@ class Reinjector:
             # caller closes the connection, which aborts the transaction.
             return failed or data_reply, False
         conn.data_sent = True
-        conn.writer.writelines((stuffed, b".\r\n"))  # one send, not two
+        if len(stuffed) <= WRITE_CHUNK:
+            conn.writer.write(stuffed + b".\r\n")  # one send, not two
+        else:
+            # In slices, waiting for each to drain: the transport would otherwise keep a
+            # copy of whatever the socket does not take at once.
+            view = memoryview(stuffed)
+            for start in range(0, len(view), WRITE_CHUNK):
+                conn.writer.write(view[start : start + WRITE_CHUNK])
+                await conn.writer.drain()
+            conn.writer.write(b".\r\n")
         return await conn.read_reply(), True
 
     def _checkout(self) -> tuple[Connection | None, bool]:
@@ -259,4 +277,3 @@ class Reinjector:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
-

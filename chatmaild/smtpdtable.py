@@ -16,29 +16,32 @@ Replies are ``<op>-result|<id>|found[|<value>]``, ``...|not-found`` or ``...|err
 Queries run in worker threads and may be answered out of order; each reply line is
 written whole.
 
-Services (``--services``, default ``auth``):
+Services (``--services``, default ``credentials,mailaddrmap``):
 
+- ``credentials`` (lookup): ``<user>:<crypt hash>`` of an existing account; smtpd checks
+  the password itself (``crypt_checkpass``, case preserved). Never creates: accounts come
+  from IMAP logins (doveauth), which Delta Chat always performs first. Needs a libc
+  ``crypt`` that knows ``$6$`` (glibc/libxcrypt do; OpenBSD's knows only bcrypt).
 - ``auth`` (check, key ``<user>:<password>``): smtpd hands the password to us, so a login
   with an unknown address creates the account by the rules of :mod:`chatmaild.accounts`
   and an existing account's password is verified against its stored hash.
-- ``credentials`` (lookup): ``<user>:<crypt hash>`` of an existing account, for smtpd to
-  compare itself (``crypt_checkpass``); never creates.
 - ``userinfo`` (lookup): ``<uid>:<gid>:<home>`` of an existing account (uid/gid of the
   ``vmail`` user).
 - ``mailaddrmap`` (lookup): an existing account maps to itself, for smtpd's
   ``senders <table>`` (MAIL FROM must be the login, like Postfix's
   ``reject_sender_login_mismatch``).
 
-Caveat: OpenSMTPD 7.6's ``table_lookup`` lowercases every key before sending it, the
-``auth`` key included (a later fix, carried as a patch by some ports, exempts ``K_AUTH``).
-With such a build a password containing capitals (``chatmail-newcreds`` generates them) is
-seen lowercased: its login fails, and a *new* account would be created with the
-lowercased password. Where that matters, register ``credentials`` instead of ``auth``
-(accounts are then created by IMAP logins only, which Delta Chat always performs first);
-smtpd then checks the password itself with ``crypt_checkpass``, which needs a libc
-``crypt`` that knows ``$6$`` (glibc/libxcrypt do, OpenBSD's does not).
+Why ``auth`` is not the default: OpenSMTPD 7.6's ``table_lookup`` lowercases every key
+before sending it, the ``auth`` key ``<user>:<password>`` included (a later fix, carried
+as a patch by some ports, exempts ``K_AUTH``). Verified with Debian 13's 7.6.0p1: a first
+SMTP login with ``Secret-Pass1`` created the account with the hash of ``secret-pass1``,
+so the IMAP login with the real password then fails, and an account made over IMAP
+with capitals in its password (``chatmail-newcreds`` generates them) never passes SMTP
+AUTH. Use ``auth`` only with an smtpd that passes the key verbatim.
 
-Usage: ``chatmail-smtpd-table [--services auth,credentials,userinfo] INI``.
+Usage: ``chatmail-smtpd-table [--services credentials,mailaddrmap,auth,userinfo] INI``
+(smtpd.conf ``table chatmail "chatmail:<ini>"`` runs ``<libexec>/table-chatmail <ini>``,
+a wrapper that adds the options).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "0.1"
 SERVICES = ("auth", "credentials", "userinfo", "mailaddrmap")
+DEFAULT_SERVICES = ("credentials", "mailaddrmap")  # see the module docstring: not auth
 OPERATIONS = ("check", "lookup", "fetch")
 WORKERS = 4
 MAX_LINE = 64 * 1024
@@ -143,7 +147,7 @@ class ChatmailTable:
     def __init__(
         self,
         config: Config,
-        services: tuple[str, ...] = ("auth",),
+        services: tuple[str, ...] = DEFAULT_SERVICES,
         counters: Counters | None = None,
     ):
         unknown = set(services) - set(SERVICES)
@@ -278,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ini", help="path to chatmail.ini")
     parser.add_argument(
         "--services",
-        default="auth",
-        help=f"comma-separated services to register, of {', '.join(SERVICES)} (default: auth)",
+        default=",".join(DEFAULT_SERVICES),
+        help=f"comma-separated services to register, of {', '.join(SERVICES)} "
+        f"(default: {','.join(DEFAULT_SERVICES)})",
     )
     args = parser.parse_args(argv)
     try:

@@ -34,6 +34,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 import dns.message
 import dns.query
@@ -74,7 +75,7 @@ class DNSServer:
         """``IP:PORT``, the form chatmail.ini's ``dns_resolver`` takes."""
         return f"{self.host}:{self.port}"
 
-    def __enter__(self) -> DNSServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -38,8 +38,7 @@ def _describe(rt: Runtime, state: CreationState, system_limit: str | None) -> Ac
 
 @router.get("", response_model=AccountCreation)
 async def get_account_creation(rt: RuntimeDep, _: MonitorAuth) -> AccountCreation:
-    async with rt.creation_lock:
-        state = await asyncio.to_thread(rt.creation.current)
+    state = await rt.creation_state()
     limit = None if state.closed else await asyncio.to_thread(rt.creation.system_limit)
     return _describe(rt, state, limit)
 

@@ -36,7 +36,7 @@ async def _propose(rt: Runtime, client: str) -> NewCredentials:
             "too many requests, try again later",
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
-    state = await asyncio.to_thread(rt.creation.current)
+    state = await rt.creation_state()
     if state.closed:
         raise HTTPException(
             403, f"account creation is closed: {state.reason or 'by the operator'}"

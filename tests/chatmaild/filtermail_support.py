@@ -42,7 +42,11 @@ def encrypted_payload(size: int) -> bytes:
 def armor(data: bytes) -> str:
     b64 = base64.b64encode(data).decode()
     lines = [b64[i : i + 76] for i in range(0, len(b64), 76)]
-    return "-----BEGIN PGP MESSAGE-----\r\n\r\n" + "\r\n".join(lines) + "\r\n-----END PGP MESSAGE-----\r\n"
+    return (
+        "-----BEGIN PGP MESSAGE-----\r\n\r\n"
+        + "\r\n".join(lines)
+        + "\r\n-----END PGP MESSAGE-----\r\n"
+    )
 
 
 def encrypted_mail(from_addr: str, to_addr: str, size: int = 20_000, subject: str = "...") -> bytes:
@@ -104,8 +108,12 @@ class Sink:
     async def handle_DATA(self, server, session, envelope) -> str:
         if self.reply.startswith("2"):
             self.received.append(
-                Received(envelope.mail_from, list(envelope.rcpt_tos), list(envelope.mail_options),
-                         envelope.original_content)  # fmt: skip
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    list(envelope.mail_options),
+                    envelope.original_content,
+                )
             )
         return self.reply
 

@@ -477,7 +477,7 @@ def test_concurrent_first_logins(doveauth):
     shared = f"racer0000@{DOMAIN}"
     results: dict[int, tuple[str, str, str]] = {}
     errors: list[BaseException] = []
-    start = threading.Barrier(50)
+    start = threading.Barrier(50, timeout=60)
 
     def login(i: int) -> None:
         addr = shared if i < 25 else f"racer{i:04d}@{DOMAIN}"

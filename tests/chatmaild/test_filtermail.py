@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import smtplib
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail
@@ -56,7 +58,9 @@ def start(loop_thread, sink, make_config):
         fm.stop()
 
 
-def send(port: int, mail_from: str, rcpts: list[str], data: bytes, mail_options=(), rcpt_options=()):
+def send(
+    port: int, mail_from: str, rcpts: list[str], data: bytes, mail_options=(), rcpt_options=()
+):
     """One SMTP transaction; returns (code, text) of the first non-2xx reply or of DATA."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("postfix.local")
@@ -91,7 +95,9 @@ def test_outgoing_large_encrypted_with_dot_lines(start, sink):
     fm = start("outgoing")
     data = encrypted_mail(SENDER, OTHER, size=2_000_000)
     # A preamble line starting with "." must survive dot-stuffing in both hops.
-    data = data.replace(b"\r\n\r\n--Xb8nFq2Wt0\r\n", b"\r\n\r\n.hidden\r\n..\r\n.\r\n--Xb8nFq2Wt0\r\n", 1)
+    data = data.replace(
+        b"\r\n\r\n--Xb8nFq2Wt0\r\n", b"\r\n\r\n.hidden\r\n..\r\n.\r\n--Xb8nFq2Wt0\r\n", 1
+    )
     assert send(fm.port, SENDER, [OTHER], data)[0] == 250
     assert sink.received[0].content == data
 
@@ -104,7 +110,10 @@ def test_outgoing_rejects_unencrypted(start, sink, name, caplog):
     data = load_mail(name, SENDER, OTHER)
     if name == "mailer-daemon":
         data = data.replace(b"MAILER-DAEMON@test.example.org", SENDER.encode())
-    assert send(fm.port, SENDER, [OTHER], data) == (523, "Encryption Needed: Invalid Unencrypted Mail")
+    assert send(fm.port, SENDER, [OTHER], data) == (
+        523,
+        "Encryption Needed: Invalid Unencrypted Mail",
+    )
     assert sink.received == []
     assert "Outgoing: Filtering unencrypted mail." in caplog.text
     assert f"Rejected unencrypted mail from: {SENDER}" in caplog.text
@@ -127,7 +136,10 @@ def test_outgoing_logs_encrypted(start, caplog):
 @pytest.mark.parametrize(
     "header_from,reply",
     [
-        ("mallory@chat.example.org", "Invalid FROM <mallory@chat.example.org> for <alice@chat.example.org>"),
+        (
+            "mallory@chat.example.org",
+            "Invalid FROM <mallory@chat.example.org> for <alice@chat.example.org>",
+        ),
         ("someone@example.org", "Invalid FROM <someone@example.org> for <alice@chat.example.org>"),
         ("Alice <ALICE@Chat.Example.org>", None),
     ],
@@ -196,10 +208,13 @@ def test_dsn_and_size_parameters_accepted(start, sink):
     fm = start("outgoing")
     data = load_mail("encrypted", SENDER, OTHER)
     code, _ = send(
-        fm.port, SENDER, [OTHER, "carol@other.example"], data,
-        mail_options=["SIZE=%d" % len(data), "BODY=8BITMIME", "RET=HDRS", "ENVID=QQ314159"],
+        fm.port,
+        SENDER,
+        [OTHER, "carol@other.example"],
+        data,
+        mail_options=[f"SIZE={len(data)}", "BODY=8BITMIME", "RET=HDRS", "ENVID=QQ314159"],
         rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@other.example"],
-    )  # fmt: skip
+    )
     assert code == 250
     [got] = sink.received
     assert got.rcpt_tos == [OTHER, "carol@other.example"]
@@ -239,11 +254,17 @@ def test_dsn_parameters_passed_on_to_a_dsn_server(loop_thread, start):
         fm = start("outgoing", postfix_reinject_port=dsn_sink.port)
         data = load_mail("encrypted", SENDER, OTHER)
         code, _ = send(
-            fm.port, SENDER, [OTHER], data, mail_options=["RET=FULL", "ENVID=abc"],
+            fm.port,
+            SENDER,
+            [OTHER],
+            data,
+            mail_options=["RET=FULL", "ENVID=abc"],
             rcpt_options=["NOTIFY=NEVER", "ORCPT=rfc822;Bob@Other.example"],
-        )  # fmt: skip
+        )
         assert code == 250
-        assert dsn_sink.commands[1] == f"RCPT TO:<{OTHER}> NOTIFY=NEVER ORCPT=rfc822;Bob@Other.example"
+        assert (
+            dsn_sink.commands[1] == f"RCPT TO:<{OTHER}> NOTIFY=NEVER ORCPT=rfc822;Bob@Other.example"
+        )
         assert "RET=FULL ENVID=abc" in dsn_sink.commands[0]
     finally:
         dsn_sink.stop()
@@ -290,7 +311,10 @@ def test_garbage_and_non_utf8_keep_serving(start, sink):
         client.rcpt(OTHER)
         assert client.data(good)[0] == 250
     # Raw garbage, binary and a connection dropped mid-DATA.
-    for junk in [b"\x00\xff\xfe garbage\r\n" * 10, b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nabc"]:
+    for junk in [
+        b"\x00\xff\xfe garbage\r\n" * 10,
+        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nabc",
+    ]:
         with socket.create_connection(("127.0.0.1", fm.port)) as raw:
             raw.recv(100)
             raw.sendall(junk)
@@ -317,17 +341,68 @@ def test_reinjection_reuses_connections(start, sink):
     assert len(sink.received) == 3
 
 
-def test_counters(start, make_config, tmp_path):
+def test_stale_pooled_connection_is_replaced(loop_thread, start):
+    """Postfix closing an idle reinjection connection must not cost a message."""
+
+    class DroppingSink(Sink):
+        drop_next_mail = False
+
+        def make_protocol(self):
+            protocol = super().make_protocol()
+            original_mail = protocol.smtp_MAIL
+
+            async def smtp_MAIL(arg):
+                if self.drop_next_mail:
+                    self.drop_next_mail = False
+                    protocol.transport.close()  # dies without a reply, like a killed smtpd
+                    return
+                await original_mail(arg)
+
+            protocol._smtp_methods["MAIL"] = smtp_MAIL
+            return protocol
+
+    sink = DroppingSink(loop_thread)
+    try:
+        fm = start("outgoing", postfix_reinject_port=sink.port)
+        data = load_mail("encrypted", SENDER, OTHER)
+        assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+        sink.drop_next_mail = True
+        assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+        assert len(sink.received) == 2
+    finally:
+        sink.stop()
+
+
+def test_concurrent_clients(start, sink):
+    fm = start("outgoing")
+    senders = [f"user{i}@chat.example.org" for i in range(30)]
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(
+            pool.map(
+                lambda s: send(fm.port, s, [OTHER], encrypted_mail(s, OTHER, 50_000))[0], senders
+            )
+        )
+    assert codes == [250] * 30
+    assert sorted(r.mail_from for r in sink.received) == sorted(senders)
+
+
+def test_counters(start, tmp_path):
     fm = start("outgoing")
     send(fm.port, SENDER, [OTHER], load_mail("encrypted", SENDER, OTHER))
     send(fm.port, SENDER, [OTHER], load_mail("plain", SENDER, OTHER))
-    fm.handler.counters.flush()
-    data = json.loads((tmp_path / "counters" / "filtermail-outgoing.json").read_text())
-    rows = {tuple(sorted(r["labels"].items())): r["value"] for r in data["mail_filtered_total"]}
-    labels = (("direction", "outgoing"), ("encrypted", "true"), ("result", "accepted"))
-    assert rows[labels] == 1
-    labels = (("direction", "outgoing"), ("encrypted", "false"), ("result", "rejected"))
-    assert rows[labels] == 1
+    send(fm.port, "x@y", [OTHER], b"")  # refused at MAIL: not counted
+    accepted = {"direction": "outgoing", "encrypted": "true", "result": "accepted"}
+    rejected = {"direction": "outgoing", "encrypted": "false", "result": "rejected"}
+    path = tmp_path / "counters" / "filtermail-outgoing.json"
+    deadline = time.monotonic() + 5  # the file is rewritten at most once a second
+    while time.monotonic() < deadline:
+        rows = json.loads(path.read_text()) if path.exists() else {}
+        values = [(r["labels"], r["value"]) for r in rows.get("mail_filtered_total", [])]
+        if sorted(values, key=str) == sorted([(accepted, 1.0), (rejected, 1.0)], key=str):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"counters file never showed both: {values}")
 
 
 # -- incoming ---------------------------------------------------------------------------
@@ -399,7 +474,10 @@ def test_incoming_mailer_daemon_report_accepted(start, sink, make_config, caplog
     fm = start("incoming")
     data = load_mail("mailer-daemon", OTHER, LOCAL)
     assert send(fm.port, "<>", [LOCAL], data)[0] == 250
-    assert "Incoming: Filtering mailer-daemon message from MAILER-DAEMON@test.example.org" in caplog.text
+    assert (
+        "Incoming: Filtering mailer-daemon message from MAILER-DAEMON@test.example.org"
+        in caplog.text
+    )
     # An MDN is a report too, but not from a mailer-daemon.
     assert send(fm.port, OTHER, [LOCAL], load_mail("mdn", OTHER, LOCAL))[0] == 523
 
@@ -424,7 +502,11 @@ def test_refuses_cleartext(tmp_path, rcpt, refuses):
     [
         ("TO:<a@b>", "TO:<a@b>", {}),
         ("TO:<a@b> NOTIFY=NEVER", "TO:<a@b>", {"NOTIFY": "NEVER"}),
-        ("TO:<a@b> notify=SUCCESS ORCPT=rfc822;A@B", "TO:<a@b>", {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;A@B"}),
+        (
+            "TO:<a@b> notify=SUCCESS ORCPT=rfc822;A@B",
+            "TO:<a@b>",
+            {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;A@B"},
+        ),
         ("TO:<a@b> FOO=1 NOTIFY=NEVER", "TO:<a@b> FOO=1", {"NOTIFY": "NEVER"}),
         ("TO: NOTIFY=NEVER", "TO:", {"NOTIFY": "NEVER"}),
         (None, None, {}),
@@ -442,8 +524,9 @@ def test_console_script(make_config, ini_path, sink, tmp_path):
     make_config(filtermail_smtp_port=port, postfix_reinject_port=sink.port)
     process = subprocess.Popen(
         [sys.executable, "-m", "chatmaild.filtermail", str(ini_path), "outgoing"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stderr.readline()
         assert "entering serving loop" in line
@@ -458,12 +541,60 @@ def test_console_script(make_config, ini_path, sink, tmp_path):
     assert sink.received[0].content == data
 
 
+def test_console_script_incoming_skip_dkim(make_config, ini_path, sink):
+    """Upstream's blackbox test: ``FILTERMAIL_SKIP_DKIM=1 filtermail INI incoming``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    make_config(filtermail_smtp_port_incoming=port, postfix_reinject_port_incoming=sink.port)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatmaild.filtermail", str(ini_path), "incoming"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FILTERMAIL_SKIP_DKIM": "1"},
+    )
+    try:
+        assert "DKIM verification DISABLED!" in process.stderr.readline()
+        assert "entering serving loop" in process.stderr.readline()
+        data = load_mail("encrypted", OTHER, LOCAL)  # no DKIM signature
+        assert send(port, OTHER, [LOCAL], data)[0] == 250
+        assert send(port, OTHER, [LOCAL], load_mail("fake-encrypted", OTHER, LOCAL))[0] == 250
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert sink.received[0].content == data
+
+
 def test_console_script_bad_config(tmp_path):
     ini = tmp_path / "chatmail.ini"
     ini.write_text("[params]\nmail_domain = x.org\nmax_message_size = huge\n")
     result = subprocess.run(
         [sys.executable, "-m", "chatmaild.filtermail", str(ini), "incoming"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2
     assert "max_message_size" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "mode,overrides,message",
+    [
+        ("incoming", {"dns_resolver": "127.0.0.1:notaport"}, "cannot start the incoming filter"),
+        ("outgoing", {"filtermail_host": "192.0.2.1"}, "cannot start the outgoing filter"),
+    ],
+    ids=["bad-dns-resolver", "address-not-local"],
+)
+def test_console_script_start_failure(make_config, ini_path, mode, overrides, message):
+    make_config(**overrides)
+    result = subprocess.run(
+        [sys.executable, "-m", "chatmaild.filtermail", str(ini_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr

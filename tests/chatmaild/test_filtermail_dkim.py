@@ -23,10 +23,14 @@ def generate_key() -> tuple[bytes, str]:
     """(private key PEM, base64 DER public key) made by openssl."""
     private = subprocess.run(
         ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-        check=True, capture_output=True,
-    ).stdout  # fmt: skip
+        check=True,
+        capture_output=True,
+    ).stdout
     public = subprocess.run(
-        ["openssl", "pkey", "-pubout", "-outform", "DER"], input=private, check=True, capture_output=True
+        ["openssl", "pkey", "-pubout", "-outform", "DER"],
+        input=private,
+        check=True,
+        capture_output=True,
     ).stdout
     return private, base64.b64encode(public).decode()
 
@@ -42,9 +46,12 @@ def key_record(selector: str, public: str) -> str:
 
 def sign(data: bytes, private: bytes, domain: str, selector: str = "sel") -> bytes:
     signature = dkim.sign(
-        data, selector.encode(), domain.encode(), private,
+        data,
+        selector.encode(),
+        domain.encode(),
+        private,
         include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
-    )  # fmt: skip
+    )
     return signature + data
 
 
@@ -80,7 +87,7 @@ def test_valid_aligned_signature_passes(incoming, keys):
 
 
 def test_domain_comparison_is_case_insensitive(incoming, keys):
-    fm, sink = incoming
+    fm, _ = incoming
     data = sign(load_mail("encrypted", "Bob <bob@EXAMPLE.Org>", RCPT), keys[0][0], "Example.ORG")
     assert send(fm.port, data)[0] == 250
 
@@ -126,7 +133,7 @@ def test_wrong_key_and_unpublished_selector_fail(incoming, keys):
 
 
 def test_any_aligned_valid_signature_wins(incoming, keys):
-    fm, sink = incoming
+    fm, _ = incoming
     data = load_mail("encrypted", SENDER, RCPT)
     signed = sign(data, keys[0][0], "example.org")
     signed = sign(signed, keys[1][0], "other.org")  # unaligned one on top
@@ -137,15 +144,18 @@ def test_any_aligned_valid_signature_wins(incoming, keys):
 
 
 def test_rotated_key_is_fetched_again(incoming, keys, dns_server):
-    fm, sink = incoming
-    assert send(fm.port, sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))[0] == 250
+    fm, _ = incoming
+    assert (
+        send(fm.port, sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))[0]
+        == 250
+    )
     dns_server.set_zone("example.org", [key_record("sel", keys[1][1])])  # cached: keys[0]
     data = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "example.org")
     assert send(fm.port, data)[0] == 250
 
 
 def test_cleartext_is_refused_before_dkim(incoming, make_config, caplog):
-    fm, sink = incoming
+    fm, _ = incoming
     mailbox = make_config().mailboxes_path / RCPT
     mailbox.mkdir(parents=True)
     (mailbox / "enforceE2EEincoming").touch()
@@ -153,7 +163,7 @@ def test_cleartext_is_refused_before_dkim(incoming, make_config, caplog):
 
 
 def test_domain_literal_sender_skips_dkim(incoming):
-    fm, sink = incoming
+    fm, _ = incoming
     sender = "bob@[192.0.2.1]"
     assert send(fm.port, load_mail("encrypted", sender, RCPT), mail_from=sender)[0] == 250
 
@@ -163,8 +173,9 @@ def test_dns_outage_is_temporary(keys, make_config, caplog):
         s.bind(("127.0.0.1", 0))  # bound but never answering: every query times out
         loop_thread = LoopThread()
         sink = Sink(loop_thread)
-        config = make_config(dns_resolver=f"127.0.0.1:{s.getsockname()[1]}",
-                             postfix_reinject_port_incoming=sink.port)  # fmt: skip
+        config = make_config(
+            dns_resolver=f"127.0.0.1:{s.getsockname()[1]}", postfix_reinject_port_incoming=sink.port
+        )
         fm = Filtermail(loop_thread, config, "incoming")
         fm.handler.dkim.txt.resolver.lifetime = 1.0
         try:
@@ -181,15 +192,20 @@ def test_dns_outage_is_temporary(keys, make_config, caplog):
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("", None), ("127.0.0.1", ("127.0.0.1", 53)), ("127.0.0.1:5353", ("127.0.0.1", 5353)),
-     ("::1", ("::1", 53)), ("[::1]:5353", ("::1", 5353))],  # fmt: skip
+    [
+        ("", None),
+        ("127.0.0.1", ("127.0.0.1", 53)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("::1", ("::1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+    ],
 )
 def test_parse_resolver_address(value, expected):
     assert parse_resolver_address(value) == expected
 
 
 def test_txt_cache_is_bounded(dns_server):
-    dns_server.set_zone("example.org", [f"k{i} TXT \"v{i}\"" for i in range(20)])
+    dns_server.set_zone("example.org", [f'k{i} TXT "v{i}"' for i in range(20)])
 
     async def run():
         txt = TxtLookup(dns_server.address, cache_size=5)

@@ -63,7 +63,11 @@ PAYLOADS = [
     ("old-format-4-byte-length", old_packet(3, SKESK[2:], 2) + SEIPD, True),
     ("partial-seipd", PKESK + partial_packet(18, b"\x01" + b"c" * 3000), True),
     ("partial-seipd-exact-chunks", PKESK + partial_packet(18, b"\x01" + b"c" * 1023, 9), True),
-    ("5-byte-length-seipd", PKESK + b"\xd2\xff" + (301).to_bytes(4, "big") + b"\x01" + b"c" * 300, True),
+    (
+        "5-byte-length-seipd",
+        PKESK + b"\xd2\xff" + (301).to_bytes(4, "big") + b"\x01" + b"c" * 300,
+        True,
+    ),
     ("empty", b"", False),
     ("pkesk-only", PKESK, False),
     ("seipd-then-pkesk", SEIPD + PKESK, False),
@@ -107,7 +111,9 @@ def test_packet_parser_never_raises_unexpectedly(data):
     assert is_encrypted_payload(data) in (True, False)
 
 
-def armored(data: bytes, headers: str = "", checksum: str | None = "=njUN", eol: str = "\r\n") -> bytes:
+def armored(
+    data: bytes, headers: str = "", checksum: str | None = "=njUN", eol: str = "\r\n"
+) -> bytes:
     b64 = base64.b64encode(data).decode()
     lines = [b64[i : i + 76] for i in range(0, len(b64), 76)]
     if checksum:

@@ -114,7 +114,7 @@ def test_format_reply_keeps_one_line():
 
 @pytest.fixture
 def table(example_config):
-    return ChatmailTable(example_config, ("auth", "credentials", "userinfo"))
+    return ChatmailTable(example_config, ("auth", "credentials", "userinfo", "mailaddrmap"))
 
 
 def test_auth_creates_then_verifies(table, example_config):
@@ -194,6 +194,29 @@ def test_credentials_and_userinfo(table, example_config):
         "lookup-result|c4|not-found\n"
     )
     assert not (example_config.mailboxes_path / f"newcomer1@{DOMAIN}").exists()
+
+
+def test_mailaddrmap_maps_an_account_to_itself(table, example_config):
+    addr = f"abcdefghi@{DOMAIN}"
+    get_or_create(example_config, addr, "password123")
+    assert table.reply(query("lookup", "mailaddrmap", "m1", addr)) == (
+        f"lookup-result|m1|found|{addr}\n"
+    )
+    assert table.reply(query("lookup", "mailaddrmap", "m2", f"nobody123@{DOMAIN}")) == (
+        "lookup-result|m2|not-found\n"
+    )
+    assert table.reply(query("lookup", "mailaddrmap", "m3", "abcdefghi@elsewhere.org")) == (
+        "lookup-result|m3|not-found\n"
+    )
+
+
+def test_default_services_never_create(example_config):
+    """The default (credentials) only answers for accounts that exist."""
+    table = ChatmailTable(example_config)
+    assert table.services == ("credentials", "mailaddrmap")
+    line = query("check", "auth", "d1", f"abcdefghi@{DOMAIN}:password123")
+    assert table.reply(line).startswith("check-result|d1|error|")
+    assert os.listdir(example_config.mailboxes_path) == []
 
 
 @pytest.mark.parametrize(
@@ -311,9 +334,9 @@ def table_process(example_config, tmp_path):
             proc.proc.wait()
 
 
-def test_handshake_registers_auth_by_default(table_process):
+def test_handshake_registers_credentials_by_default(table_process):
     proc = table_process()
-    assert proc.handshake() == ["register|auth\n"]
+    assert proc.handshake() == ["register|credentials\n", "register|mailaddrmap\n"]
     assert proc.close() == 0
 
 
@@ -329,7 +352,7 @@ def test_bad_services_option_exits(table_process):
 
 
 def test_check_found_not_found_and_garbage(table_process, example_config):
-    proc = table_process()
+    proc = table_process("--services", "auth")
     proc.handshake()
     addr = f"abcdefghi@{DOMAIN}"
     proc.send(query("check", "auth", "00000001", f"{addr}:password123"))
@@ -349,7 +372,7 @@ def test_check_found_not_found_and_garbage(table_process, example_config):
 
 def test_concurrent_queries_all_answered_whole(table_process, example_config):
     """Pipelined queries (creations, verifications, errors) answered in any order, whole lines."""
-    proc = table_process()
+    proc = table_process("--services", "auth")
     proc.handshake()
     expected = {}
     lines = []

@@ -203,3 +203,48 @@ def dkim_keypair() -> tuple[bytes, str]:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return pem, base64.b64encode(der).decode()
+
+
+# --- Delta Chat (deltachat-rpc-server from the test venv) ---------------------------------
+
+
+def dclogin_qr(addr: str, password: str) -> str:
+    """A dclogin: code for the relay on 127.0.0.1 (no DNS, self-signed certificate)."""
+    return (
+        f"dclogin:{addr}?p={password}&v=1&ih={HOST}&ip=993&is=ssl"
+        f"&sh={HOST}&sp=465&ss=ssl&ic=3"
+    )
+
+
+def start_rpc(accounts_dir: Path):
+    """A started deltachat-rpc-server client; call ``.close()`` when done."""
+    from deltachat_rpc_client import Rpc
+
+    server = Path(sys.executable).parent / "deltachat-rpc-server"
+    rpc = Rpc(accounts_dir=str(accounts_dir),
+              rpc_server_path=str(server) if server.exists() else "deltachat-rpc-server")
+    rpc.start()
+    return rpc
+
+
+def online_account(deltachat, relay: RelayClient):
+    """A Delta Chat profile configured for a fresh account on the relay, online."""
+    addr, password = relay.gencreds()
+    account = deltachat.add_account()
+    account.add_transport_from_qr(dclogin_qr(addr, password))
+    account.set_config("bcc_self", "0")
+    account.bring_online()
+    account.addr = addr
+    return account
+
+
+def ping_pong(ac1, ac2, chat12, chat21, text: str) -> float:
+    """Seconds for ac1 -> ac2 and back, each side waiting for the other's message."""
+    started = time.monotonic()
+    chat12.send_text(f"ping {text}")
+    got = ac2.wait_for_incoming_msg().get_snapshot()
+    assert got.text == f"ping {text}", got.text
+    chat21.send_text(f"pong {text}")
+    got = ac1.wait_for_incoming_msg().get_snapshot()
+    assert got.text == f"pong {text}", got.text
+    return time.monotonic() - started

@@ -43,7 +43,7 @@ from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chroots import debian_chroot  # noqa: E402
-from opensmtpd_support import REPO, TRIXIE_RUNTIME, Renderer  # noqa: E402
+from opensmtpd_support import REPO, TRIXIE_RUNTIME, Renderer, unmount  # noqa: E402
 
 pytestmark = [
     pytest.mark.timeout(1800),
@@ -207,7 +207,7 @@ def relay(tmp_path_factory):
         for proc in reversed(procs):
             stop(proc)
         sink.stop()
-        subprocess.run(["umount", str(root)], check=False)
+        unmount(root)
 
 
 def state_arg(states: dict, sid: str, key: str):
@@ -379,8 +379,8 @@ def test_sender_must_be_the_login(relay):
     addr, other = new_address("sender"), new_address("other")
     login(relay, other).quit()
     with login(relay, addr) as client:
-        code, reply = client.mail(other)
-        assert code >= 500, reply
+        # smtpd's answer to a `senders` mismatch (Postfix says 553)
+        assert client.mail(other) == (530, b"Sender rejected")
         client.rset()
         assert client.mail(addr)[0] == 250
 

@@ -161,33 +161,41 @@ chatmail-chatmaild-version:
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "read-only",
         "restart_sec": 5, "wants_network": true},
     } %}
+{#- The service file per init system comes from the map (chatmail.init_files): a systemd
+    unit, or an rc.d script on OpenBSD (whose service names cannot contain "-"). #}
+{%- set init = chatmail.init_files[chatmail.init] %}
 {%- for name, unit in daemons | dictsort %}
+{%-   set service = name | replace("-", init.name_separator) %}
 
 chatmail-chatmaild-{{ name }}-unit:
   file.managed:
-    - name: {{ units }}/{{ name }}.service
-    - source: salt://chatmail/chatmaild/files/daemon.service.jinja
+    - name: {{ init.dir }}/{{ service }}{{ init.suffix }}
+    - source: {{ init.template }}
     - template: jinja
     - context: {{ unit | json }}
-    - mode: "0644"
-    - check_cmd: {{ paths.check_config }} unit {{ name }}.service
+    - mode: "{{ init.mode }}"
+    - check_cmd: {{ init.check_cmd | replace("{check_config}", paths.check_config) | replace("{file}", service ~ init.suffix) }}
     - require:
       - cmd: chatmail-chatmaild-venv
       - file: chatmail-checks-script
+{%-   if init.reload %}
   module.run:
     - service.systemctl_reload: []
     - onchanges:
       - file: chatmail-chatmaild-{{ name }}-unit
+{%-   endif %}
 
 chatmail-chatmaild-{{ name }}-service:
   service.running:
-    - name: {{ name }}
+    - name: {{ service }}
     - enable: True
     - require:
       - file: chatmail-chatmaild-mailboxes
       - file: chatmail-chatmaild-counters
     - watch:
+{%-   if init.reload %}
       - module: chatmail-chatmaild-{{ name }}-unit
+{%-   endif %}
       - file: chatmail-chatmaild-{{ name }}-unit
       - file: chatmail-chatmaild-ini
       - cmd: chatmail-chatmaild-venv

@@ -1,0 +1,120 @@
+"""salt/chatmail/api compiled and rendered by real Salt (the formula tests' harness)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from chatmail_api.settings import parse_settings
+
+REPO = Path(__file__).resolve().parents[2]
+SALT_TESTS = REPO / "tests" / "salt"
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("salt_harness", SALT_TESTS / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """``rendered(pillar) -> (states, files, map)`` for Debian 12."""
+    harness = _harness()
+    python = harness.SALT_VENV / "bin" / "python"
+    if not python.exists():
+        harness.SALT_VENV.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(harness.SALT_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "salt"], check=True)
+
+    def render(pillar: dict):
+        root = tmp_path_factory.mktemp("salt-api")
+        config_dir = harness.write_minion_config(root, harness.PLATFORMS["debian12"], pillar)
+        out = root / "out"
+        result = subprocess.run(
+            [str(python), str(SALT_TESTS / "saltrender.py"), "--config-dir", str(config_dir),
+             "--out", str(out), "--map-template-dir", str(root / "extra")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        index = json.loads((out / "index.json").read_text())
+        assert not index["errors"], index["errors"]
+        files = {name: Path(f["rendered"]).read_text() for name, f in index["files"].items()}
+        return index["states"], files, index["map"]
+
+    return render
+
+
+def state_args(states: dict, state_id: str) -> dict:
+    body = states[state_id]
+    module = next(k for k in body if not k.startswith("__"))
+    args = {}
+    for item in body[module]:
+        if isinstance(item, dict):
+            args.update(item)
+    return args
+
+
+def test_default_pillar(rendered):
+    states, files, m = rendered({"chatmail": {"mail_domain": "chat.example.org"}})
+    settings_data = state_args(states, "chatmail-api-settings")["dataset"]
+    if isinstance(settings_data, str):
+        settings_data = json.loads(settings_data)
+    settings = parse_settings(settings_data)  # what the API will load
+    assert settings.listen == "127.0.0.1" and settings.port == 8077
+    assert settings.tokens.admin == {}  # secrets stay out of api.json
+    assert {s.name for s in settings.services} >= {"postfix", "dovecot", "opendkim", "doveauth"}
+    assert settings.tls_cert == Path(m["tls"]["cert"])
+    assert settings.dns.dkim_txt == Path(m["api"]["dkim_public"])
+    assert str(settings.account_stats_file).startswith(m["api"]["stats_dir"])
+
+    tokens = state_args(states, "chatmail-api-tokens")
+    assert tokens["creates"] == m["api"]["tokens_file"] and tokens["umask"] == "077"
+
+    link = state_args(states, "chatmail-api-nocreate-link")
+    assert link["name"] == m["paths"]["nocreate"]
+    assert link["target"] == m["api"]["account_creation_dir"] + "/nocreate"
+
+    unit = files["/etc/systemd/system/chatmail-api.service"]
+    for line in (
+        "User=chatmail-api",
+        "SupplementaryGroups=postdrop",
+        f"LoadCredential=tokens:{m['api']['tokens_file']}",
+        f"ReadWritePaths={m['api']['account_creation_dir']}",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+    ):
+        assert line in unit, line
+    assert "--tokens-file ${CREDENTIALS_DIRECTORY}/tokens" in unit
+    stats = files["/etc/systemd/system/chatmail-account-stats.service"]
+    assert "User=vmail" in stats and "chatmail_api.accountstats" in stats
+    assert "Type=oneshot" in stats
+
+    watched = {next(iter(w.values())) for w in state_args(states, "chatmail-api-service")["watch"]}
+    assert {"chatmail-api-settings", "chatmail-api-tokens", "chatmail-chatmaild-venv"} <= watched
+
+
+def test_pillar_tokens_and_pin(rendered):
+    tokens = {"monitor": {"grafana": "m" * 24}, "admin": {"alice": "a" * 24}}
+    states, _, m = rendered(
+        {"chatmail": {"mail_domain": "chat.example.org",
+                      "api": {"tokens": tokens, "account_creation_pin": False,
+                              "allow": ["127.0.0.0/8"]}}}
+    )
+    serialized = state_args(states, "chatmail-api-tokens")
+    dataset = serialized["dataset"]
+    assert (json.loads(dataset) if isinstance(dataset, str) else dataset) == tokens
+    assert serialized["mode"] == "0600" and serialized["user"] == "root"
+    assert "chatmail-api-nocreate-link" not in states  # chatmail.chatmaild owns the path
+    settings_data = state_args(states, "chatmail-api-settings")["dataset"]
+    if isinstance(settings_data, str):
+        settings_data = json.loads(settings_data)
+    settings = parse_settings(settings_data)
+    assert settings.account_creation_pin is False
+    assert [str(n) for n in settings.allow] == ["127.0.0.0/8"]

@@ -1,0 +1,158 @@
+"""mta: opensmtpd, rendered: the map switches (DKIM by filter-dkimsign, no Postfix, no
+OpenDKIM daemon), smtpd.conf passes Debian 13's ``smtpd -n`` (OpenSMTPD 7.6.0p1) for
+Debian 13 and OpenBSD, and it states the relay's policy. The same config running for
+real is test_opensmtpd_live.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import PILLARS, PLATFORMS  # noqa: E402
+from opensmtpd_support import smtpd_check  # noqa: E402
+from test_openbsd import OPENBSD_GRAINS  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0",
+    reason="needs root: chroot, overlay mount",
+)
+
+CASES = {
+    "debian13-example": ("debian13", "example"),
+    "debian13-underscore": ("debian13", "underscore"),
+    "openbsd-example": ("openbsd7", "example"),
+    "openbsd-underscore": ("openbsd7", "underscore"),
+}
+
+
+def opensmtpd_pillar(name: str) -> dict:
+    pillar = PILLARS[name]()
+    pillar["chatmail"]["mta"] = "opensmtpd"
+    return pillar
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def rendered(request, render):
+    platform, pillar = CASES[request.param]
+    grains = OPENBSD_GRAINS if platform == "openbsd7" else PLATFORMS[platform]
+    return render(platform, pillar, pillar=opensmtpd_pillar(pillar), grains=grains)
+
+
+def smtpd_conf(rendered) -> str:
+    return rendered.text(rendered.map["opensmtpd"]["config"])
+
+
+def state_args(rendered, sid: str) -> dict:
+    body = rendered.states[sid]
+    return {k: v for args in body.values() for arg in args if isinstance(arg, dict) for k, v in arg.items()}
+
+
+def test_map_switches_with_the_mta(rendered):
+    m = rendered.map
+    assert m["mta"] == "opensmtpd"
+    assert m["dkim"]["signer"] == "filter-dkimsign"
+    assert m["users"]["opendkim"] == "_dkimsign"
+    packages = state_args(rendered, "chatmail-packages")["pkgs"]
+    assert "opensmtpd-filter-dkimsign" in packages
+    assert "postfix" not in packages
+    # Debian: OpenDKIM's tools only (opendkim-genkey makes the key); OpenBSD has no split
+    # package, so opendkim is installed but its daemon never configured nor started
+    assert "opendkim" not in packages or rendered.map["init"] == "rcctl"
+
+
+def test_no_postfix_and_no_opendkim_daemon(rendered):
+    ids = set(rendered.states)
+    assert "chatmail-mta-service" in ids and "chatmail-mta-table" in ids
+    assert not {i for i in ids if i.startswith(("chatmail-mta-main", "chatmail-mta-master"))}
+    assert "chatmail-dkim-service" not in ids
+    assert "chatmail-dkim-key" in ids  # the key filter-dkimsign signs with
+    assert not [name for name in rendered.files if "postfix" in name]
+
+
+def test_smtpd_conf_passes_smtpd_n(rendered, trixie_root, tmp_path, test_cert):
+    m = rendered.map
+    result = smtpd_check(trixie_root, tmp_path, smtpd_conf(rendered), test_cert,
+                         libexec=m["opensmtpd"]["libexec"])  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configuration OK" in result.stdout + result.stderr
+
+
+def test_smtpd_conf_catches_mistakes(rendered, trixie_root, tmp_path, test_cert):
+    """The check is real: a rule naming an undeclared action fails it."""
+    broken = smtpd_conf(rendered) + 'match from any for any action "nowhere"\n'
+    result = smtpd_check(trixie_root, tmp_path, broken, test_cert)
+    assert result.returncode != 0
+
+
+def listeners(conf: str) -> dict[str, str]:
+    """tag -> the listen lines carrying it (joined)."""
+    found: dict[str, list[str]] = {}
+    for line in conf.splitlines():
+        tag = re.search(r'tag "([^"]+)"', line)
+        if line.startswith("listen on") and tag:
+            found.setdefault(tag.group(1), []).append(line)
+    return {tag: "\n".join(lines) for tag, lines in found.items()}
+
+
+def test_smtpd_conf_policy(rendered):
+    m = rendered.map
+    s, d, ports = m["settings"], m["mail_domain"], m["ports"]
+    conf = smtpd_conf(rendered)
+    by_tag = listeners(conf)
+    # 25: STARTTLS required, no AUTH, not signed
+    inbound = by_tag["inbound"]
+    assert f"port {ports['smtp']} tls-require" in inbound
+    assert "auth" not in inbound and "dkimsign" not in inbound
+    # 587/465: TLS, AUTH against the account table, MAIL FROM = login
+    submission = by_tag["submission"].splitlines()
+    assert any(f"port {ports['submission']} tls-require" in line for line in submission)
+    assert any(f"port {ports['submissions']} smtps" in line for line in submission)
+    assert all("auth <chatmail> senders <chatmail>" in line for line in submission)
+    assert all('protocols "tlsv1.3"' in line for line in submission)
+    # reinjection: loopback only, outgoing signed
+    assert by_tag["filtered_out"] == (
+        f'listen on 127.0.0.1 port {s["postfix_reinject_port"]} filter "dkimsign" '
+        f'hostname "{d}" tag "filtered_out"'
+    )
+    assert by_tag["filtered_in"].startswith(f"listen on 127.0.0.1 port {s['postfix_reinject_port_incoming']} ")
+    assert 'listen on socket filter "dkimsign"' in conf
+    # every public listener binds what the map says, IPv6 only when enabled
+    addresses = {line.split()[2] for line in conf.splitlines() if re.search(r'tag "(inbound|submission)"', line)}
+    assert ("::" in addresses) is m["ipv6"]
+    # actions: filtermail relays, LMTP, verified TLS outbound
+    assert f'relay host "smtp+notls://127.0.0.1:{s["filtermail_smtp_port_incoming"]}"' in conf
+    assert f'relay host "smtp+notls://127.0.0.1:{s["filtermail_smtp_port"]}"' in conf
+    assert f'lmtp "{m["opensmtpd"]["lmtp_socket"]}" rcpt-to virtual <virtuals>' in conf
+    assert re.search(r'action "outbound" relay tls helo', conf)
+    # the internet reaches only our domain, and only through filtermail
+    first_inbound = next(line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line)
+    assert first_inbound == f'match from any tag "inbound" for domain "{d}" action "filter_in"'
+    assert len([line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line]) == 1
+    assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
+
+
+def test_table_wrapper_matches_the_doas_rule(rendered, tmp_path):
+    m = rendered.map
+    wrapper_name = f"{m['opensmtpd']['libexec']}/table-chatmail"
+    wrapper = rendered.text(wrapper_name)
+    assert wrapper.startswith("#!/bin/sh\n")
+    check = tmp_path / "table-chatmail"
+    check.write_text(wrapper)
+    assert subprocess.run(["sh", "-n", str(check)]).returncode == 0
+    rule = state_args(rendered, "chatmail-mta-doas")["content"].strip()
+    permit = re.fullmatch(r"permit nopass (\S+) as (\S+) cmd (\S+) args (.+)", rule)
+    assert permit, rule
+    user, target, cmd, args = permit.groups()
+    assert user == m["opensmtpd"]["user"] and target == m["users"]["vmail"]
+    exec_line = next(line for line in wrapper.splitlines() if line.startswith("exec "))
+    # what the wrapper runs, with smtpd's one argument (the ini) filled in
+    assert exec_line.replace('"$1"', m["paths"]["ini"]) == (
+        f"exec {m['opensmtpd']['doas']} -u {target} {cmd} {args}"
+    )
+    assert f'table chatmail "chatmail:{m["paths"]["ini"]}"' in smtpd_conf(rendered)
