@@ -73,6 +73,8 @@ class Runtime:
         self.last_status: StatusSnapshot | None = None
         self.account_stats: AccountStats | None = None
         self._status_lock = asyncio.Lock()
+        self._status_refresh: asyncio.Task | None = None
+        self._status_generation = 0
         self._creation_lock = asyncio.Lock()
         self._probe_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -80,36 +82,49 @@ class Runtime:
     # -- status ----------------------------------------------------------------------
 
     async def status(self) -> StatusSnapshot:
-        """The last status if younger than ``status_cache_s``, else a fresh run (shared)."""
-        max_age = self.settings.status_cache_s
+        """The cached status; a stale one is served while a refresh runs in the background
+        (so no request waits for the checks), a missing one is computed now."""
         snapshot = self.last_status
-        if snapshot and time.monotonic() - snapshot.taken < max_age:
-            return snapshot
+        if snapshot is None:
+            async with self._status_lock:
+                return self.last_status or await self._refresh_status()
+        stale = time.monotonic() - snapshot.taken >= self.settings.status_cache_s
+        if stale and (self._status_refresh is None or self._status_refresh.done()):
+            self._status_refresh = asyncio.create_task(self._refresh_in_background())
+        return snapshot
+
+    async def _refresh_in_background(self) -> None:
         async with self._status_lock:
-            snapshot = self.last_status
-            if snapshot and time.monotonic() - snapshot.taken < max_age:
-                return snapshot
-            results, facts = await self.checker.run()
-            now = time.time()
-            since = self.check_states.update(results, now)
-            status = Status(
-                status=overall(results),
-                mail_domain=self.config.mail_domain,
-                checked_at=datetime.fromtimestamp(now, UTC),
-                checks=[
-                    Check(
-                        id=r.id,
-                        severity=r.severity,
-                        state=r.state,
-                        summary=r.summary,
-                        hint=r.hint,
-                        since=datetime.fromtimestamp(since[r.id], UTC),
-                    )
-                    for r in results
-                ],
-            )
-            self.last_status = StatusSnapshot(status, results, facts, time.monotonic())
-            return self.last_status
+            try:
+                await self._refresh_status()
+            except Exception:
+                log.exception("status refresh failed")
+
+    async def _refresh_status(self) -> StatusSnapshot:
+        generation = self._status_generation
+        results, facts = await self.checker.run()
+        now = time.time()
+        since = self.check_states.update(results, now)
+        status = Status(
+            status=overall(results),
+            mail_domain=self.config.mail_domain,
+            checked_at=datetime.fromtimestamp(now, UTC),
+            checks=[
+                Check(
+                    id=r.id,
+                    severity=r.severity,
+                    state=r.state,
+                    summary=r.summary,
+                    hint=r.hint,
+                    since=datetime.fromtimestamp(since[r.id], UTC),
+                )
+                for r in results
+            ],
+        )
+        snapshot = StatusSnapshot(status, results, facts, time.monotonic())
+        if generation == self._status_generation:  # else a change made this run outdated
+            self.last_status = snapshot
+        return snapshot
 
     async def creation_state(self) -> CreationState:
         """Account creation now, re-opening first if a closing ``until`` has passed."""
@@ -117,6 +132,8 @@ class Runtime:
             return await asyncio.to_thread(self.creation.current)
 
     def invalidate_status(self) -> None:
+        """Something changed (creation toggled, probe or DNS ran): the next read recomputes."""
+        self._status_generation += 1
         self.last_status = None
 
     @property
@@ -166,6 +183,8 @@ class Runtime:
             self._every(s.dns.check_interval_s, self.check_dns, "dns check", delay=10.0)
 
     async def stop(self) -> None:
+        if self._status_refresh is not None:
+            self._tasks.append(self._status_refresh)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

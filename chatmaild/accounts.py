@@ -35,15 +35,16 @@ from .syslimits import SystemReadings, exceeded_limit, read_system
 from .user import InvalidAddress, User
 
 try:  # Python >= 3.13 dropped the stdlib module; crypt-r is its drop-in copy.
-    from crypt_r import METHOD_SHA512, crypt
+    from crypt_r import METHOD_BLOWFISH, METHOD_SHA512, crypt, mksalt
 except ImportError:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from crypt import METHOD_SHA512, crypt
+        from crypt import METHOD_BLOWFISH, METHOD_SHA512, crypt, mksalt
 
 log = logging.getLogger(__name__)
 
-HASH_SCHEME = "{SHA512-CRYPT}"
+#: Dovecot scheme prefix -> crypt(3) method; SHA512-CRYPT is upstream's and the default.
+CRYPT_METHODS = {"SHA512-CRYPT": METHOD_SHA512, "BLF-CRYPT": METHOD_BLOWFISH}
 LOCALPART_RE = re.compile(r"^[a-z0-9._-]+$")
 LOCK_TIMEOUT_S = 5.0
 
@@ -139,14 +140,21 @@ def creation_refusal(config: Config, addr: str, password: str) -> str | None:
     return refusal.reason if refusal else None
 
 
-def hash_password(password: str) -> str:
+def hash_password(password: str, scheme: str = "SHA512-CRYPT") -> str:
     """``{SHA512-CRYPT}$6$<salt>$<hash>``: the scheme prefix Dovecot understands."""
-    return HASH_SCHEME + crypt(password, METHOD_SHA512)
+    return "{%s}%s" % (scheme, crypt(password, mksalt(CRYPT_METHODS[scheme])))
+
+
+def strip_scheme(stored: str) -> str:
+    """The crypt(3) string of a stored hash, without Dovecot's ``{SCHEME}`` prefix."""
+    for scheme in CRYPT_METHODS:
+        stored = stored.removeprefix("{%s}" % scheme)
+    return stored
 
 
 def verify_password(password: str, stored: str) -> bool:
     """Constant-time check of ``password`` against a stored (possibly prefixed) hash."""
-    crypted = stored.removeprefix(HASH_SCHEME)
+    crypted = strip_scheme(stored)
     if not crypted.startswith("$"):
         return False  # an unknown scheme: never fall back to comparing plaintext
     try:
@@ -194,7 +202,7 @@ def get_or_create(
         existing = user.get_password()
         if existing is not None:
             return Account(addr, existing)
-        password_hash = hash_password(password)
+        password_hash = hash_password(password, config.password_scheme)
         user.set_password(password_hash)
     log.info("Created address: %s", addr)
     if counters is not None:

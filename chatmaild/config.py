@@ -95,6 +95,9 @@ class Config(BaseModel):
     dns_resolver: str = ""
     push_notification_url: str = "https://notifications.delta.chat/notify"
     counters_dir: Path = Path("/var/lib/chatmail/counters")
+    # OpenBSD's smtpd checks SMTP passwords itself with crypt_checkpass(3), which only
+    # knows bcrypt: relays whose MTA is OpenSMTPD on OpenBSD store BLF-CRYPT hashes.
+    password_scheme: Literal["SHA512-CRYPT", "BLF-CRYPT"] = "SHA512-CRYPT"
 
     @field_validator("disable_ipv6", "imap_rawlog", "imap_compress", mode="before")
     @classmethod

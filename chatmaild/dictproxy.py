@@ -238,6 +238,11 @@ class DictProxy:
                 request = parse_request(line)
             except ProtocolError as exc:
                 log.warning("unknown dictproxy request: %s", exc)
+                # A write we cannot parse must fail its transaction, not vanish from it.
+                if line[0] in "SUA":
+                    trans = state.transactions.get(line[1:].split("\t", 1)[0])
+                    if trans is not None:
+                        trans.ok = False
                 continue
             answer = self.reply(request, state)
             if answer is not None:

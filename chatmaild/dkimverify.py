@@ -130,7 +130,7 @@ def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[S
 
 
 def _verify_signatures(
-    message: bytes, signatures: list[Signature], keys: dict[str, bytes | None]
+    message: bytes | bytearray, signatures: list[Signature], keys: dict[str, bytes | None]
 ) -> Signature | None:
     """The first signature that verifies with the prefetched keys (runs in a thread)."""
 
@@ -139,7 +139,7 @@ def _verify_signatures(
 
     quiet = logging.getLogger("chatmaild.dkimverify.dkimpy")
     try:
-        verifier = dkim.DKIM(message, logger=quiet, minkey=1024)
+        verifier = dkim.DKIM(bytes(message), logger=quiet, minkey=1024)
     except dkim.DKIMException as exc:
         log.info("DKIM: unreadable message: %s", exc)
         return None
@@ -157,7 +157,7 @@ class DKIMVerifier:
         self.txt = txt
 
     async def check(
-        self, message: bytes, signature_headers: list[str], from_domain: str
+        self, message: bytes | bytearray, signature_headers: list[str], from_domain: str
     ) -> str | None:
         """None if an aligned signature verifies, else the SMTP reply to give."""
         if not signature_headers:

@@ -87,15 +87,16 @@ def split_params(arg: str | None, known: frozenset[str]) -> tuple[str | None, di
 
 async def read_data(
     reader: asyncio.StreamReader, limit: int, progress: Callable[[], None] = lambda: None
-) -> bytes | None:
+) -> bytearray | bytes | None:
     """The message after DATA's 354, dot-unstuffed; None if it exceeded ``limit`` bytes.
 
     Reads in large chunks instead of line by line (the bulk of filtermail's work is
-    receiving mail). Oversized data is read to its end and discarded, so the session
-    stays in sync; memory stays bounded by ``limit`` plus one buffer. ``progress`` is
-    called per chunk (a slow upload is not an idle connection).
+    receiving mail) into one growing buffer, which is returned as it is: the message is
+    held once, not as chunks plus a joined copy. Oversized data is read to its end and
+    discarded, so the session stays in sync. ``progress`` is called per chunk (a slow
+    upload is not an idle connection).
     """
-    chunks: list[bytes] = []
+    data = bytearray()
     size = 0
     tail = b"\r\n"  # the last two bytes read; the data starts at the beginning of a line
     while True:
@@ -114,14 +115,13 @@ async def read_data(
         progress()
         size += len(chunk)
         if size <= limit:
-            chunks.append(chunk)
-        elif chunks:
-            chunks.clear()
+            data += chunk
+        elif data:
+            data = bytearray()
         if found:
             break
     if size > limit:
         return None
-    data = b"".join(chunks)
     if data.startswith(b".") or b"\n." in data:
         data = _DOT_STUFFED.sub(b"", data)
     return data
@@ -312,7 +312,7 @@ class FilterHandler:
 
     async def filter_message(self, envelope: Envelope) -> tuple[str, bool | None]:
         """The reply for this message, and whether it was encrypted (None: not looked at)."""
-        data: bytes = envelope.original_content
+        data: bytes | bytearray = envelope.original_content
         if not is_utf8(data):
             return NON_UTF8, None
         try:
@@ -335,7 +335,7 @@ class FilterHandler:
         return await self._incoming(envelope, mail, from_addr, data)
 
     async def _outgoing(
-        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
+        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes | bytearray
     ) -> tuple[str, bool | None]:
         mail_from = envelope.mail_from
         if from_addr.lower() != mail_from.lower():
@@ -351,7 +351,7 @@ class FilterHandler:
         return await self._reinject(envelope, mail_from, data), encrypted
 
     async def _incoming(
-        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes
+        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes | bytearray
     ) -> tuple[str, bool | None]:
         mail_from = _plain_sender(envelope.mail_from)
         if mail_from.lower() != from_addr.lower():
@@ -376,7 +376,7 @@ class FilterHandler:
                 return problem, encrypted
         return await self._reinject(envelope, mail_from, data), encrypted
 
-    async def _reinject(self, envelope: Envelope, mail_from: str, data: bytes) -> str:
+    async def _reinject(self, envelope: Envelope, mail_from: str, data: bytes | bytearray) -> str:
         return await self.reinjector.send(
             _plain_sender(mail_from), envelope.recipients, data, envelope.reinject_params
         )

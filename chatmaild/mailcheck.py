@@ -57,7 +57,7 @@ class Mail:
         return self.headers.get_content_type()
 
 
-def is_utf8(data: bytes) -> bool:
+def is_utf8(data: bytes | bytearray) -> bool:
     """Valid UTF-8, checked in chunks so a large message is never decoded as a whole."""
     if data.isascii():
         return True

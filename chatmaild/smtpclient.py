@@ -51,12 +51,17 @@ class Recipient:
     params: dict[str, str] = field(default_factory=dict)  # e.g. NOTIFY, ORCPT
 
 
-def dot_stuff(data: bytes) -> bytes:
-    """Escape lines starting with '.' and make sure the data ends with CRLF."""
+def dot_stuff(data: bytes | bytearray) -> bytes | bytearray:
+    """Escape lines starting with '.' and make sure the data ends with CRLF.
+
+    Lines are split at any LF here, not only CRLF: a next hop that accepts bare LF line
+    ends must never see an unescaped "." line (SMTP smuggling). Returns ``data`` itself,
+    uncopied, when nothing needs changing.
+    """
     if data.startswith(b".") or b"\n." in data:
         data = _DOT_LINE.sub(b"..", data)
     if not data.endswith(b"\r\n"):
-        data += b"\r\n"
+        data = data + b"\r\n"  # never extend the caller's bytearray in place
     return data
 
 
@@ -174,7 +179,7 @@ class Reinjector:
         self,
         mail_from: str,
         recipients: list[Recipient],
-        data: bytes,
+        data: bytes | bytearray,
         mail_params: dict[str, str] | None = None,
     ) -> str:
         """Send one message; return the reply our own client should get."""
@@ -211,7 +216,7 @@ class Reinjector:
         mail_from: str,
         mail_params: dict[str, str],
         recipients: list[Recipient],
-        stuffed: bytes,
+        stuffed: bytes | bytearray,
         size: int,
     ) -> tuple[Reply, bool]:
         """Run MAIL/RCPT/DATA; return the deciding reply and whether the data went out."""

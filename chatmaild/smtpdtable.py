@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .accounts import HASH_SCHEME, authenticate_or_create
+from .accounts import authenticate_or_create, strip_scheme
 from .config import Config, ConfigError, read_config
 from .counters import Counters
 from .user import InvalidAddress, User
@@ -202,7 +202,7 @@ class ChatmailTable:
         if query.op == "check":
             return "found"
         if query.service == "credentials":
-            return f"found|{query.key}:{password_hash.removeprefix(HASH_SCHEME)}"
+            return f"found|{query.key}:{strip_scheme(password_hash)}"
         uid, gid = _vmail_ids()
         return f"found|{uid}:{gid}:{self.config.mailboxes_path / (query.key or '')}"
 

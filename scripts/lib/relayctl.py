@@ -592,8 +592,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     result = relay.apply()
     print(result.summary(), file=sys.stderr)
     if not result.ok:
-        print(result.raw[-5000:], file=sys.stderr)
-        log(f"the relay container stays up for inspection: {sys.argv[0]} shell")
+        log("the relay container stays up for inspection: scripts/deploy --shell")
         return 1
     relay.wait_for_services()
     print_access(relay, domain)
@@ -621,7 +620,7 @@ It shares this host's network: IMAP 993/143, SMTP 25/465/587, HTTPS 443, HTTP 80
 
   web page:        https://127.0.0.1/   (self-signed certificate)
   new account:     curl -k -X POST https://127.0.0.1/new
-  shell inside:    {sys.argv[0]} shell
+  shell inside:    scripts/deploy --shell
   re-apply:        scripts/deploy
   remove it:       scripts/deploy --destroy
 """)

@@ -402,3 +402,19 @@ def test_overall(states, expected):
 def test_admin_token_in_settings_is_admin(api_settings):
     settings, _ = api_settings()
     assert settings.tokens.admin["alice"] == ADMIN_TOKEN
+
+
+def test_stale_status_is_served_while_refreshing(api_settings):
+    settings, config = api_settings(status_cache_s=0.2)
+    with TestClient(create_app(settings, config)) as client:
+        first = client.get("/status", headers=MONITOR).json()["checked_at"]
+        time.sleep(0.3)
+        # stale: answered at once from the old run, a refresh starts in the background
+        assert client.get("/status", headers=MONITOR).json()["checked_at"] == first
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if client.get("/status", headers=MONITOR).json()["checked_at"] != first:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("status was never refreshed")

@@ -74,6 +74,12 @@ def serve_aiosmtpd(port: int, forward_port: int | None) -> None:
         def __init__(self):
             self.reinjector = Reinjector("127.0.0.1", forward_port) if forward_port else None
 
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):
+            # Postfix, which the sink stands in for, offers PIPELINING; aiosmtpd reads
+            # pipelined commands in order, it merely does not announce it.
+            session.host_name = hostname
+            return responses[:-1] + ["250-PIPELINING", responses[-1]]
+
         async def handle_DATA(self, server, session, envelope):
             if self.reinjector is None:
                 return "250 2.0.0 Ok: queued"

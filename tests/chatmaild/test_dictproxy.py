@@ -228,3 +228,17 @@ def test_random_lines_never_break_the_server(echo_socket, garbage):
         # Garbage that happens to be a valid lookup/iterate/commit gets its own replies first.
         while client.read_line() != "Oshared/canary|u":
             pass
+
+
+def test_unparsable_write_fails_its_transaction():
+    import io
+
+    from chatmaild.dictproxy import DictProxy
+
+    class Store(DictProxy):
+        def set(self, user, key, value):
+            return True
+
+    out = io.BytesIO()
+    Store().handle_connection(io.BytesIO(b"B1\tu@x\nS1\tpriv/k\nC1\nB2\tu@x\nS2\tk\tv\nC2\n"), out)
+    assert out.getvalue() == b"F1\nO2\n"

@@ -820,3 +820,16 @@ def test_console_script_migrates_passdb_at_start(example_config, tmp_path):
     assert json.loads(reply)["password"] == stored
     assert not example_config.passdb_path.exists()
     assert "migrated 1 accounts" in (tmp_path / "doveauth.log").read_text()
+
+
+@pytest.mark.parametrize("scheme", ["SHA512-CRYPT", "BLF-CRYPT"])
+def test_password_scheme_from_config(make_config, scheme):
+    from chatmaild.accounts import get_or_create, verify_password
+
+    config = make_config("chat.example.org", password_scheme=scheme, max_load_1m=1000,
+                         min_available_memory="0M", min_free_disk_space="0M")
+    account = get_or_create(config, "schemeuse@chat.example.org", "Secret-Pass|1")
+    assert account.created
+    assert account.password_hash.startswith("{%s}$" % scheme)
+    assert verify_password("Secret-Pass|1", account.password_hash)
+    assert not verify_password("secret-pass|1", account.password_hash)

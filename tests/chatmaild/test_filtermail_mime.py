@@ -208,7 +208,7 @@ def running_filters(tmp_path_factory):
         {
             "mail_domain": "chat.example.org",
             "mailboxes_dir": str(tmp / "mailboxes"),
-            "counters_dir": "",
+            "counters_dir": str(tmp / "counters"),
             "postfix_reinject_port": str(sink.port),
             "postfix_reinject_port_incoming": str(sink.port),
             "max_user_send_per_minute": "1000000",

@@ -125,6 +125,7 @@ class Rendered:
         self.map = index["map"]
         self.states = index["states"]
         self.files = index["files"]
+        self.standalone = index.get("standalone", {})
 
     def path(self, name: str) -> Path:
         return Path(self.files[name]["rendered"])
@@ -164,8 +165,8 @@ def render(salt_python, tmp_path_factory):
     cache: dict[tuple, Rendered] = {}
 
     def do_render(platform: str, pillar_name: str, pillar: dict | None = None,
-                  grains: dict | None = None) -> Rendered:
-        key = (platform, pillar_name)
+                  grains: dict | None = None, standalone: tuple[str, ...] = ()) -> Rendered:
+        key = (platform, pillar_name, standalone)
         if pillar is None and key in cache:
             return cache[key]
         root = tmp_path_factory.mktemp(f"salt-{platform}-{pillar_name}")
@@ -176,7 +177,7 @@ def render(salt_python, tmp_path_factory):
         result = run([
             str(salt_python), str(Path(__file__).parent / "saltrender.py"),
             "--config-dir", str(config_dir), "--out", str(out),
-            "--map-template-dir", str(root / "extra"),
+            "--map-template-dir", str(root / "extra"), "--standalone", ",".join(standalone),
         ], timeout=300)
         index_path = out / "index.json"
         if result.returncode != 0 or not index_path.exists():
@@ -189,6 +190,20 @@ def render(salt_python, tmp_path_factory):
             cache[key] = rendered
         return rendered
 
+    def prerender(combos: list[tuple[str, str]]) -> None:
+        """Render several platform/pillar combinations two at a time (Salt's start-up
+        dominates; two processes overlap well even on two cores)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [c for c in combos if (c[0], c[1], ()) not in cache]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for future in [pool.submit(do_render, *c) for c in todo]:
+                try:
+                    future.result()
+                except RenderError:
+                    pass  # reported again by the test that renders this combination
+
+    do_render.prerender = prerender
     return do_render
 
 

@@ -37,7 +37,6 @@ DEBIAN_ONLY = {
     "systemd": r"systemctl|/etc/systemd|\.service\b|\.timer\b|systemd-analyze",
     "apt/dpkg": r"\bapt(-get)?\b|\bdpkg\b|policy-rc\.d|/etc/apt/",
     "/usr/lib": r"/usr/lib/",
-    "/run": r"(?<![\w/])/run/",
     "debian users": r"\bwww-data\b|\bnogroup\b",
     "debian packages": r"python3-venv|python3-dev|dovecot-core|dovecot-lmtpd|dovecot-imapd|"
                        r"dns-root-data|libnginx|opendkim-tools|\bopendoas\b|ca-certificates",

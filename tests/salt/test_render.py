@@ -35,8 +35,13 @@ COMBOS = [(platform, pillar) for platform in PLATFORMS for pillar in PILLARS]
 COMBO_IDS = [f"{platform}-{pillar}" for platform, pillar in COMBOS]
 
 
+@pytest.fixture(scope="session")
+def prerendered(render):
+    render.prerender(COMBOS)
+
+
 @pytest.fixture(params=COMBOS, ids=COMBO_IDS)
-def rendered(request, render):
+def rendered(request, render, prerendered):
     return render(*request.param)
 
 
@@ -480,3 +485,17 @@ def test_every_checked_file_is_validated_here(rendered):
     checked = [name for name, f in rendered.files.items() if f["check_cmd"]]
     assert checked
     assert [name for name in checked if not covered.match(name)] == []
+
+
+SUB_STATES = ("chatmail.users", "chatmail.packages", "chatmail.tls", "chatmail.chatmaild",
+              "chatmail.dkim", "chatmail.dovecot", "chatmail.mta", "chatmail.web",
+              "chatmail.resolver", "chatmail.expiry", "chatmail.checks")
+
+
+@pytest.mark.parametrize("pillar", ["example", "underscore"])
+def test_each_sub_state_compiles_alone(render, pillar):
+    """`state.apply chatmail.<concern>` works on its own: it includes what it requires."""
+    rendered = render("debian12", pillar, standalone=SUB_STATES)
+    failures = {sls: r for sls, r in rendered.standalone.items() if isinstance(r, dict)}
+    assert failures == {}
+    assert set(rendered.standalone) == set(SUB_STATES)

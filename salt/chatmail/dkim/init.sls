@@ -70,8 +70,6 @@ chatmail-dkim-postfix-group:
       - {{ u.postfix }}
     - require:
       - pkg: chatmail-packages
-    - watch_in:
-      - service: chatmail-mta-service
 
 chatmail-dkim-config:
   file.managed:
@@ -115,7 +113,5 @@ chatmail-dkim-service:
     - require:
       - file: chatmail-dkim-socket-dir
       - group: chatmail-dkim-postfix-group
-    - require_in:
-      - service: chatmail-mta-service
 {%- endif %}
 {%- endif %}

@@ -68,6 +68,8 @@ chatmail-dovecot-config:
       - sls: chatmail.tls
       - user: chatmail-users-vmail
 
+{%- if chatmail.init == "systemd" %}
+
 chatmail-dovecot-restart-dropin:
   file.managed:
     - name: {{ chatmail.paths.systemd_units }}/{{ chatmail.service.dovecot }}.service.d/10-chatmail-restart.conf
@@ -81,6 +83,7 @@ chatmail-dovecot-restart-dropin:
     - service.systemctl_reload: []
     - onchanges:
       - file: chatmail-dovecot-restart-dropin
+{%- endif %}
 
 chatmail-dovecot-service:
   service.running:
@@ -89,4 +92,6 @@ chatmail-dovecot-service:
     - watch:
       - file: chatmail-dovecot-config
       - file: chatmail-dovecot-push-lua
+{%- if chatmail.init == "systemd" %}
       - module: chatmail-dovecot-restart-dropin
+{%- endif %}

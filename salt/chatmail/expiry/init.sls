@@ -6,6 +6,20 @@
 
 include:
   - chatmail.chatmaild
+{%- if chatmail.init != "systemd" %}
+
+{#- No timers without systemd: the daily run is a cron job of the vmail user. #}
+chatmail-expiry-cron:
+  cron.present:
+    - name: {{ paths.venv }}/bin/chatmail-expire {{ paths.ini }} --remove
+    - user: {{ chatmail.users.vmail }}
+    - identifier: chatmail-expire
+    - minute: "{{ chatmail.expiry.cron_minute }}"
+    - hour: "{{ chatmail.expiry.cron_hour }}"
+    - require:
+      - cmd: chatmail-chatmaild-venv
+      - file: chatmail-chatmaild-ini
+{%- else %}
 
 chatmail-expiry-unit:
   file.managed:
@@ -54,3 +68,4 @@ chatmail-expiry-timer:
     - require:
       - module: chatmail-expiry-timer
       - file: chatmail-chatmaild-ini
+{%- endif %}

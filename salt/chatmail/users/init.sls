@@ -14,7 +14,7 @@ chatmail-users-vmail:
     - gid: {{ u.vmail_group }}
     - home: {{ chatmail.paths.vmail_home }}
     - createhome: True
-    - shell: /usr/sbin/nologin
+    - shell: {{ chatmail.paths.nologin }}
     - system: True
     - require:
       - group: chatmail-users-vmail-group
@@ -39,7 +39,7 @@ chatmail-users-api:
     - gid: {{ u.api_group }}
     - home: /nonexistent
     - createhome: False
-    - shell: /usr/sbin/nologin
+    - shell: {{ chatmail.paths.nologin }}
     - system: True
     - require:
       - group: chatmail-users-api-group

@@ -7,6 +7,10 @@
 include:
   - chatmail.packages
   - chatmail.tls
+{%- if chatmail.web.server != "nginx" %}
+  {#- another web server (OpenBSD: httpd + relayd) brings its own config and service #}
+  - chatmail.web.{{ chatmail.web.server }}
+{%- endif %}
 
 chatmail-web-wellknown-dir:
   file.directory:
@@ -44,6 +48,8 @@ chatmail-web-mta-sts:
     - require:
       - file: chatmail-web-wellknown-dir
 
+{%- if chatmail.web.server == "nginx" %}
+
 chatmail-web-config:
   file.managed:
     - name: {{ chatmail.web.config }}
@@ -67,3 +73,4 @@ chatmail-web-service:
       - file: chatmail-web-www-root
     - watch:
       - file: chatmail-web-config
+{%- endif %}

@@ -4,11 +4,15 @@
     restart Postfix, because they change which sockets exist. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- set dir = chatmail.postfix.config_dir %}
+{%- set dkim_milter = chatmail.dkim.enabled and chatmail.dkim.signer == "opendkim" %}
 
 include:
   - chatmail.packages
   - chatmail.tls
   - chatmail.checks
+{%- if dkim_milter %}
+  - chatmail.dkim
+{%- endif %}
 
 chatmail-mta-mailname:
   file.managed:
@@ -97,7 +101,14 @@ chatmail-mta-service:
     - require:
       - file: chatmail-mta-main-cf
       - file: chatmail-mta-mailname
+{%- if dkim_milter %}
+      - service: chatmail-dkim-service
+{%- endif %}
     - watch:
+{%- if dkim_milter %}
+      # a new group membership (opendkim, for the milter socket) needs new processes
+      - group: chatmail-dkim-postfix-group
+{%- endif %}
       - file: chatmail-mta-master-cf
       - file: chatmail-mta-restart-keys
       - module: chatmail-mta-restart-dropin
