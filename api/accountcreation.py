@@ -84,10 +84,9 @@ def nocreate_target(config: Config) -> Path:
 
 
 class AccountCreationControl:
-    def __init__(self, config: Config, audit_log: Path, pin: bool | None):
+    def __init__(self, config: Config, audit_log: Path):
         self.config = config
         self.audit_log = audit_log
-        self.pin = pin
 
     def read(self) -> CreationState:
         path = self.config.nocreate_file

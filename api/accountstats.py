@@ -19,6 +19,8 @@ from pathlib import Path
 from chatmaild.config import ConfigError, read_config
 from chatmaild.fileio import write_text_atomic
 
+log = logging.getLogger(__name__)
+
 #: fsreport's activity windows (days since the last login).
 ACTIVE_DAYS = (1, 10, 30, 40, 80, 100, 150)
 MAILDIR_LEAVES = frozenset({"cur", "new", "tmp"})
@@ -28,9 +30,7 @@ MAILDIR_LEAVES = frozenset({"cur", "new", "tmp"})
 class AccountStats:
     accounts: dict[str, int] = field(default_factory=lambda: {"all": 0, "ci": 0, "user": 0})
     active: dict[int, int] = field(default_factory=lambda: dict.fromkeys(ACTIVE_DAYS, 0))
-    storage: dict[str, int] = field(
-        default_factory=lambda: {"messages": 0, "extra": 0, "total": 0}
-    )
+    storage: dict[str, int] = field(default_factory=lambda: {"messages": 0, "extra": 0, "total": 0})
     scanned_at: float = 0.0
     duration_s: float = 0.0
 
@@ -99,7 +99,7 @@ def read_stats(path: Path) -> AccountStats | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        logging.getLogger(__name__).warning("ignoring unreadable stats %s: %s", path, exc)
+        log.warning("ignoring unreadable stats %s: %s", path, exc)
         return None
 
 
@@ -110,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("chatmail_api.accountstats")
     try:
         config = read_config(args.ini)
     except ConfigError as exc:
-        logging.error("%s", exc)
+        log.error("%s", exc)
         return 1
     stats = scan_mailboxes(config.mailboxes_path)
     write_stats(stats, args.out)
-    logging.info("%d accounts, %d bytes", stats.accounts["all"], stats.storage["total"])
+    log.info("%d accounts, %d bytes", stats.accounts["all"], stats.storage["total"])
     return 0
 
 

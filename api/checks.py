@@ -11,10 +11,10 @@ import asyncio
 import json
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from chatmaild.config import Config
 from chatmaild.fileio import write_text_atomic
@@ -160,10 +160,7 @@ class Checker:
                 "critical",
                 self.check_services,
             ),
-            *(
-                ([f"port.{p.port}"], p.severity, _bind(self.check_port, p))
-                for p in self.ports
-            ),
+            *(([f"port.{p.port}"], p.severity, _bind(self.check_port, p)) for p in self.ports),
             (["tls.expiry"], "critical", _bind(self.check_tls, facts)),
             (["queue.depth"], "warning", _bind(self.check_queue, facts)),
             (["disk.mailboxes"], "critical", self.check_disk),
@@ -183,9 +180,7 @@ class Checker:
         timeout = self.settings.check_timeout_s
         if self.settings.service_manager == "systemd":
             names = [s.name for s in specs]
-            _, stdout, stderr = await run_command(
-                ["systemctl", "is-active", "--", *names], timeout
-            )
+            _, stdout, stderr = await run_command(["systemctl", "is-active", "--", *names], timeout)
             try:
                 states = parse_systemctl_is_active(names, stdout)
             except ValueError:
@@ -204,9 +199,10 @@ class Checker:
             codes = await asyncio.gather(
                 *(run_command(["rcctl", "check", s.name], timeout) for s in specs)
             )
-            states = {s.name: "active" if rc == 0 else "inactive" for s, (rc, _, _) in zip(
-                specs, codes, strict=True
-            )}
+            states = {
+                s.name: "active" if rc == 0 else "inactive"
+                for s, (rc, _, _) in zip(specs, codes, strict=True)
+            }
         results = []
         for spec in specs:
             state = states[spec.name]
@@ -317,9 +313,7 @@ class Checker:
         total = sum(depth.values())
         summary = f"{total} queued (" + ", ".join(f"{q} {n}" for q, n in depth.items()) + ")"
         if total >= self.settings.queue_fail:
-            return [
-                CheckResult("queue.depth", "critical", "fail", summary, "postqueue -p; mailq")
-            ]
+            return [CheckResult("queue.depth", "critical", "fail", summary, "postqueue -p; mailq")]
         if total >= self.settings.queue_warn:
             return [CheckResult("queue.depth", "warning", "fail", summary, "postqueue -p; mailq")]
         return [CheckResult("queue.depth", "warning", "ok", summary)]
@@ -389,7 +383,9 @@ class Checker:
         if not self.settings.probe.enabled:
             return CheckResult("probe.e2e", "info", "unknown", "probe disabled in settings")
         if result is None:
-            return CheckResult("probe.e2e", "warning", "unknown", "no probe has run yet", "POST /probe")
+            return CheckResult(
+                "probe.e2e", "warning", "unknown", "no probe has run yet", "POST /probe"
+            )
         if result.ok:
             return CheckResult(
                 "probe.e2e", "critical", "ok", f"delivered in {result.duration_s:.2f} s"

@@ -79,23 +79,25 @@ def _match_token(settings: Settings, given: str) -> tuple[str, str] | None:
     return found
 
 
+def _address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(client)
+    except ValueError:
+        return None
+
+
 def _require(scope: str):
     def check(
         settings: SettingsDep,
         client: ClientDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
-        if settings.allow:
-            try:
-                address = ipaddress.ip_address(client)
-            except ValueError:
-                address = None
+        address = _address(client)
+        if settings.allow and not (address and address.is_loopback):
             if address is None or not any(address in net for net in settings.allow):
                 raise HTTPException(403, f"client address {client} is not allowed")
         if credentials is None:
-            raise HTTPException(
-                401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         match = _match_token(settings, credentials.credentials)
         if match is None:
             raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
@@ -109,3 +111,18 @@ def _require(scope: str):
 
 MonitorAuth = Annotated[Caller, Depends(_require("monitor"))]
 AdminAuth = Annotated[Caller, Depends(_require("admin"))]
+
+
+def _health_access(
+    settings: SettingsDep,
+    client: ClientDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """/health is open to loopback (local monitoring) or to all with ``public_health``."""
+    address = _address(client)
+    if settings.public_health or (address is not None and address.is_loopback):
+        return
+    _require("monitor")(settings, client, credentials)
+
+
+HealthAccess = Annotated[None, Depends(_health_access)]

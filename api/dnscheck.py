@@ -178,9 +178,7 @@ def expected_records(
             )
         )
     out.append(
-        Expected(
-            f"_adsp._domainkey.{d}", "TXT", '"dkim=discardable"', False, "legacy DKIM policy"
-        )
+        Expected(f"_adsp._domainkey.{d}", "TXT", '"dkim=discardable"', False, "legacy DKIM policy")
     )
     for label, port, why in SRV_RECORDS:
         out.append(Expected(f"{label}.{d}", "SRV", f"0 1 {port} {d}", False, why))
@@ -395,8 +393,10 @@ class DnsClient:
         return [rd.to_text() for rd in answer]
 
 
-async def fetch_mta_sts(settings: DnsSettings, client: DnsClient, domain: str) -> tuple[str, str]:
-    """(url, body) of the policy, connecting where the resolver says mta-sts.<d> is."""
+async def fetch_mta_sts(
+    settings: DnsSettings, client: DnsClient, domain: str
+) -> tuple[str, str, str]:
+    """(url, content type, body) of the policy from where the resolver says mta-sts.<d> is."""
     host = f"mta-sts.{domain}"
     url = f"https://{host}/.well-known/mta-sts.txt"
     addresses = await client.query_recursive(host, "A") or await client.query_recursive(
@@ -427,7 +427,11 @@ async def fetch_mta_sts(settings: DnsSettings, client: DnsClient, domain: str) -
     parts = status_line.split()
     if len(parts) < 2 or parts[1] != "200":
         raise DnsError(f"{url} answered {status_line!r}")
-    return url, body.decode(errors="replace")
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode(errors="replace").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return url, headers.get("content-type", ""), body.decode(errors="replace")
 
 
 async def _gather_found(client: DnsClient, records: list[Expected]) -> Found:
@@ -564,8 +568,10 @@ async def _ptr_rows(client: DnsClient, domain: str, addresses: list[str]) -> lis
             found = await client.query_recursive(name, "PTR")
         except DnsError:
             found = []
-        state = "missing" if not found else (
-            "ok" if any(_same_name(f, domain) for f in found) else "wrong"
+        state = (
+            "missing"
+            if not found
+            else ("ok" if any(_same_name(f, domain) for f in found) else "wrong")
         )
         rows.append(
             DnsRecord(
@@ -585,10 +591,12 @@ async def _ptr_rows(client: DnsClient, domain: str, addresses: list[str]) -> lis
 async def _check_policy(settings: DnsSettings, client: DnsClient, domain: str) -> MtaStsPolicy:
     url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
     try:
-        url, body = await fetch_mta_sts(settings, client, domain)
+        url, content_type, body = await fetch_mta_sts(settings, client, domain)
     except DnsError as exc:
         return MtaStsPolicy(url=url, state="missing", problems=[str(exc)])
     problems = parse_mta_sts_policy(body, domain)
+    if content_type.split(";")[0].strip().lower() != "text/plain":
+        problems.append(f"served as {content_type or 'no content type'!r}, must be text/plain")
     return MtaStsPolicy(
         url=url, state="wrong" if problems else "ok", found=body[:2000], problems=problems
     )

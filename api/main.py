@@ -17,9 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-file", help="JSON {monitor: {name: token}, admin: {...}}")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("chatmail_api")
     try:
         settings = load_settings(args.settings, args.tokens_file)

@@ -55,8 +55,10 @@ def build_probe_message(addr: str, message_id: str) -> bytes:
         f"Date: {format_datetime(datetime.now(UTC))}",
         f"Message-ID: <{message_id}>",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
-        f'boundary="{boundary}"',
+        (
+            'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
+            f'boundary="{boundary}"'
+        ),
         "",
         f"--{boundary}",
         "Content-Type: application/pgp-encrypted",
@@ -164,4 +166,3 @@ def probe_once(settings: Settings, config: Config) -> ProbeResult:
 
 async def run_probe(settings: Settings, config: Config) -> ProbeResult:
     return await asyncio.to_thread(probe_once, settings, config)
-

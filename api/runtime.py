@@ -62,14 +62,10 @@ class Runtime:
         self.settings = settings
         self.config = config
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.creation = AccountCreationControl(
-            config, settings.audit_log_path, settings.account_creation_pin
-        )
+        self.creation = AccountCreationControl(config, settings.audit_log_path)
         self.checker = Checker(settings, config, self.creation, self.creation_state)
         self.check_states = CheckStateStore(settings.check_state_path)
-        self.rate_limiter = RateLimiter(
-            settings.new_account.rate_per_s, settings.new_account.burst
-        )
+        self.rate_limiter = RateLimiter(settings.new_account.rate_per_s, settings.new_account.burst)
         self.last_status: StatusSnapshot | None = None
         self.account_stats: AccountStats | None = None
         self._status_lock = asyncio.Lock()
@@ -139,10 +135,6 @@ class Runtime:
     @property
     def creation_lock(self) -> asyncio.Lock:
         return self._creation_lock
-
-    @property
-    def probe_lock(self) -> asyncio.Lock:
-        return self._probe_lock
 
     # -- background work ---------------------------------------------------------------
 

@@ -116,8 +116,11 @@ class Settings(_Strict):
     #: More tokens, same JSON shape as ``tokens``: on the relay a root-only file that
     #: systemd hands to the service (LoadCredential), so api.json holds no secrets.
     tokens_file: Path | None = None
-    #: Client networks allowed to use authenticated endpoints; empty: any.
+    #: Client networks allowed to use authenticated endpoints besides loopback; empty: any.
     allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    #: /health without a token for everyone; false: only for loopback clients (local
+    #: monitoring), others (e.g. forwarded by nginx) need a monitor token.
+    public_health: bool = False
     #: Peers whose X-Forwarded-For is believed (nginx on the same host).
     trusted_proxies: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
         ipaddress.IPv4Address("127.0.0.1"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass
+from email.errors import NonASCIILocalPartDefect
 from email.message import Message
 from email.parser import HeaderParser
 from email.policy import compat32
@@ -109,7 +110,8 @@ def single_address(value: str) -> str | None:
     """The one ``local@domain`` address in a header value, or None.
 
     Parsed with the stdlib's RFC 5322 address parser (it knows domain literals like
-    ``user@[1.2.3.4]``, which IPv4-only relays use); any parse defect means None.
+    ``user@[1.2.3.4]``, which IPv4-only relays use); any parse defect means None, except
+    a non-ASCII local part, which SMTPUTF8 (RFC 6531) allows.
     """
     value = _FOLDING.sub("", value).strip()
     if not value:
@@ -122,7 +124,8 @@ def single_address(value: str) -> str | None:
         addresses = header.addresses
     except Exception:  # noqa: BLE001 - the parser documents no exception set; any is "invalid"
         return None
-    if header.defects or len(addresses) != 1:
+    defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+    if defects or len(addresses) != 1:
         return None
     address = addresses[0]
     addr = address.addr_spec

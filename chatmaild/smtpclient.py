@@ -164,7 +164,7 @@ class Reinjector:
         max_idle: int = 16,
         idle_timeout: float = 30.0,
         max_uses: int = 1000,
-        timeout: float = 120.0,
+        timeout: float = 60.0,  # Postfix waits smtpd_proxy_timeout (100 s) for us
     ):
         self.host = host
         self.port = port
@@ -197,9 +197,11 @@ class Reinjector:
             except (OSError, TimeoutError, UnicodeError) as exc:
                 if conn is not None:
                     conn.close()
-                # A stale pooled connection: try once more with a fresh one, but never
-                # resend data the server may already have taken.
-                if reused and attempt == 1 and not (conn and conn.data_sent):
+                # A pooled connection the server has closed meanwhile: try once more
+                # with a fresh one. Never after a timeout (the server is just slow) or
+                # once the data went out (the server may have taken the message).
+                dead = reused and not isinstance(exc, TimeoutError) and not conn.data_sent
+                if dead and attempt == 1:
                     continue
                 log.error("reinjection to %s:%s failed: %s", self.host, self.port, exc)
                 return LOCAL_ERROR

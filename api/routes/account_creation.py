@@ -13,9 +13,7 @@ from ..deps import AdminAuth, MonitorAuth, RuntimeDep
 from ..models import AUTH_RESPONSES, AccountCreation, AccountCreationUpdate, ErrorBody
 from ..runtime import Runtime
 
-router = APIRouter(
-    prefix="/account-creation", tags=["account-creation"], responses=AUTH_RESPONSES
-)
+router = APIRouter(prefix="/account-creation", tags=["account-creation"], responses=AUTH_RESPONSES)
 
 
 def _when(ts: float | None) -> datetime | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ..deps import RuntimeDep
-from ..models import Health
+from ..deps import HealthAccess, RuntimeDep
+from ..models import AUTH_RESPONSES, Health
 
 router = APIRouter(tags=["health"])
 
@@ -15,10 +15,15 @@ router = APIRouter(tags=["health"])
     "/health",
     response_model=Health,
     response_model_exclude_none=True,
-    responses={503: {"model": Health, "description": "A critical check fails"}},
+    responses={
+        **AUTH_RESPONSES,
+        503: {"model": Health, "description": "A critical check fails"},
+    },
 )
-async def health(rt: RuntimeDep):
-    """200 ``{"status": "ok"}``, or 503 with the first failing critical check."""
+async def health(rt: RuntimeDep, _: HealthAccess):
+    """200 ``{"status": "ok"}``, or 503 with the first failing critical check.
+
+    No token needed from loopback, or from anywhere with ``public_health``."""
     snapshot = await rt.status()
     failing = [r for r in snapshot.results if r.state == "fail" and r.severity == "critical"]
     if failing:

@@ -38,9 +38,7 @@ async def _propose(rt: Runtime, client: str) -> NewCredentials:
         )
     state = await rt.creation_state()
     if state.closed:
-        raise HTTPException(
-            403, f"account creation is closed: {state.reason or 'by the operator'}"
-        )
+        raise HTTPException(403, f"account creation is closed: {state.reason or 'by the operator'}")
     limit = await asyncio.to_thread(rt.creation.system_limit)
     if limit:
         raise HTTPException(
@@ -49,9 +47,7 @@ async def _propose(rt: Runtime, client: str) -> NewCredentials:
             headers={"Retry-After": "300"},
         )
     creds = create_credentials(rt.config)
-    return NewCredentials(
-        email=creds.email, password=creds.password, dclogin_url=creds.dclogin_url
-    )
+    return NewCredentials(email=creds.email, password=creds.password, dclogin_url=creds.dclogin_url)
 
 
 @router.post("/new", response_model=NewCredentials, responses=REFUSALS)

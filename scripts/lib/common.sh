@@ -6,7 +6,7 @@ HOST_PACKAGES=(
     python3 python3-venv ca-certificates openssl curl
     debootstrap systemd-container zstd
     postfix dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua
-    nginx-light libnginx-mod-stream unbound nsd opendkim opendkim-tools
+    nginx-light libnginx-mod-stream unbound nsd opendkim opendkim-tools lua5.4 lua-socket
     chromium fonts-dejavu-core
 )
 

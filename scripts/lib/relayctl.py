@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -609,8 +610,8 @@ def print_access(relay: Relay, domain: str) -> None:
         try:
             creds = json.loads(res.stdout)
             account = (
-                f"dclogin:{creds['email']}?p={creds['password']}&v=1&ih=127.0.0.1&ip=993"
-                "&is=ssl&sh=127.0.0.1&sp=465&ss=ssl&ic=3"
+                f"dclogin:{creds['email']}?p={urllib.parse.quote(creds['password'], safe='')}"
+                "&v=1&ih=127.0.0.1&ip=993&is=ssl&sh=127.0.0.1&sp=465&ss=ssl&ic=3"
             )
         except (ValueError, KeyError):
             account = ""

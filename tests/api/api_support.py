@@ -12,9 +12,7 @@ MONITOR = {"Authorization": f"Bearer {MONITOR_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def make_cert(
-    path: Path, days: float, names: list[str], key_path: Path | None = None
-) -> Path:
+def make_cert(path: Path, days: float, names: list[str], key_path: Path | None = None) -> Path:
     """A self-signed certificate valid for ``days`` more days (negative: expired)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
-
+from api_support import ADMIN_TOKEN, MONITOR_TOKEN, free_port, make_cert
 from chatmail_api.app import create_app
 from chatmail_api.settings import Settings, parse_settings
+from fastapi.testclient import TestClient
 
-from api_support import ADMIN_TOKEN, MONITOR_TOKEN, free_port, make_cert
 
 @pytest.fixture
 def listening_port():
@@ -101,8 +100,15 @@ def live_api(tmp_path: Path, api_settings):
         path.write_text(settings.model_dump_json())
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chatmail_api.main", "--settings", str(path),
-             "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "chatmail_api.main",
+                "--settings",
+                str(path),
+                "--log-level",
+                "warning",
+            ],
             env=env,
         )
         procs.append(proc)

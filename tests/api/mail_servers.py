@@ -35,7 +35,7 @@ class SubmissionHandler:
     def __init__(self, boxes: Mailboxes):
         self.boxes = boxes
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd hook)
+    async def handle_DATA(self, server, session, envelope):
         if not is_encrypted(parse_mail(envelope.original_content), outgoing=True):
             return "523 Encryption Needed: Invalid Unencrypted Mail"
         with self.boxes.lock:

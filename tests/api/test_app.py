@@ -8,13 +8,15 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
-
-from chatmail_api.app import create_app
-from chatmail_api.checks import overall, parse_postqueue_json, parse_systemctl_is_active
-from chatmail_api.checks import CheckResult
-
 from api_support import ADMIN, ADMIN_TOKEN, MONITOR, free_port, make_cert
+from chatmail_api.app import create_app
+from chatmail_api.checks import (
+    CheckResult,
+    overall,
+    parse_postqueue_json,
+    parse_systemctl_is_active,
+)
+from fastapi.testclient import TestClient
 
 
 def checks_by_id(response) -> dict:
@@ -38,7 +40,8 @@ def checks_by_id(response) -> dict:
         ("PUT", "/account-creation", MONITOR, 403),
         ("POST", "/probe", MONITOR, 403),
         ("POST", "/probe", {}, 401),
-        ("GET", "/health", {}, 200),
+        ("GET", "/health", {}, 401),
+        ("GET", "/health", MONITOR, 200),
     ],
     ids=lambda v: v if isinstance(v, str | int) else None,
 )
@@ -58,7 +61,7 @@ def test_allowlist_refuses_other_clients(api_settings):
         response = client.get("/status", headers=ADMIN)
         assert response.status_code == 403
         assert "not allowed" in response.json()["detail"]
-        assert client.get("/health").status_code == 200
+        assert client.get("/health", headers=MONITOR).status_code == 403
 
 
 def test_short_tokens_rejected_by_settings(api_settings):
@@ -92,7 +95,7 @@ def test_status_reports_every_check(client, listening_port):
 
 def test_closed_port_makes_health_503(api_settings, listening_port):
     closed = free_port()
-    settings, config = api_settings(ports=[{"port": closed, "what": "imaps"}])
+    settings, config = api_settings(ports=[{"port": closed, "what": "imaps"}], public_health=True)
     with TestClient(create_app(settings, config)) as client:
         response = client.get("/health")
         assert response.status_code == 503
@@ -109,8 +112,12 @@ def checks_by_id_json(data: dict) -> dict:
 
 @pytest.mark.parametrize(
     "days,severity,state",
-    [(60, "critical", "ok"), (10, "warning", "fail"), (2, "critical", "fail"),
-     (-1, "critical", "fail")],
+    [
+        (60, "critical", "ok"),
+        (10, "warning", "fail"),
+        (2, "critical", "fail"),
+        (-1, "critical", "fail"),
+    ],
     ids=["valid", "renewal-overdue", "about-to-expire", "expired"],
 )
 def test_tls_expiry(api_settings, tmp_path, days, severity, state):
@@ -200,8 +207,9 @@ def test_status_is_cached_and_since_persists(api_settings):
     with TestClient(create_app(settings, config)) as client:
         third = client.get("/status", headers=MONITOR).json()
         assert third["checked_at"] != first["checked_at"]
-        assert checks_by_id_json(third)["version"]["since"] == (
-            checks_by_id_json(first)["version"]["since"]
+        assert (
+            checks_by_id_json(third)["version"]["since"]
+            == (checks_by_id_json(first)["version"]["since"])
         )
 
 
@@ -282,8 +290,15 @@ def test_until_reopens(api_settings):
 def test_expired_until_reopens_on_read(api_settings):
     settings, config = api_settings()
     config.nocreate_file.write_text(
-        json.dumps({"written_by": "chatmail-api", "reason": "x", "by": "bob",
-                    "since": time.time() - 100, "until": time.time() - 1})
+        json.dumps(
+            {
+                "written_by": "chatmail-api",
+                "reason": "x",
+                "by": "bob",
+                "since": time.time() - 100,
+                "until": time.time() - 1,
+            }
+        )
     )
     client = TestClient(create_app(settings, config))  # no lifespan: no background task
     assert client.get("/account-creation", headers=MONITOR).json()["enabled"] is True
@@ -291,7 +306,7 @@ def test_expired_until_reopens_on_read(api_settings):
 
 
 def test_hand_made_nocreate_file(client, api_settings):
-    settings, config = api_settings()
+    _, config = api_settings()
     config.nocreate_file.write_text("closed for the move to new hardware\n")
     body = client.get("/account-creation", headers=MONITOR).json()
     assert body["enabled"] is False and body["by"] == "file"
@@ -347,8 +362,18 @@ def test_pinned_is_409(api_settings, pin):
         [],
         "null",
     ],
-    ids=["extra-field", "not-bool", "no-enabled", "until-when-opening", "until-past",
-         "until-naive", "until-garbage", "reason-too-long", "list", "null"],
+    ids=[
+        "extra-field",
+        "not-bool",
+        "no-enabled",
+        "until-when-opening",
+        "until-past",
+        "until-naive",
+        "until-garbage",
+        "reason-too-long",
+        "list",
+        "null",
+    ],
 )
 def test_bad_bodies_are_422(client, body):
     response = client.put("/account-creation", headers=ADMIN, json=body)
@@ -418,3 +443,9 @@ def test_stale_status_is_served_while_refreshing(api_settings):
             time.sleep(0.05)
         else:
             pytest.fail("status was never refreshed")
+
+
+def test_public_health_needs_no_token(api_settings):
+    settings, config = api_settings(public_health=True)
+    with TestClient(create_app(settings, config)) as client:
+        assert client.get("/health").json() == {"status": "ok"}

@@ -7,10 +7,10 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
-from fastapi.testclient import TestClient
-
+from api_support import MONITOR, free_port, make_cert
 from chatmail_api.app import create_app
 from chatmail_api.dnscheck import (
     Expected,
@@ -20,8 +20,7 @@ from chatmail_api.dnscheck import (
     quote_txt,
 )
 from dnsserver import DNSServer, txt_strings
-
-from api_support import MONITOR, free_port, make_cert
+from fastapi.testclient import TestClient
 
 GOOD_POLICY = "version: STSv1\nmode: enforce\nmx: {d}\nmax_age: 2419200\n"
 BAD_POLICY = "version: STSv1\nmode: testing\nmx: mail.elsewhere.example\nmax_age: 60\n"
@@ -46,9 +45,9 @@ def public_key(directory: Path) -> str:
 
 
 class PolicyHandler(http.server.BaseHTTPRequestHandler):
-    policies: dict[str, str] = {}
+    policies: ClassVar[dict[str, str]] = {}
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         host = self.headers.get("Host", "")
         body = self.policies.get(host)
         if body is None or self.path != "/.well-known/mta-sts.txt":
@@ -56,7 +55,8 @@ class PolicyHandler(http.server.BaseHTTPRequestHandler):
             return
         data = body.encode()
         self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
+        kind = "text/html" if host.startswith("mta-sts.wrong.") else "text/plain; charset=utf-8"
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -129,6 +129,7 @@ def nsd(tmp_path_factory, dkim_keys):
                 "_submission._tcp SRV 0 1 25 wrong.example.",
             ],
         )
+        server.set_zone("noaddr.example", ["ns A 127.0.0.1", "@ MX 10 noaddr.example."])
         server.set_zone("127.in-addr.arpa", ["1.0.0 PTR ok.example."])
         yield server
 
@@ -198,9 +199,9 @@ def test_missing_records_all_reported(dns_app):
 
 
 def test_wrong_records(dns_app):
-    report = dns_app("wrong.example", expected_ipv4=["127.0.0.9"]).get(
-        "/dns", headers=MONITOR
-    ).json()
+    report = (
+        dns_app("wrong.example", expected_ipv4=["127.0.0.9"]).get("/dns", headers=MONITOR).json()
+    )
     states = {key: r["state"] for key, r in rows(report).items()}
     assert states[("A", "wrong.example.")] == "wrong"
     assert states[("MX", "wrong.example.")] == "wrong"
@@ -217,27 +218,39 @@ def test_wrong_records(dns_app):
     assert any("mode is 'testing'" in p for p in policy["problems"])
     assert any("does not cover wrong.example" in p for p in policy["problems"])
     assert any("max_age 60" in p for p in policy["problems"])
+    assert any("'text/html', must be text/plain" in p for p in policy["problems"])
     assert report["ok"] is False
     found = rows(report)[("MX", "wrong.example.")]["found"]
     assert found == ["10 mx.elsewhere.example."]
 
 
+def test_no_address_at_all(dns_app):
+    report = dns_app("noaddr.example").get("/dns", headers=MONITOR).json()
+    address = rows(report)[("A", "noaddr.example.")]
+    assert address["state"] == "missing" and address["required"]
+    assert address["why"] == "Missing A and/or AAAA DNS records"
+    assert rows(report)[("MX", "noaddr.example.")]["state"] == "ok"
+    assert report["ok"] is False and report["problems"][0].startswith("required: A")
+
+
 def test_untrusted_policy_certificate_is_a_problem(dns_app, tmp_path):
     other_ca = make_cert(tmp_path / "other.pem", 30, ["someone.else"])
-    report = dns_app("ok.example", mta_sts_cafile=str(other_ca)).get(
-        "/dns", headers=MONITOR
-    ).json()
+    report = dns_app("ok.example", mta_sts_cafile=str(other_ca)).get("/dns", headers=MONITOR).json()
     assert report["mta_sts"]["state"] == "missing"
     assert "CERTIFICATE_VERIFY_FAILED" in report["mta_sts"]["problems"][0]
     assert report["ok"] is False
 
 
 def test_dkim_from_opendkim_txt(dns_app, dkim_keys):
-    report = dns_app(
-        "ok.example",
-        dkim_txt=str(dkim_keys["good"] / "opendkim.txt"),
-        dkim_private_key="/nonexistent",
-    ).get("/dns", headers=MONITOR).json()
+    report = (
+        dns_app(
+            "ok.example",
+            dkim_txt=str(dkim_keys["good"] / "opendkim.txt"),
+            dkim_private_key="/nonexistent",
+        )
+        .get("/dns", headers=MONITOR)
+        .json()
+    )
     assert rows(report)[("TXT", "opendkim._domainkey.ok.example.")]["state"] == "ok"
 
 
@@ -280,8 +293,12 @@ def test_ipv4_relay_has_nothing_to_check(api_settings, make_config):
         ("MX", "10 d.", ["20 D."], "ok"),
         ("MX", "10 d.", [], "missing"),
         ("CNAME", "d.", ["e."], "wrong"),
-        ("TXT", quote_txt("v=DKIM1;k=rsa;p=" + "A" * 400), ['"v=DKIM1; k=rsa; p=' + "A" * 200
-                                                          + '" "' + "A" * 200 + '"'], "ok"),
+        (
+            "TXT",
+            quote_txt("v=DKIM1;k=rsa;p=" + "A" * 400),
+            ['"v=DKIM1; k=rsa; p=' + "A" * 200 + '" "' + "A" * 200 + '"'],
+            "ok",
+        ),
         ("TXT", '"v=spf1 a ~all"', ['"v=spf1 include:x -all"'], "wrong"),
         ("TXT", '"v=spf1 a ~all"', ['"v=spf1 mx -all"'], "ok"),
         ("TXT", '"v=DMARC1;p=reject;adkim=s;aspf=s"', ['"v=DMARC1; p=quarantine; adkim=s"'], "ok"),
@@ -290,9 +307,19 @@ def test_ipv4_relay_has_nothing_to_check(api_settings, make_config):
         ("CAA", '0 issue "letsencrypt.org"', ['0 iodef "mailto:x"'], "ok"),
         ("A", "192.0.2.1", ["192.0.2.2"], "wrong"),
     ],
-    ids=["mx-pref-ignored", "mx-missing", "cname-wrong", "dkim-split", "spf-no-a",
-         "spf-mx", "dmarc-quarantine", "dmarc-relaxed", "srv-priority-ignored",
-         "caa-no-issue", "a-wrong"],
+    ids=[
+        "mx-pref-ignored",
+        "mx-missing",
+        "cname-wrong",
+        "dkim-split",
+        "spf-no-a",
+        "spf-mx",
+        "dmarc-quarantine",
+        "dmarc-relaxed",
+        "srv-priority-ignored",
+        "caa-no-issue",
+        "a-wrong",
+    ],
 )
 def test_judge(rtype, rdata, found, state):
     assert judge(Expected("d.", rtype, rdata, True, ""), found) == state

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from api_support import ADMIN, MONITOR
 
 from chatmaild.dictproxy import DictClient
-
-from api_support import ADMIN, MONITOR
 
 
 def passdb_key(addr: str, password: str) -> str:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import time
 
 import schemathesis
+from api_support import ADMIN, free_port
+from chatmail_api.app import create_app
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-
-from chatmail_api.app import create_app
-
-from api_support import ADMIN, free_port
 
 
 def test_no_server_errors(api_settings):

@@ -7,7 +7,6 @@ import json
 from urllib.parse import urlsplit
 
 import httpx
-
 from api_support import ADMIN, MONITOR
 
 
@@ -20,15 +19,27 @@ def raw_get(url: str, path: str, headers: dict | None = None) -> http.client.HTT
 
 def test_live_endpoints(live_api):
     url = live_api()
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # loopback: no token
+    # forwarded by nginx from elsewhere: a token is needed (public_health is false)
+    forwarded = {"X-Forwarded-For": "198.51.100.7"}
+    assert httpx.get(f"{url}/health", headers=forwarded).status_code == 401
+    assert httpx.get(f"{url}/health", headers={**forwarded, **MONITOR}).status_code == 200
     status = httpx.get(f"{url}/status", headers=MONITOR)
     assert status.status_code == 200 and status.json()["status"] == "ok"
     metrics = httpx.get(f"{url}/metrics", headers=MONITOR)
     assert "chatmail_check_ok" in metrics.text
     assert httpx.get(f"{url}/metrics").status_code == 401
     schema = httpx.get(f"{url}/openapi.json").json()
-    assert {"/health", "/status", "/dns", "/dns/zone", "/account-creation", "/metrics",
-            "/probe", "/new"} <= set(schema["paths"])
+    assert {
+        "/health",
+        "/status",
+        "/dns",
+        "/dns/zone",
+        "/account-creation",
+        "/metrics",
+        "/probe",
+        "/new",
+    } <= set(schema["paths"])
     assert httpx.get(f"{url}/docs").status_code == 200
     response = raw_get(url, "/status")
     assert response.status == 401 and "server" not in {k.lower() for k in response.headers}
@@ -47,6 +58,16 @@ def test_live_new_redirect_and_forwarded_rate_limit(live_api):
 
     assert [post("198.51.100.1") for _ in range(3)] == [200, 200, 429]
     assert post("198.51.100.2") == 200
+
+
+def test_live_allowlist_admits_loopback_and_listed(live_api):
+    url = live_api(allow=["198.51.100.0/24"])
+    assert httpx.get(f"{url}/status", headers=MONITOR).status_code == 200  # loopback
+    listed = {"X-Forwarded-For": "198.51.100.9", **MONITOR}
+    assert httpx.get(f"{url}/status", headers=listed).status_code == 200
+    other = {"X-Forwarded-For": "203.0.113.9", **MONITOR}
+    response = httpx.get(f"{url}/status", headers=other)
+    assert response.status_code == 403 and "203.0.113.9" in response.json()["detail"]
 
 
 def test_live_toggle(live_api, tmp_path):

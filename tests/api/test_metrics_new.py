@@ -7,16 +7,15 @@ import os
 import time
 
 import pytest
-from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
-
+from api_support import ADMIN, MONITOR
 from chatmail_api.accountstats import scan_mailboxes
 from chatmail_api.app import create_app
 from chatmail_api.runtime import RateLimiter
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
 from chatmaild.counters import Counters
 from chatmaild.user import User
-
-from api_support import ADMIN, MONITOR
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -69,12 +68,15 @@ def test_metrics_exposition(api_settings):
     assert got[("chatmail_storage_bytes", (("kind", "total"),))] >= 5000
     assert got[("chatmail_accounts_created_total", ())] == 5
     assert got[("chatmail_registrations_rejected_total", (("reason", "nocreate"),))] == 1
-    assert got[
-        (
-            "chatmail_mail_filtered_total",
-            (("direction", "outgoing"), ("encrypted", "true"), ("result", "accepted")),
-        )
-    ] == 1
+    assert (
+        got[
+            (
+                "chatmail_mail_filtered_total",
+                (("direction", "outgoing"), ("encrypted", "true"), ("result", "accepted")),
+            )
+        ]
+        == 1
+    )
     assert got[("chatmail_notifications_sent_total", ())] == 2
     assert got[("chatmail_notifications_failed_total", ())] == 0
     assert got[("chatmail_build_info", (("version", "abc1234"),))] == 1
@@ -110,8 +112,9 @@ def test_new_gives_credentials(client):
 
 def test_new_self_mode_get_answers(api_settings, make_config):
     settings, _ = api_settings()
-    config = make_config("_chat.example.org", max_load_1m=10000, min_free_disk_space="1M",
-                         min_available_memory="1M")
+    config = make_config(
+        "_chat.example.org", max_load_1m=10000, min_free_disk_space="1M", min_available_memory="1M"
+    )
     with TestClient(create_app(settings, config)) as client:
         body = client.get("/new").json()
         assert body["email"].endswith("@_chat.example.org")
@@ -165,8 +168,13 @@ def test_stats_file_written_by_the_scanner(api_settings, tmp_path):
         assert asyncio.run(app.state.runtime.scan_accounts()) is None  # nothing yet
         assert "chatmail_accounts{" not in client.get("/metrics", headers=MONITOR).text
         subprocess.run(
-            [sys.executable, "-m", "chatmail_api.accountstats", str(tmp_path / "chatmail.ini"),
-             str(stats_file)],
+            [
+                sys.executable,
+                "-m",
+                "chatmail_api.accountstats",
+                str(tmp_path / "chatmail.ini"),
+                str(stats_file),
+            ],
             check=True,
         )
         asyncio.run(app.state.runtime.scan_accounts())

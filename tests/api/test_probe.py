@@ -6,14 +6,13 @@ import json
 import ssl
 
 import pytest
-from fastapi.testclient import TestClient
-
+from api_support import ADMIN, MONITOR, free_port, make_cert
 from chatmail_api.app import create_app
 from chatmail_api.probe import build_probe_message
-from chatmaild.mailcheck import is_encrypted, parse_mail
-
-from api_support import ADMIN, MONITOR, free_port, make_cert
+from fastapi.testclient import TestClient
 from mail_servers import Mailboxes, start_imaps, start_submission
+
+from chatmaild.mailcheck import is_encrypted, parse_mail
 
 
 @pytest.fixture
@@ -38,8 +37,13 @@ def test_probe_message_passes_the_outgoing_encryption_rule():
 def test_probe_round_trip(api_settings, mail_servers):
     boxes, smtp_port, imap_port = mail_servers
     settings, config = api_settings(
-        probe={"enabled": True, "interval_s": 0, "submission_port": smtp_port,
-               "imap_port": imap_port, "timeout_s": 10},
+        probe={
+            "enabled": True,
+            "interval_s": 0,
+            "submission_port": smtp_port,
+            "imap_port": imap_port,
+            "timeout_s": 10,
+        },
     )
     with TestClient(create_app(settings, config)) as client:
         response = client.post("/probe", headers=ADMIN)

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from chatmail_api.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,14 +31,33 @@ def rendered(tmp_path_factory):
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(harness.SALT_VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "salt"], check=True)
 
+    cache = {}
+
     def render(pillar: dict):
+        key = json.dumps(pillar, sort_keys=True)
+        if key not in cache:
+            cache[key] = render_once(pillar)
+        return cache[key]
+
+    def render_once(pillar: dict):
         root = tmp_path_factory.mktemp("salt-api")
         config_dir = harness.write_minion_config(root, harness.PLATFORMS["debian12"], pillar)
         out = root / "out"
         result = subprocess.run(
-            [str(python), str(SALT_TESTS / "saltrender.py"), "--config-dir", str(config_dir),
-             "--out", str(out), "--map-template-dir", str(root / "extra")],
-            capture_output=True, text=True, timeout=300,
+            [
+                str(python),
+                str(SALT_TESTS / "saltrender.py"),
+                "--config-dir",
+                str(config_dir),
+                "--out",
+                str(out),
+                "--map-template-dir",
+                str(root / "extra"),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         index = json.loads((out / "index.json").read_text())
@@ -102,10 +120,13 @@ def test_default_pillar(rendered):
 
 def test_pillar_tokens_and_pin(rendered):
     tokens = {"monitor": {"grafana": "m" * 24}, "admin": {"alice": "a" * 24}}
-    states, _, m = rendered(
-        {"chatmail": {"mail_domain": "chat.example.org",
-                      "api": {"tokens": tokens, "account_creation_pin": False,
-                              "allow": ["127.0.0.0/8"]}}}
+    states, _, _ = rendered(
+        {
+            "chatmail": {
+                "mail_domain": "chat.example.org",
+                "api": {"tokens": tokens, "account_creation_pin": False, "allow": ["127.0.0.0/8"]},
+            }
+        }
     )
     serialized = state_args(states, "chatmail-api-tokens")
     dataset = serialized["dataset"]
@@ -118,3 +139,44 @@ def test_pillar_tokens_and_pin(rendered):
     settings = parse_settings(settings_data)
     assert settings.account_creation_pin is False
     assert [str(n) for n in settings.allow] == ["127.0.0.0/8"]
+
+
+def test_units_pass_systemd_analyze(rendered, tmp_path):
+    """The formula's own unit check (systemd-analyze verify), as on the relay."""
+    _, files, m = rendered({"chatmail": {"mail_domain": "chat.example.org"}})
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for script in ("chatmail-api", "python"):
+        (venv / "bin" / script).write_text("#!/bin/sh\nexit 0\n")
+        (venv / "bin" / script).chmod(0o755)
+    check = REPO / "salt" / "chatmail" / "files" / "chatmail-check-config"
+    for unit in (
+        "chatmail-api.service",
+        "chatmail-account-stats.service",
+        "chatmail-account-stats.timer",
+    ):
+        candidate = tmp_path / unit
+        candidate.write_text(
+            files[f"/etc/systemd/system/{unit}"].replace(m["paths"]["venv"], str(venv))
+        )
+        result = subprocess.run(
+            ["sh", str(check), "unit", unit, str(candidate)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, f"{unit}: {result.stdout}{result.stderr}"
+
+    broken = tmp_path / "broken.service"
+    broken.write_text(
+        files["/etc/systemd/system/chatmail-api.service"].replace(
+            "ProtectSystem=strict", "ProtectSystem=sometimes"
+        )
+    )
+    result = subprocess.run(
+        ["sh", str(check), "unit", "chatmail-api.service", str(broken)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1  # the check can fail

@@ -54,25 +54,45 @@ def make_mailboxes(root: Path, count: int) -> None:
 
 def make_cert(path: Path) -> None:
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-noenc", "-days", "30", "-keyout", str(path.with_suffix(".key")), "-out", str(path),
-         "-subj", f"/CN={DOMAIN}"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-noenc",
+            "-days",
+            "30",
+            "-keyout",
+            str(path.with_suffix(".key")),
+            "-out",
+            str(path),
+            "-subj",
+            f"/CN={DOMAIN}",
+        ],
+        check=True,
+        capture_output=True,
     )
 
 
 def start_api(work: Path, mailboxes: Path, listen_port: int) -> tuple[subprocess.Popen, str]:
     """``chatmail-api`` on its own port for the relay whose mailboxes are ``mailboxes``."""
     ini = work / "chatmail.ini"
-    ini.write_text(render_ini({
-        "mail_domain": DOMAIN,
-        "mailboxes_dir": mailboxes,
-        "counters_dir": work / "counters",
-        "nocreate_file": work / "nocreate",
-        "max_load_1m": 10000,
-        "min_available_memory": "1M",
-        "min_free_disk_space": "1M",
-    }))
+    ini.write_text(
+        render_ini(
+            {
+                "mail_domain": DOMAIN,
+                "mailboxes_dir": mailboxes,
+                "counters_dir": work / "counters",
+                "nocreate_file": work / "nocreate",
+                "max_load_1m": 10000,
+                "min_available_memory": "1M",
+                "min_free_disk_space": "1M",
+            }
+        )
+    )
     (work / "counters").mkdir(exist_ok=True)
     (work / "version").write_text("bench\n")
     cert = work / "cert.pem"
@@ -94,8 +114,15 @@ def start_api(work: Path, mailboxes: Path, listen_port: int) -> tuple[subprocess
     }
     (work / "api.json").write_text(json.dumps(settings))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatmail_api.main", "--settings", str(work / "api.json"),
-         "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "chatmail_api.main",
+            "--settings",
+            str(work / "api.json"),
+            "--log-level",
+            "warning",
+        ],
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -153,14 +180,17 @@ def run(counts: list[int], requests: int) -> dict[int, dict[str, tuple[float, fl
                 mailboxes.mkdir(parents=True)
                 started = time.monotonic()
                 make_mailboxes(mailboxes, count)
-                print(f"{count:>7} accounts created in {time.monotonic() - started:.1f} s",
-                      flush=True)
+                print(
+                    f"{count:>7} accounts created in {time.monotonic() - started:.1f} s", flush=True
+                )
                 proc, url = start_api(work, mailboxes, sock.getsockname()[1])
                 procs.append(proc)
                 clients[count] = httpx.Client(base_url=url, headers=headers, timeout=30)
                 scan_s = wait_for_scan(clients[count], count)
-                print(f"{count:>7} accounts: first background scan done after {scan_s:.1f} s",
-                      flush=True)
+                print(
+                    f"{count:>7} accounts: first background scan done after {scan_s:.1f} s",
+                    flush=True,
+                )
             by_path = {path: measure(clients, path, requests) for path in ENDPOINTS}
             return {c: {path: by_path[path][c] for path in ENDPOINTS} for c in counts}
         finally:

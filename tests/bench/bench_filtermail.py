@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "tests" / "chatmaild"))
 sys.path.insert(0, str(REPO))
 
-from filtermail_support import encrypted_mail  # noqa: E402
+from filtermail_support import encrypted_mail
 
-from chatmaild.config import render_ini  # noqa: E402
-from chatmaild.smtpclient import Connection, Recipient, Reinjector, dot_stuff  # noqa: E402
+from chatmaild.config import render_ini
+from chatmaild.smtpclient import Connection, Recipient, Reinjector, dot_stuff
 
 TARGET_RATIO = 0.70
 DOMAIN = "chat.example.org"

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from aiosmtpd.smtp import SMTP
 from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail
 
 from chatmaild.filtermail import refuses_cleartext, split_params
@@ -212,7 +213,13 @@ def test_dsn_and_size_parameters_accepted(start, sink):
         SENDER,
         [OTHER, "carol@other.example"],
         data,
-        mail_options=[f"SIZE={len(data)}", "BODY=8BITMIME", "RET=HDRS", "ENVID=QQ314159"],
+        mail_options=[
+            f"SIZE={len(data)}",
+            "BODY=8BITMIME",
+            "RET=HDRS",
+            "ENVID=QQ314159",
+            "AUTH=<>",
+        ],
         rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@other.example"],
     )
     assert code == 250
@@ -224,25 +231,22 @@ def test_dsn_and_size_parameters_accepted(start, sink):
 
 
 def test_dsn_parameters_passed_on_to_a_dsn_server(loop_thread, start):
+    class RecordingSMTP(SMTP):
+        """Records raw MAIL/RCPT arguments and hands aiosmtpd only the address part."""
+
+        async def smtp_MAIL(self, arg):
+            self.event_handler.commands.append("MAIL " + arg)
+            await super().smtp_MAIL(arg.split(" ")[0])
+
+        async def smtp_RCPT(self, arg):
+            self.event_handler.commands.append("RCPT " + arg)
+            await super().smtp_RCPT(arg.split(" ")[0])
+
     class DSNSink(Sink):
-        """A sink announcing DSN that records the raw RCPT/MAIL arguments."""
+        """A sink announcing DSN."""
 
         def make_protocol(self):
-            protocol = super().make_protocol()
-            sink = self
-            original_rcpt, original_mail = protocol.smtp_RCPT, protocol.smtp_MAIL
-
-            async def smtp_RCPT(arg):
-                sink.commands.append("RCPT " + arg)
-                await original_rcpt(arg.split(" ")[0])
-
-            async def smtp_MAIL(arg):
-                sink.commands.append("MAIL " + arg)
-                await original_mail(arg.split(" ")[0])
-
-            protocol.smtp_RCPT, protocol.smtp_MAIL = smtp_RCPT, smtp_MAIL
-            protocol._smtp_methods.update(RCPT=smtp_RCPT, MAIL=smtp_MAIL)
-            return protocol
+            return RecordingSMTP(self, hostname="sink")
 
         async def handle_EHLO(self, server, session, envelope, hostname, responses):
             session.host_name = hostname
@@ -332,6 +336,35 @@ def test_reinjection_rejection_and_outage(loop_thread, start, sink):
     assert send(fm.port, SENDER, [OTHER], data) == (451, "Local error")
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "lockstep"])
+def test_reinjection_refused_recipient_aborts_message(loop_thread, start, pipelining):
+    """If Postfix refuses one recipient, nobody gets the message and the client hears why."""
+
+    class PickySink(Sink):
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):
+            session.host_name = hostname
+            extra = ["250-PIPELINING"] if pipelining else []
+            return responses[:-1] + extra + [responses[-1]]
+
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            if address.startswith("refused"):
+                return "550 5.1.1 No such user"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+    sink = PickySink(loop_thread)
+    try:
+        fm = start("outgoing", postfix_reinject_port=sink.port)
+        data = load_mail("encrypted", SENDER, OTHER)
+        assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+        rcpts = [OTHER, "refused@other.example"]
+        assert send(fm.port, SENDER, rcpts, data) == (550, "5.1.1 No such user")
+        assert send(fm.port, SENDER, [OTHER], data)[0] == 250  # the pool recovered
+        assert [r.rcpt_tos for r in sink.received] == [[OTHER], [OTHER]]
+    finally:
+        sink.stop()
+
+
 def test_reinjection_reuses_connections(start, sink):
     fm = start("outgoing")
     data = load_mail("encrypted", SENDER, OTHER)
@@ -344,22 +377,19 @@ def test_reinjection_reuses_connections(start, sink):
 def test_stale_pooled_connection_is_replaced(loop_thread, start):
     """Postfix closing an idle reinjection connection must not cost a message."""
 
+    class DroppingSMTP(SMTP):
+        async def smtp_MAIL(self, arg):
+            if self.event_handler.drop_next_mail:
+                self.event_handler.drop_next_mail = False
+                self.transport.close()  # dies without a reply, like a killed smtpd
+                return
+            await super().smtp_MAIL(arg)
+
     class DroppingSink(Sink):
         drop_next_mail = False
 
         def make_protocol(self):
-            protocol = super().make_protocol()
-            original_mail = protocol.smtp_MAIL
-
-            async def smtp_MAIL(arg):
-                if self.drop_next_mail:
-                    self.drop_next_mail = False
-                    protocol.transport.close()  # dies without a reply, like a killed smtpd
-                    return
-                await original_mail(arg)
-
-            protocol._smtp_methods["MAIL"] = smtp_MAIL
-            return protocol
+            return DroppingSMTP(self, hostname="sink")
 
     sink = DroppingSink(loop_thread)
     try:
@@ -432,6 +462,20 @@ def test_incoming_envelope_sender_reset_when_different(start, sink):
     data = load_mail("encrypted", OTHER, LOCAL)
     assert send(fm.port, "srs0=abc=xy=other.example=bob@forwarder.example", [LOCAL], data)[0] == 250
     assert sink.received[0].mail_from == "<>"
+
+
+def test_incoming_smtputf8(start, sink):
+    fm = start("incoming")
+    sender = "jörg@bücher.example"
+    data = load_mail("encrypted", f"Jörg <{sender}>", LOCAL)
+    with smtplib.SMTP("127.0.0.1", fm.port) as client:
+        client.ehlo("mx.xn--bcher-kva.example")
+        assert client.mail(sender, ["SMTPUTF8", "BODY=8BITMIME"])[0] == 250
+        assert client.rcpt(LOCAL)[0] == 250
+        assert client.data(data)[0] == 250
+    [got] = sink.received
+    assert got.mail_from == sender and got.content == data
+    assert "SMTPUTF8" in got.mail_options
 
 
 def test_incoming_null_sender(start, sink):

@@ -10,7 +10,7 @@ import subprocess
 
 import dkim
 import pytest
-from dnsserver import txt_strings
+from dnsserver import DNSServer, txt_strings
 from filtermail_support import Filtermail, LoopThread, Sink, load_mail
 
 from chatmaild.dkimverify import TxtLookup, parse_resolver_address
@@ -55,14 +55,21 @@ def sign(data: bytes, private: bytes, domain: str, selector: str = "sel") -> byt
     return signature + data
 
 
+@pytest.fixture(scope="module")
+def nsd(tmp_path_factory, keys):
+    """One NSD for the module (starting it takes ~0.5 s); tests reset the zones they change."""
+    with DNSServer(tmp_path_factory.mktemp("nsd")) as server:
+        server.set_zone("other.org", [key_record("sel", keys[1][1])])
+        yield server
+
+
 @pytest.fixture
-def incoming(dns_server, keys, make_config):
+def incoming(nsd, keys, make_config):
     """A running incoming filter resolving through NSD, plus its sink."""
-    dns_server.set_zone("example.org", [key_record("sel", keys[0][1])])
-    dns_server.set_zone("other.org", [key_record("sel", keys[1][1])])
+    nsd.set_zone("example.org", [key_record("sel", keys[0][1])])
     loop_thread = LoopThread()
     sink = Sink(loop_thread)
-    config = make_config(dns_resolver=dns_server.address, postfix_reinject_port_incoming=sink.port)
+    config = make_config(dns_resolver=nsd.address, postfix_reinject_port_incoming=sink.port)
     fm = Filtermail(loop_thread, config, "incoming")
     yield fm, sink
     fm.stop()
@@ -143,13 +150,13 @@ def test_any_aligned_valid_signature_wins(incoming, keys):
     assert send(fm.port, signed)[0] == 250
 
 
-def test_rotated_key_is_fetched_again(incoming, keys, dns_server):
+def test_rotated_key_is_fetched_again(incoming, keys, nsd):
     fm, _ = incoming
     assert (
         send(fm.port, sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))[0]
         == 250
     )
-    dns_server.set_zone("example.org", [key_record("sel", keys[1][1])])  # cached: keys[0]
+    nsd.set_zone("example.org", [key_record("sel", keys[1][1])])  # cached: keys[0]
     data = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "example.org")
     assert send(fm.port, data)[0] == 250
 

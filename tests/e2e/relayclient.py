@@ -19,6 +19,7 @@ import ssl
 import string
 import sys
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,7 +108,8 @@ class RelayClient:
             except (imaplib.IMAP4.error, OSError):
                 pass
 
-    def fetch_inbox_message(self, addr: str, password: str, msgid: str, timeout: float = 30) -> bytes:
+    def fetch_inbox_message(self, addr: str, password: str, msgid: str, timeout: float = 30,
+                            poll: float = 0.3) -> bytes:
         """The raw message with this Message-ID, waiting for it to arrive in INBOX."""
         deadline = time.monotonic() + timeout
         with self.imap(addr, password) as conn:
@@ -120,7 +122,7 @@ class RelayClient:
                     return fetched[0][1]
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{msgid} did not arrive in {addr}'s INBOX in {timeout} s")
-                time.sleep(0.3)
+                time.sleep(poll)
 
     # SMTP
 
@@ -211,7 +213,7 @@ def dkim_keypair() -> tuple[bytes, str]:
 def dclogin_qr(addr: str, password: str) -> str:
     """A dclogin: code for the relay on 127.0.0.1 (no DNS, self-signed certificate)."""
     return (
-        f"dclogin:{addr}?p={password}&v=1&ih={HOST}&ip=993&is=ssl"
+        f"dclogin:{addr}?p={urllib.parse.quote(password, safe='')}&v=1&ih={HOST}&ip=993&is=ssl"
         f"&sh={HOST}&sp=465&ss=ssl&ic=3"
     )
 

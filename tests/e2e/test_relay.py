@@ -7,12 +7,14 @@ chatmaild services) over 127.0.0.1, as a client or another mail server would.
 from __future__ import annotations
 
 import imaplib
+import re
 import smtplib
 import socket
 import ssl
 
 import dkim
 import pytest
+import relayctl
 from relayclient import (
     HOST,
     dkim_keypair,
@@ -299,3 +301,32 @@ def test_second_apply_reports_no_changes(applied):
           f"(first: {applied.first_apply.seconds:.1f} s)\n{result.summary()}")
     assert result.ok, result.summary()
     assert not result.changed, result.changed_summary()
+
+
+# --- scripts/deploy DOMAIN on a host that already is the relay -----------------------------
+
+
+def test_deploy_script_server_mode_honours_existing_pillar(relay):
+    """`scripts/deploy DOMAIN` run on the relay itself: its own masterless Salt setup,
+    the operator's pillar kept, and nothing to change."""
+    import json
+
+    applied, DOMAIN = relay.container, relay.domain
+    pillar = json.dumps(relayctl.local_relay_pillar(DOMAIN))
+    applied.write_file("/etc/chatmail/pillar/chatmail.sls", pillar, mode="0600")
+    res = applied.run([f"{relayctl.REPO_MOUNT}/scripts/deploy", DOMAIN], check=False, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    assert "using the existing pillar" in out
+    assert re.search(r"Failed:\s+0\b", out) and "changed=" not in out, out[-3000:]
+
+    other = applied.run([f"{relayctl.REPO_MOUNT}/scripts/deploy", "other.example"], check=False)
+    assert other.returncode == 2
+    assert f"is for mail_domain '{DOMAIN}', not 'other.example'" in other.stderr
+
+
+def test_deploy_script_refuses_non_root(relay):
+    res = relay.container.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       f"{relayctl.REPO_MOUNT}/scripts/deploy", "chat.example.org"], check=False)
+    assert res.returncode == 2
+    assert "run this as root" in res.stderr

@@ -132,7 +132,7 @@ class Renderer:
             "--out=json",
             *args,
         ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
 
     def _local(self, *args: str):
         res = self.call(*args)
@@ -148,22 +148,21 @@ class Renderer:
         """The compiled states of ``sls`` (``state.show_sls``), keyed by state ID."""
         result = self._local("state.show_sls", sls)
         if not isinstance(result, dict):
-            raise AssertionError(f"{sls} does not compile for {self.platform}:\n{result}")
+            raise TypeError(f"{sls} does not compile for {self.platform}:\n{result}")
         return result
 
     def template(self, source: str) -> str:
         """A salt:// Jinja template rendered as a file.managed would render it."""
         result = self._local("slsutil.renderer", source, "default_renderer=jinja")
         if not isinstance(result, str):
-            raise AssertionError(f"{source} did not render to text: {result!r}")
+            raise TypeError(f"{source} did not render to text: {result!r}")
         return result
 
     def map(self) -> dict:
         """The merged map, as the states see it."""
         source = self.workdir / "dump-map.jinja"
         source.write_text(
-            '{%- from "chatmail/map.jinja" import chatmail with context %}'
-            "{{ chatmail | json }}"
+            '{%- from "chatmail/map.jinja" import chatmail with context %}{{ chatmail | json }}'
         )
         return json.loads(self._local("slsutil.renderer", str(source), "default_renderer=jinja"))
 
@@ -188,15 +187,20 @@ def overlay(lower: Path, work: Path):
 def unmount(root: Path, timeout: float = 15) -> None:
     """Unmount once the last process inside (a table or filter smtpd spawned) is gone."""
     deadline = time.monotonic() + timeout
-    while subprocess.run(["umount", str(root)], capture_output=True).returncode != 0:
+    while subprocess.run(["umount", str(root)], check=False, capture_output=True).returncode != 0:
         if time.monotonic() > deadline:
             subprocess.run(["umount", "--lazy", str(root)], check=True)
             return
         time.sleep(0.3)
 
 
-def smtpd_check(trixie_root: Path, work: Path, conf: str, cert_key: tuple[Path, Path],
-                libexec: str = "/usr/libexec/opensmtpd") -> subprocess.CompletedProcess:
+def smtpd_check(
+    trixie_root: Path,
+    work: Path,
+    conf: str,
+    cert_key: tuple[Path, Path],
+    libexec: str = "/usr/libexec/opensmtpd",
+) -> subprocess.CompletedProcess:
     """``smtpd -n`` (Debian 13's OpenSMTPD 7.6) on a rendered smtpd.conf.
 
     smtpd opens the certificate and key and looks for the table backend
@@ -204,8 +208,8 @@ def smtpd_check(trixie_root: Path, work: Path, conf: str, cert_key: tuple[Path, 
     Debian's smtpd only looks in its own libexec directory: an OpenBSD config (whose
     backend lives in /usr/local/libexec/smtpd) is checked with the stand-in there too.
     """  # fmt: skip
-    cert_path = re.search(r'^pki "[^"]+" cert "([^"]+)"', conf, re.M).group(1)
-    key_path = re.search(r'^pki "[^"]+" key "([^"]+)"', conf, re.M).group(1)
+    cert_path = re.search(r'^pki "[^"]+" cert "([^"]+)"', conf, re.MULTILINE).group(1)
+    key_path = re.search(r'^pki "[^"]+" key "([^"]+)"', conf, re.MULTILINE).group(1)
     with overlay(trixie_root, work) as root:
         for path, source in ((cert_path, cert_key[0]), (key_path, cert_key[1])):
             target = root / path.lstrip("/")
@@ -219,5 +223,6 @@ def smtpd_check(trixie_root: Path, work: Path, conf: str, cert_key: tuple[Path, 
         (root / "tmp/smtpd.conf").write_text(conf)
         return subprocess.run(
             ["chroot", str(root), "smtpd", "-n", "-f", "/tmp/smtpd.conf"],
+            check=False,
             capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         )  # fmt: skip

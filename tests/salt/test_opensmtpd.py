@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import PILLARS, PLATFORMS  # noqa: E402
-from opensmtpd_support import smtpd_check  # noqa: E402
-from test_openbsd import OPENBSD_GRAINS  # noqa: E402
+from conftest import PILLARS, PLATFORMS
+from opensmtpd_support import smtpd_check
+from test_openbsd import OPENBSD_GRAINS
 
 pytestmark = pytest.mark.skipif(
-    subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0",
+    subprocess.run(["id", "-u"], check=False, capture_output=True, text=True).stdout.strip() != "0",
     reason="needs root: chroot, overlay mount",
 )
 
@@ -50,7 +50,13 @@ def smtpd_conf(rendered) -> str:
 
 def state_args(rendered, sid: str) -> dict:
     body = rendered.states[sid]
-    return {k: v for args in body.values() for arg in args if isinstance(arg, dict) for k, v in arg.items()}
+    return {
+        k: v
+        for args in body.values()
+        for arg in args
+        if isinstance(arg, dict)
+        for k, v in arg.items()
+    }
 
 
 def test_map_switches_with_the_mta(rendered):
@@ -120,10 +126,16 @@ def test_smtpd_conf_policy(rendered):
         f'listen on 127.0.0.1 port {s["postfix_reinject_port"]} filter "dkimsign" '
         f'hostname "{d}" tag "filtered_out"'
     )
-    assert by_tag["filtered_in"].startswith(f"listen on 127.0.0.1 port {s['postfix_reinject_port_incoming']} ")
+    assert by_tag["filtered_in"].startswith(
+        f"listen on 127.0.0.1 port {s['postfix_reinject_port_incoming']} "
+    )
     assert 'listen on socket filter "dkimsign"' in conf
     # every public listener binds what the map says, IPv6 only when enabled
-    addresses = {line.split()[2] for line in conf.splitlines() if re.search(r'tag "(inbound|submission)"', line)}
+    addresses = {
+        line.split()[2]
+        for line in conf.splitlines()
+        if re.search(r'tag "(inbound|submission)"', line)
+    }
     assert ("::" in addresses) is m["ipv6"]
     # actions: filtermail relays, LMTP, verified TLS outbound
     assert f'relay host "smtp+notls://127.0.0.1:{s["filtermail_smtp_port_incoming"]}"' in conf
@@ -131,9 +143,16 @@ def test_smtpd_conf_policy(rendered):
     assert f'lmtp "{m["opensmtpd"]["lmtp_socket"]}" rcpt-to virtual <virtuals>' in conf
     assert re.search(r'action "outbound" relay tls helo', conf)
     # the internet reaches only our domain, and only through filtermail
-    first_inbound = next(line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line)
+    first_inbound = next(
+        line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line
+    )
     assert first_inbound == f'match from any tag "inbound" for domain "{d}" action "filter_in"'
-    assert len([line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line]) == 1
+    assert (
+        len(
+            [line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line]
+        )
+        == 1
+    )
     assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
 
 
@@ -144,7 +163,7 @@ def test_table_wrapper_matches_the_doas_rule(rendered, tmp_path):
     assert wrapper.startswith("#!/bin/sh\n")
     check = tmp_path / "table-chatmail"
     check.write_text(wrapper)
-    assert subprocess.run(["sh", "-n", str(check)]).returncode == 0
+    assert subprocess.run(["sh", "-n", str(check)], check=False).returncode == 0
     rule = state_args(rendered, "chatmail-mta-doas")["content"].strip()
     permit = re.fullmatch(r"permit nopass (\S+) as (\S+) cmd (\S+) args (.+)", rule)
     assert permit, rule

@@ -31,7 +31,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,8 +41,8 @@ from aiosmtpd.lmtp import LMTP
 from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chroots import debian_chroot  # noqa: E402
-from opensmtpd_support import REPO, TRIXIE_RUNTIME, Renderer, unmount  # noqa: E402
+from chroots import debian_chroot
+from opensmtpd_support import REPO, TRIXIE_RUNTIME, Renderer, unmount
 
 pytestmark = [
     pytest.mark.timeout(1800),
@@ -73,7 +72,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {res.returncode}\n{res.stdout}\n{res.stderr}")
     return res
@@ -133,7 +132,9 @@ class LmtpSink:
         return await self.loop.create_server(lambda: LMTP(self), "127.0.0.1", 0)
 
     async def handle_DATA(self, server, session, envelope):
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.received.append(
+            (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
         return "250 2.0.0 Ok"
 
     def wait_for(self, rcpt: str, timeout: float = 60) -> bytes:
@@ -266,6 +267,7 @@ def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list) -> dict:
     smtpd_conf = renderer.template("salt://chatmail/mta/opensmtpd/files/smtpd.conf.jinja")
     (root / "etc/smtpd.conf").write_text(smtpd_conf)
     states = renderer.highstate("chatmail.mta.opensmtpd")
+    (root / "etc/mailname").write_text(state_arg(states, "chatmail-mta-mailname", "contents"))
     doas_conf = root / "etc/doas.conf"
     doas_conf.write_text(state_arg(states, "chatmail-mta-doas", "content"))
     doas_conf.chmod(0o600)
@@ -275,7 +277,11 @@ def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list) -> dict:
     chroot(root, "smtpd", "-n", "-f", "/etc/smtpd.conf")
 
     env = {**os.environ, "FILTERMAIL_SKIP_DKIM": "1"}
-    filtermail = str(REPO / ".venv/bin/filtermail") if (REPO / ".venv/bin/filtermail").exists() else "filtermail"
+    filtermail = (
+        str(REPO / ".venv/bin/filtermail")
+        if (REPO / ".venv/bin/filtermail").exists()
+        else "filtermail"
+    )
     for mode, port in (("outgoing", ports["filter_out"]), ("incoming", ports["filter_in"])):
         log = work / f"filtermail-{mode}.log"
         with log.open("w") as out:
@@ -324,13 +330,27 @@ def new_address(prefix: str) -> str:
 
 def mail(name: str, from_addr: str, to_addr: str, subject: str = "test") -> bytes:
     text = (MAIL_DATA / f"{name}.eml").read_text()
-    return text.format(from_addr=from_addr, to_addr=to_addr, subject=subject).replace("\n", "\r\n").encode()
+    return (
+        text.format(from_addr=from_addr, to_addr=to_addr, subject=subject)
+        .replace("\n", "\r\n")
+        .encode()
+    )
 
 
 def login(relay, addr: str, password: str = PASSWORD) -> smtplib.SMTP:
     client = submission(relay)
     client.login(addr, password)
     return client
+
+
+def dkim_dns(relay):
+    """dkimpy's TXT lookup, answering only our selector's record."""
+
+    def dns(name, timeout=5):
+        assert name == f"opendkim._domainkey.{DOMAIN}.".encode()
+        return f"v=DKIM1; k=rsa; p={relay['dkim_public']}".encode()
+
+    return dns
 
 
 def test_rendered_config_is_what_runs(relay):
@@ -395,20 +415,23 @@ def test_encrypted_mail_is_signed_and_delivered(relay):
     signature = message["DKIM-Signature"]
     assert signature and f"d={DOMAIN}" in signature.replace(" ", "") and "s=opendkim" in signature
 
-    def dns(name, timeout=5):
-        assert name == f"opendkim._domainkey.{DOMAIN}.".encode()
-        return f"v=DKIM1; k=rsa; p={relay['dkim_public']}".encode()
-
-    assert dkim.verify(delivered, dnsfunc=dns)
+    assert dkim.verify(delivered, dnsfunc=dkim_dns(relay))
 
 
 def test_cleartext_to_outside_is_refused_with_523(relay):
     sender = new_address("clear")
     with login(relay, sender) as client:
         # accepted into the queue: OpenSMTPD asks filtermail only afterwards
-        client.sendmail(sender, ["someone@example.org"], mail("plain", sender, "someone@example.org"))
-    bounce = relay["sink"].wait_for(sender).decode(errors="replace")
+        client.sendmail(
+            sender, ["someone@example.org"], mail("plain", sender, "someone@example.org")
+        )
+    delivered = relay["sink"].wait_for(sender)
+    bounce = delivered.decode(errors="replace")
     assert "523 Encryption Needed: Invalid Unencrypted Mail" in bounce
+    # the bounce is ours: from our domain and DKIM-signed for it (upstream signs bounces too)
+    message = email.message_from_bytes(delivered)
+    assert message["From"].lower().endswith(f"@{DOMAIN}>") or message["From"].lower().endswith(f"@{DOMAIN}")
+    assert dkim.verify(delivered, dnsfunc=dkim_dns(relay))
     assert not [r for r in relay["sink"].received if "someone@example.org" in r[1]]
 
 
@@ -439,3 +462,18 @@ def test_incoming_for_other_domains_is_refused(relay):
         assert client.mail("carol@remote.example")[0] == 250
         code, _ = client.rcpt("victim@elsewhere.example")
         assert code >= 500
+
+
+def test_table_failure_is_temporary_and_smtpd_lives_on(relay):
+    """An account table error (here: mailboxes not writable) is a 4xx for that login
+    only: smtpd 7.6 takes the table's ``error|<why>`` reply and keeps serving."""
+    relay["mailboxes"].chmod(0o500)
+    try:
+        with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as err:
+            client.login(new_address("error"), PASSWORD)
+        assert err.value.smtp_code == 421
+    finally:
+        relay["mailboxes"].chmod(0o700)
+    addr = new_address("after")
+    with login(relay, addr) as client:
+        assert client.noop()[0] == 250

@@ -115,7 +115,12 @@ def test_golden_map(render, platform):
         GOLDEN_DIR.mkdir(exist_ok=True)
         golden.write_text(text)
     assert golden.exists(), "run with CHATMAIL_UPDATE_GOLDEN=1 to create it"
-    assert json.loads(golden.read_text()) == json.loads(text)
+    old, new = json.loads(golden.read_text()), json.loads(text)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    assert changed == [], (
+        f"merged map differs from {golden.name} in {changed}: if intended, regenerate with "
+        "CHATMAIL_UPDATE_GOLDEN=1 pytest tests/salt/test_render.py -k golden"
+    )
 
 
 def test_missing_os_file_fails_loudly(render):

@@ -86,11 +86,13 @@ chatmail-api-tokens-group:
 
 {#- ---- settings ------------------------------------------------------------------- #}
 {%- set services = [chatmail.service.postfix if chatmail.mta == "postfix" else chatmail.service.opensmtpd,
-                    chatmail.service.dovecot, chatmail.service.nginx, chatmail.service.unbound] %}
+                    chatmail.service.dovecot, chatmail.service[chatmail.web.server], chatmail.service.unbound] %}
 {%- if chatmail.dkim.enabled and chatmail.dkim.signer == "opendkim" %}
 {%-   do services.append(chatmail.service.opendkim) %}
 {%- endif %}
-{%- do services.extend(["doveauth", "chatmail-metadata", "lastlogin", "filtermail", "filtermail-incoming"]) %}
+{%- for daemon in ["doveauth", "chatmail-metadata", "lastlogin", "filtermail", "filtermail-incoming"] %}
+{%-   do services.append(daemon | replace("-", chatmail.init_files[chatmail.init].name_separator)) %}
+{%- endfor %}
 {%- set service_specs = [] %}
 {%- for name in services %}
 {%-   do service_specs.append({"name": name}) %}
@@ -101,6 +103,7 @@ chatmail-api-tokens-group:
       "port": api.port,
       "state_dir": "/var/lib/chatmail-api",
       "allow": api.allow,
+      "public_health": api.public_health,
       "account_creation_pin": api.account_creation_pin,
       "version_file": paths.version_file,
       "tls_cert": chatmail.tls.cert,

@@ -10,7 +10,8 @@
 include:
   - chatmail.packages
 {%- if tls.mode == "acme" %}
-  - chatmail.tls.acme
+  {#- OpenBSD's acme-client has its own flow; acmetool and certbot share chatmail.tls.acme #}
+  - chatmail.tls.{{ "acme-client" if tls.acme_client == "acme-client" else "acme" }}
 {%- endif %}
 
 {%- if tls.mode in ["self", "acme"] %}

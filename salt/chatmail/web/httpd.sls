@@ -25,17 +25,6 @@ chatmail-web-relayd-config:
     - require:
       - sls: chatmail.tls
 
-{%- if chatmail.tls.mode == "acme" %}
-
-chatmail-web-acme-client-config:
-  file.managed:
-    - name: {{ w.acme_client_config }}
-    - source: salt://chatmail/web/files/openbsd/acme-client.conf.jinja
-    - template: jinja
-    - mode: "0644"
-    - check_cmd: acme-client -n -f
-{%- endif %}
-
 {#- pf.conf is the operator's: the relay's rules come as an example to merge. #}
 chatmail-web-pf-example:
   file.managed:

@@ -4,7 +4,8 @@
 -- doveauth keeps creating accounts on first login. Needs lua-socket (socket.unix).
 local unix = require("socket.unix")
 
-local SOCKET = "/run/doveauth/doveauth.socket"
+-- The environment variable is for the formula's tests; Dovecot does not set it.
+local SOCKET = os.getenv("CHATMAIL_DOVEAUTH_SOCKET") or "/run/doveauth/doveauth.socket"
 
 local function escape(value)
   return (value:gsub('[\\"\']', function(c) return "\\" .. c end))

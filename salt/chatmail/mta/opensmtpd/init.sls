@@ -37,6 +37,13 @@ chatmail-mta-doas-mode:
     - require:
       - file: chatmail-mta-doas
 
+{#- smtpd's server name (bounces come from MAILER-DAEMON@<it>, signed for the domain). #}
+chatmail-mta-mailname:
+  file.managed:
+    - name: {{ o.mailname }}
+    - contents: {{ chatmail.mail_domain | json }}
+    - mode: "0644"
+
 chatmail-mta-table:
   file.managed:
     - name: {{ o.libexec }}/table-chatmail
@@ -71,3 +78,4 @@ chatmail-mta-service:
       - file: chatmail-mta-config
       - file: chatmail-mta-doas
       - file: chatmail-mta-table
+      - file: chatmail-mta-mailname
