@@ -93,9 +93,11 @@ def _require(scope: str):
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
         address = _address(client)
-        if settings.allow and not (address and address.is_loopback):
-            if address is None or not any(address in net for net in settings.allow):
-                raise HTTPException(403, f"client address {client} is not allowed")
+        allowed = address is not None and (
+            address.is_loopback or any(address in net for net in settings.allow)
+        )
+        if settings.allow and not allowed:
+            raise HTTPException(403, f"client address {client} is not allowed")
         if credentials is None:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         match = _match_token(settings, credentials.credentials)

@@ -134,21 +134,15 @@ def check_creation(
     return None
 
 
-def creation_refusal(config: Config, addr: str, password: str) -> str | None:
-    """The counter reason refusing a new account ``addr``, or None if it may be created."""
-    refusal = check_creation(config, addr, password)
-    return refusal.reason if refusal else None
-
-
 def hash_password(password: str, scheme: str = "SHA512-CRYPT") -> str:
     """``{SHA512-CRYPT}$6$<salt>$<hash>``: the scheme prefix Dovecot understands."""
-    return "{%s}%s" % (scheme, crypt(password, mksalt(CRYPT_METHODS[scheme])))
+    return f"{{{scheme}}}{crypt(password, mksalt(CRYPT_METHODS[scheme]))}"
 
 
 def strip_scheme(stored: str) -> str:
     """The crypt(3) string of a stored hash, without Dovecot's ``{SCHEME}`` prefix."""
     for scheme in CRYPT_METHODS:
-        stored = stored.removeprefix("{%s}" % scheme)
+        stored = stored.removeprefix(f"{{{scheme}}}")
     return stored
 
 

@@ -15,7 +15,7 @@ import socketserver
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class Unset:
 @dataclass(frozen=True)
 class Commit:
     tid: str
+    # ``D`` (commit async, sent by Dovecot before 2.3) wants its reply prefixed with ``A``.
+    async_reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def parse_request(line: str) -> Request:
         if cmd == "U":
             return Unset(parts[0], parts[1])
         if cmd in ("C", "D"):
-            return Commit(parts[0])
+            return Commit(parts[0], async_reply=cmd == "D")
         if cmd == "R":
             return Rollback(parts[0])
         if cmd in ("A", "T", "E"):
@@ -168,6 +170,10 @@ class DictProxy:
     def unset(self, user: str, key: str) -> bool:
         return True
 
+    def loggable_key(self, key: str) -> str:
+        """``key`` as log lines may show it; override for keys that carry secrets."""
+        return key
+
     # -- protocol ---------------------------------------------------------------------
 
     def reply(self, request: Request, state: ConnectionState) -> str | None:
@@ -175,8 +181,8 @@ class DictProxy:
         if isinstance(request, Lookup):
             try:
                 value = self.lookup(request.key, request.user)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an F reply
-                log.exception("lookup of %r failed", request.key)
+            except Exception as exc:  # every failure becomes an F reply
+                log.exception("lookup of %r failed", self.loggable_key(request.key))
                 return f"F{_escape_tab(str(exc))}\n"
             return "N\n" if value is None else f"O{_escape_tab(value)}\n"
         if isinstance(request, Iterate):
@@ -186,7 +192,7 @@ class DictProxy:
                     rows.append(f"O{_escape_tab(key)}\t{_escape_tab(value)}\n")
                     if request.max_rows and len(rows) >= request.max_rows:
                         break
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("iteration of %r failed", request.prefix)
                 return f"F{_escape_tab(str(exc))}\n"
             return "".join(rows) + "\n"
@@ -203,17 +209,18 @@ class DictProxy:
                     done = self.set(trans.user, request.key, request.value)
                 else:
                     done = self.unset(trans.user, request.key)
-            except Exception:  # noqa: BLE001
-                log.exception("write of %r failed", request.key)
+            except Exception:
+                log.exception("write of %r failed", self.loggable_key(request.key))
                 done = False
             if not done:
-                log.error("dict write failed for key %r", request.key)
+                log.error("dict write failed for key %r", self.loggable_key(request.key))
                 trans.ok = False
             return None
         if isinstance(request, Commit):
             trans = state.transactions.pop(request.tid, None)
             ok = trans is not None and trans.ok
-            return f"O{request.tid}\n" if ok else f"F{request.tid}\n"
+            prefix = "A" if request.async_reply else ""
+            return f"{prefix}{'O' if ok else 'F'}{request.tid}\n"
         if isinstance(request, Rollback):
             state.transactions.pop(request.tid, None)
             return None
@@ -340,7 +347,7 @@ class DictClient:
         self.rfile.close()
         self.sock.close()
 
-    def __enter__(self) -> DictClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -1,12 +1,14 @@
 """DKIM verification of incoming mail with strict alignment (like DMARC ``adkim=s``).
 
 A message passes if one DKIM-Signature whose ``d=`` equals the ``From:`` domain
-(case-insensitive) verifies. Signatures of other domains are not even looked up. Keys
-come from DNS TXT records, fetched asynchronously through the resolver chatmail.ini names
-(``dns_resolver``: empty for the system resolver, ``IP`` or ``IP:PORT``), with a bounded
-LRU cache; when no signature verifies, the keys are fetched again (a cached key may have
-been rotated) and verification is retried only if a key changed. dkimpy does the cryptography in a worker thread (hashing a large body must
-not stall the event loop). DNS trouble gives a temporary reply so the sender retries.
+(case-insensitive) verifies; only the first few such signatures are tried. Signatures of
+other domains are not even looked up. Keys come from DNS TXT records, fetched
+asynchronously through the resolver chatmail.ini names (``dns_resolver``: empty for the
+system resolver, ``IP`` or ``IP:PORT``), with a bounded LRU cache; when no signature
+verifies, the keys are fetched again (a cached key may have been rotated) and
+verification is retried only if a key changed. dkimpy does the cryptography in a worker
+thread (hashing a large body must not stall the event loop). DNS trouble gives a
+temporary reply so the sender retries.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ DNS_FAILURE = "451 4.7.5 Temporary DNS failure looking up the DKIM key"
 
 DNS_TIMEOUT_S = 30.0
 CACHE_SIZE = 1000
+# Each signature tried costs a key lookup and a hash of the whole body; real mail carries
+# one or two aligned ones. Later ones are ignored, so piling them up buys no work.
+MAX_ALIGNED_SIGNATURES = 5
 MIN_TTL_S, MAX_TTL_S, NEGATIVE_TTL_S = 60, 3600, 60
 
 
@@ -115,9 +120,12 @@ class Signature:
 
 
 def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[Signature]:
-    """Signatures whose ``d=`` is the From domain; unparsable ones are skipped."""
+    """The first :data:`MAX_ALIGNED_SIGNATURES` signatures whose ``d=`` is the From domain;
+    unparsable ones are skipped."""
     result = []
     for index, value in enumerate(signature_headers):
+        if len(result) == MAX_ALIGNED_SIGNATURES:
+            break
         try:
             tags = dkim.util.parse_tag_value(value.encode("utf-8"))
             domain = tags[b"d"].decode("ascii").strip()

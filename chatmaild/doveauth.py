@@ -47,8 +47,8 @@ def unescape(value: str) -> str:
     return split_escaped(value, separator=None)[0]
 
 
-_ESCAPE = re.compile(r"\\(.?)", re.S)
-_ESCAPE_OR_QUOTE = re.compile(r'\\(.?)|"', re.S)
+_ESCAPE = re.compile(r"\\(.?)", re.DOTALL)
+_ESCAPE_OR_QUOTE = re.compile(r'\\(.?)|"', re.DOTALL)
 _escaped_char = operator.itemgetter(1)  # match -> the escaped character, without Python code
 
 
@@ -156,6 +156,13 @@ class AuthDictProxy(DictProxy):
             return None if password_hash is None else self._remember(addr, password_hash)
         log.warning("unknown lookup key %r", key)
         return None
+
+    def loggable_key(self, key: str) -> str:
+        """A passdb key without its plaintext password (the address follows the last ``"``)."""
+        if not key.startswith(PASSDB_PREFIX):
+            return key
+        _, quote, addr = key.rpartition('"')
+        return f'{PASSDB_PREFIX}<password>"{addr}' if quote else f"{PASSDB_PREFIX}<unparsable>"
 
     def _password_stat(self, addr: str) -> tuple[int, int, int] | None:
         """Identity of an existing account's password file; None for unsafe/missing."""

@@ -107,39 +107,45 @@ class Metadata:
 # -- appversions -------------------------------------------------------------------
 
 
+class InvalidAppversions(ValueError):
+    """appversions.json does not follow the schema clients expect."""
+
+
 def validate_appversions(data: object) -> None:
-    """Raise ValueError unless ``data`` follows the appversions schema clients expect."""
+    """Raise InvalidAppversions unless ``data`` follows the appversions schema clients expect."""
     if not isinstance(data, dict) or set(data) != {"clients"}:
-        raise ValueError("top level must be {'clients': [...]}")
+        raise InvalidAppversions("top level must be {'clients': [...]}")
     if not isinstance(data["clients"], list):
-        raise ValueError("'clients' must be a list")
+        raise InvalidAppversions("'clients' must be a list")
     client_ids = set()
     for client in data["clients"]:
         if not isinstance(client, dict) or set(client) != {"clientId", "sources"}:
-            raise ValueError("each client needs exactly 'clientId' and 'sources'")
+            raise InvalidAppversions("each client needs exactly 'clientId' and 'sources'")
         if not isinstance(client["clientId"], str) or client["clientId"] in client_ids:
-            raise ValueError(f"clientId must be a unique string: {client['clientId']!r}")
+            raise InvalidAppversions(f"clientId must be a unique string: {client['clientId']!r}")
         client_ids.add(client["clientId"])
         if not isinstance(client["sources"], list):
-            raise ValueError("'sources' must be a list")
+            raise InvalidAppversions("'sources' must be a list")
         source_ids = set()
         for source in client["sources"]:
             keys = {"sourceId", "versionInteger", "versionString", "downloadUrl"}
             if not isinstance(source, dict) or set(source) != keys:
-                raise ValueError(f"each source needs exactly {sorted(keys)}")
+                raise InvalidAppversions(f"each source needs exactly {sorted(keys)}")
             if not isinstance(source["sourceId"], str) or source["sourceId"] in source_ids:
-                raise ValueError(f"sourceId must be a unique string: {source['sourceId']!r}")
+                raise InvalidAppversions(
+                    f"sourceId must be a unique string: {source['sourceId']!r}"
+                )
             source_ids.add(source["sourceId"])
             version = source["versionInteger"]
             if isinstance(version, bool) or not isinstance(version, int):
-                raise ValueError("versionInteger must be an integer")
+                raise InvalidAppversions("versionInteger must be an integer")
             if not 0 <= version < 2**32:
-                raise ValueError("versionInteger must be within 0..2^32-1")
+                raise InvalidAppversions("versionInteger must be within 0..2^32-1")
             if not isinstance(source["versionString"], str):
-                raise ValueError("versionString must be a string")
+                raise InvalidAppversions("versionString must be a string")
             url = source["downloadUrl"]
             if not isinstance(url, str) or not url.startswith(APPVERSIONS_URL_PREFIXES):
-                raise ValueError(f"downloadUrl must start with {APPVERSIONS_URL_PREFIXES}")
+                raise InvalidAppversions(f"downloadUrl must start with {APPVERSIONS_URL_PREFIXES}")
 
 
 def read_appversions(path: Path = APPVERSIONS_PATH) -> str | None:

@@ -211,7 +211,7 @@ class Notifier:
                 return
             try:
                 self.attempt(item)
-            except Exception:  # noqa: BLE001 - a worker must survive any one item
+            except Exception:  # a worker must survive any one item
                 log.exception("notification %s: unexpected error, dropped", item.name)
                 _remove(item.path)
 

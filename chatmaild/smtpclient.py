@@ -111,7 +111,10 @@ class Connection:
         code = None
         lines: list[str] = []
         while len(lines) < MAX_REPLY_LINES:
-            raw = await self.reader.readline()
+            try:
+                raw = await self.reader.readline()
+            except ValueError:  # asyncio's way of saying the line exceeds the stream limit
+                raise SMTPProtocolError("reply line too long") from None
             if not raw.endswith(b"\n"):
                 raise SMTPProtocolError("connection closed by the server")
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
@@ -186,7 +189,8 @@ class Reinjector:
         mail_params = mail_params or {}
         stuffed = dot_stuff(data)
         for attempt in (1, 2):
-            conn, reused = self._checkout()
+            # The retry opens a new connection: the other pooled ones died with the first.
+            conn, reused = self._checkout() if attempt == 1 else (None, False)
             try:
                 async with asyncio.timeout(self.timeout):
                     if conn is None:
@@ -198,7 +202,7 @@ class Reinjector:
                 if conn is not None:
                     conn.close()
                 # A pooled connection the server has closed meanwhile: try once more
-                # with a fresh one. Never after a timeout (the server is just slow) or
+                # with a new one. Never after a timeout (the server is just slow) or
                 # once the data went out (the server may have taken the message).
                 dead = reused and not isinstance(exc, TimeoutError) and not conn.data_sent
                 if dead and attempt == 1:

@@ -177,7 +177,7 @@ class ChatmailTable:
             return format_reply("update", request.query_id, "ok")
         try:
             result = self.answer(request)
-        except Exception as exc:  # noqa: BLE001 - smtpd gets a temporary failure, we live on
+        except Exception as exc:  # smtpd gets a temporary failure, we live on
             log.exception("table %s %s failed", request.op, request.service)
             result = f"error|{type(exc).__name__}"
         return format_reply(request.op, request.query_id, result)

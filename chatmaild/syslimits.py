@@ -87,14 +87,3 @@ def exceeded_limit(config: Config, readings: SystemReadings) -> tuple[str, str] 
             f"free disk space {disk} MB < min_free_disk_space {config.min_free_disk_space}",
         )
     return None
-
-
-def has_sufficient_resources(config: Config, readings: SystemReadings | None = None) -> bool:
-    """True if a new account may be created now; logs ``registration rejected`` if not."""
-    if readings is None:
-        readings = read_system(config.mailboxes_path)
-    exceeded = exceeded_limit(config, readings)
-    if exceeded is not None:
-        log.warning("registration rejected: %s (%s)", *exceeded)
-        return False
-    return True

@@ -83,10 +83,14 @@ class User:
         return data
 
     def set_password(self, password_hash: str) -> None:
-        """Store the hash atomically and mark the account as refusing cleartext."""
+        """Store the hash atomically and mark the account as refusing cleartext.
+
+        The flag comes first: the password file is what makes the account exist, so a
+        crash in between never leaves an account that accepts cleartext.
+        """
         self.maildir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_bytes_atomic(self.password_path, password_hash.encode("ascii"))
         self.enforce_e2ee_path.touch()
+        write_bytes_atomic(self.password_path, password_hash.encode("ascii"))
 
     def set_last_login_timestamp(self, timestamp: int) -> None:
         """Record the last login, rounded down to the UTC day to leak little."""

@@ -77,14 +77,15 @@ def gencreds():
     return gen
 
 
-@pytest.fixture
-def dns_server(tmp_path: Path):
+@pytest.fixture(scope="module")
+def dns_server(tmp_path_factory: pytest.TempPathFactory):
     """A real authoritative DNS server (NSD) on 127.0.0.1:<free port>; see tests/dnsserver.py.
 
     ``dns_server.set_zone("example.org", ['sel._domainkey TXT "v=DKIM1; ..."'])`` serves
-    records; ``dns_server.address`` ("127.0.0.1:PORT") goes into ``dns_resolver``.
+    records; ``dns_server.address`` ("127.0.0.1:PORT") goes into ``dns_resolver``. One
+    server per test module (starting NSD takes ~0.5 s): tests set the zones they read.
     """
     from dnsserver import DNSServer
 
-    with DNSServer(tmp_path / "nsd") as server:
+    with DNSServer(tmp_path_factory.mktemp("nsd")) as server:
         yield server

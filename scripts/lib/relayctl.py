@@ -102,7 +102,9 @@ def require_free_ports() -> None:
 
 
 def require_tools() -> None:
-    missing = [t for t in ("debootstrap", "systemd-nspawn", "nsenter", "zstd") if not shutil.which(t)]
+    missing = [
+        t for t in ("debootstrap", "systemd-nspawn", "nsenter", "zstd") if not shutil.which(t)
+    ]
     if missing:
         raise RelayError(
             f"missing host tools: {', '.join(missing)} "
@@ -121,9 +123,13 @@ def host_nameserver() -> str:
     """The host's first IPv4 resolver: the relay's unbound forwards to it."""
     for line in Path("/etc/resolv.conf").read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver" and ":" not in parts[1]:
-            if not parts[1].startswith("127."):
-                return parts[1]
+        if (
+            len(parts) >= 2
+            and parts[0] == "nameserver"
+            and ":" not in parts[1]
+            and not parts[1].startswith("127.")
+        ):
+            return parts[1]
     return ""
 
 
@@ -175,8 +181,13 @@ def build_rootfs(tarball: Path) -> None:
     log(f"building base rootfs {tarball.name} (debootstrap {SUITE}, ~1 min)")
     run_host(
         [
-            "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-            f"--cache-dir={debs}", SUITE, str(stage), MIRROR,
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(BASE_PACKAGES)}",
+            f"--cache-dir={debs}",
+            SUITE,
+            str(stage),
+            MIRROR,
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -202,12 +213,24 @@ def build_rootfs(tarball: Path) -> None:
         "apt-get clean; rm -rf /var/lib/apt/lists/*"
     )
     run_host(
-        nspawn_base(stage) + ["--pipe", f"--bind={pip_cache()}:/root/.cache/pip",
-                              "/bin/sh", "-c", script],
+        nspawn_base(stage)
+        + ["--pipe", f"--bind={pip_cache()}:/root/.cache/pip", "/bin/sh", "-c", script],
     )
     partial = tarball.with_suffix(".partial")
-    run_host(["tar", "-C", str(stage), "--numeric-owner", "--xattrs", "-I", "zstd -T0 -3",
-              "-cpf", str(partial), "."])
+    run_host(
+        [
+            "tar",
+            "-C",
+            str(stage),
+            "--numeric-owner",
+            "--xattrs",
+            "-I",
+            "zstd -T0 -3",
+            "-cpf",
+            str(partial),
+            ".",
+        ]
+    )
     partial.rename(tarball)
     remove_tree(stage)
     for old in CACHE_DIR.glob(f"rootfs-{SUITE}-*.tar.zst"):
@@ -255,9 +278,18 @@ def remove_tree(path: Path) -> None:
 def snapshot_repo(repo: Path, dest: Path) -> None:
     """Copy the checkout's sources (no VCS data, venvs or caches) to ``dest``."""
     shutil.copytree(
-        repo, dest, symlinks=True,
-        ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "__pycache__",
-                                      ".pytest_cache", "*.egg-info", ".ruff_cache"),
+        repo,
+        dest,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "node_modules",
+            "__pycache__",
+            ".pytest_cache",
+            "*.egg-info",
+            ".ruff_cache",
+        ),
     )
 
 
@@ -288,8 +320,10 @@ class ApplyResult:
 
     def summary(self) -> str:
         lines = [
-            f"state.apply: rc={self.returncode} {len(self.states)} states, "
-            f"{len(self.changed)} changed, {len(self.failed)} failed, {self.seconds:.1f} s"
+            (
+                f"state.apply: rc={self.returncode} {len(self.states)} states, "
+                f"{len(self.changed)} changed, {len(self.failed)} failed, {self.seconds:.1f} s"
+            )
         ]
         lines += [f"  render error: {e}" for e in self.errors]
         for key, state in self.failed.items():
@@ -307,10 +341,19 @@ class ApplyResult:
 class Relay:
     """One container: its root directory, its nspawn process and its init's PID."""
 
-    def __init__(self, root: Path, name: str = "chatmail-relay", repo: Path = REPO_ROOT):
+    def __init__(
+        self,
+        root: Path,
+        name: str = "chatmail-relay",
+        repo: Path = REPO_ROOT,
+        pidfile: Path | None = None,
+    ):
         self.root = Path(root)
         self.name = name
         self.repo = Path(repo)
+        #: "<nspawn pid> <our pid>", written as soon as nspawn runs: lets a later session
+        #: find and stop a container whose owner was killed.
+        self.pidfile = pidfile
         self.nspawn_pid: int | None = None
         self.init_pid: int | None = None
         self.log_path = self.root.parent / f"{self.root.name}.console.log"
@@ -323,33 +366,53 @@ class Relay:
         tarball = ensure_rootfs()
         started = time.monotonic()
         self.root.mkdir(parents=True)
-        run_host(["tar", "-C", str(self.root), "--numeric-owner", "--xattrs", "-I", "zstd -T0",
-                  "-xpf", str(tarball)])
+        run_host(
+            [
+                "tar",
+                "-C",
+                str(self.root),
+                "--numeric-owner",
+                "--xattrs",
+                "-I",
+                "zstd -T0",
+                "-xpf",
+                str(tarball),
+            ]
+        )
         log(f"unpacked {tarball.name} to {self.root} in {time.monotonic() - started:.1f} s")
 
     def boot(self, timeout: float = 120) -> None:
         require_tools()
         require_free_ports()
         cmd = nspawn_base(self.root) + [
-            "-b", f"--machine={self.name}", "--console=read-only",
+            "-b",
+            f"--machine={self.name}",
+            "--console=read-only",
             f"--bind-ro={self.repo}:{REPO_MOUNT}",
             f"--bind={apt_cache()}:/var/cache/apt/archives",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
         with open(self.log_path, "ab") as console:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.nspawn_pid = proc.pid
         self._proc = proc
+        if self.pidfile:
+            self.pidfile.write_text(f"{proc.pid} {os.getpid()}")
         try:
             self.init_pid = self._wait_for_init(timeout)
             state = self._wait_for_boot(timeout)
         except BaseException:
             self.shutdown()
             raise
-        log(f"container {self.name} booted (nspawn {self.nspawn_pid}, init {self.init_pid}, {state})")
+        log(
+            f"container {self.name} booted (nspawn {self.nspawn_pid}, init {self.init_pid}, {state})"
+        )
 
     def attach(self, nspawn_pid: int) -> None:
         """Adopt a container booted earlier (by another process, e.g. `scripts/deploy`)."""
@@ -413,8 +476,16 @@ class Relay:
         return False
 
     def destroy(self) -> None:
+        started = time.monotonic()
         self.shutdown()
+        stopped = time.monotonic()
         remove_tree(self.root)
+        if self.pidfile:
+            self.pidfile.unlink(missing_ok=True)
+        log(
+            f"container {self.name}: stopped in {stopped - started:.1f} s, "
+            f"removed in {time.monotonic() - stopped:.1f} s"
+        )
         with contextlib.suppress(FileNotFoundError):
             self.log_path.unlink()
 
@@ -428,11 +499,22 @@ class Relay:
         env = [f"{k}={v}" for k, v in CONTAINER_ENV.items()]
         return ["nsenter", "-t", str(self.init_pid), "-a", "env", "-i", *env, *cmd]
 
-    def run(self, cmd: list[str] | str, check: bool = True, timeout: float = 300,
-            input: str | bytes | None = None, text: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        cmd: list[str] | str,
+        check: bool = True,
+        timeout: float = 300,
+        input: str | bytes | None = None,
+        text: bool = True,
+    ) -> subprocess.CompletedProcess:
         """Run a command inside the container (a string goes through /bin/sh -c)."""
         res = subprocess.run(
-            self.command(cmd), input=input, capture_output=True, text=text, timeout=timeout,
+            self.command(cmd),
+            input=input,
+            capture_output=True,
+            text=text,
+            timeout=timeout,
+            check=False,
         )
         if check and res.returncode != 0:
             shown = cmd if isinstance(cmd, str) else shlex.join(cmd)
@@ -443,8 +525,11 @@ class Relay:
         return res
 
     def write_file(self, path: str, content: str, mode: str = "0644") -> None:
-        self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))} && "
-                 f"cat > {shlex.quote(path)} && chmod {mode} {shlex.quote(path)}", input=content)
+        self.run(
+            f"mkdir -p {shlex.quote(os.path.dirname(path))} && "
+            f"cat > {shlex.quote(path)} && chmod {mode} {shlex.quote(path)}",
+            input=content,
+        )
 
     def read_file(self, path: str) -> str:
         return self.run(["cat", path]).stdout
@@ -465,13 +550,15 @@ class Relay:
         self.write_file("/srv/pillar/chatmail.sls", json.dumps(pillar, indent=2), mode="0600")
 
     def salt_call(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-        return self.run(["salt-call", "--local", "--log-level=warning", *args],
-                        check=False, timeout=timeout)
+        return self.run(
+            ["salt-call", "--local", "--log-level=warning", *args], check=False, timeout=timeout
+        )
 
     def apply(self, state: str = "chatmail", timeout: float = 1800) -> ApplyResult:
         started = time.monotonic()
-        res = self.salt_call("--out=json", "--retcode-passthrough", "state.apply", state,
-                             timeout=timeout)
+        res = self.salt_call(
+            "--out=json", "--retcode-passthrough", "state.apply", state, timeout=timeout
+        )
         result = ApplyResult(res.returncode, time.monotonic() - started, raw=res.stdout)
         try:
             local = json.loads(res.stdout)["local"]
@@ -577,12 +664,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     relay, state = _persistent_relay()
     domain = state.get("domain", args.domain)
     if relay.is_running():
-        log(f"relay container already running ({PERSISTENT_ROOT}): re-applying the formula "
-            "(`scripts/deploy --destroy` removes it)")
+        log(
+            f"relay container already running ({PERSISTENT_ROOT}): re-applying the formula "
+            "(`scripts/deploy --destroy` removes it)"
+        )
     else:
         if PERSISTENT_ROOT.exists():
-            log(f"existing relay container in {PERSISTENT_ROOT}: booting it and re-applying "
-                "(`scripts/deploy --destroy` removes it)")
+            log(
+                f"existing relay container in {PERSISTENT_ROOT}: booting it and re-applying "
+                "(`scripts/deploy --destroy` removes it)"
+            )
         else:
             relay.unpack()
         relay.boot()
@@ -602,10 +693,25 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def print_access(relay: Relay, domain: str) -> None:
     account = ""
-    res = subprocess.run(
-        ["curl", "-sk", "-X", "POST", "--resolve", f"{domain}:443:127.0.0.1", f"https://{domain}/new"],
-        capture_output=True, text=True, timeout=30,
-    ) if shutil.which("curl") else None
+    res = (
+        subprocess.run(
+            [
+                "curl",
+                "-sk",
+                "-X",
+                "POST",
+                "--resolve",
+                f"{domain}:443:127.0.0.1",
+                f"https://{domain}/new",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if shutil.which("curl")
+        else None
+    )
     if res is not None and res.returncode == 0:
         try:
             creds = json.loads(res.stdout)
@@ -628,16 +734,24 @@ It shares this host's network: IMAP 993/143, SMTP 25/465/587, HTTPS 443, HTTP 80
     if account:
         print(f"  first account (Delta Chat: 'scan QR' or paste):\n  {account}\n")
         qr = relay.run(
-            ["/usr/local/lib/chatmaild/venv/bin/python", "-c",
-             "import sys, qrcode; q = qrcode.QRCode(border=1); q.add_data(sys.argv[1]); "
-             "q.print_ascii(invert=True)", account],
+            [
+                "/usr/local/lib/chatmaild/venv/bin/python",
+                "-c",
+                (
+                    "import sys, qrcode; q = qrcode.QRCode(border=1); q.add_data(sys.argv[1]); "
+                    "q.print_ascii(invert=True)"
+                ),
+                account,
+            ],
             check=False,
         )
         if qr.returncode == 0:
             print(qr.stdout)
     else:
-        print("  (could not create a first account via POST /new: "
-              f"{(res.stderr or res.stdout)[:300] if res else 'curl missing'})")
+        print(
+            "  (could not create a first account via POST /new: "
+            f"{(res.stderr or res.stdout)[:300] if res else 'curl missing'})"
+        )
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
@@ -655,10 +769,15 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     relay, state = _persistent_relay()
     if not relay.is_running():
-        print("not running" + (f" (root {PERSISTENT_ROOT} exists)" if PERSISTENT_ROOT.exists() else ""))
+        print(
+            "not running"
+            + (f" (root {PERSISTENT_ROOT} exists)" if PERSISTENT_ROOT.exists() else "")
+        )
         return 1
     print(f"running: {state.get('domain')} nspawn pid {relay.nspawn_pid}")
-    print(relay.run("systemctl --no-pager --failed; systemctl is-system-running", check=False).stdout)
+    print(
+        relay.run("systemctl --no-pager --failed; systemctl is-system-running", check=False).stdout
+    )
     return 0
 
 

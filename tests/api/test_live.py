@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 from api_support import ADMIN, MONITOR
 
 
@@ -79,3 +82,27 @@ def test_live_toggle(live_api, tmp_path):
     assert httpx.post(f"{url}/new").status_code == 403
     audit = (tmp_path / "api-state" / "audit.log").read_text().splitlines()
     assert json.loads(audit[-1])["client"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "settings_text,message",
+    [
+        ("{not json", "cannot read"),
+        ('{"port": 0}', "port: Input should be greater than 0"),
+        ('{"unknown_key": 1}', "unknown_key: Extra inputs are not permitted"),
+        ('{"chatmail_ini": "/nonexistent/chatmail.ini"}', "cannot read /nonexistent"),
+    ],
+    ids=["not-json", "bad-port", "unknown-key", "missing-ini"],
+)
+def test_cli_refuses_bad_settings(tmp_path, settings_text, message):
+    path = tmp_path / "api.json"
+    path.write_text(settings_text)
+    result = subprocess.run(
+        [sys.executable, "-m", "chatmail_api.main", "--settings", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ def _harness():
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    """``rendered(pillar) -> (states, files, map)`` for Debian 12."""
+    """``rendered(pillar, grains=None) -> (states, files, map)``; Debian 12 by default."""
     harness = _harness()
     python = harness.SALT_VENV / "bin" / "python"
     if not python.exists():
@@ -33,15 +33,15 @@ def rendered(tmp_path_factory):
 
     cache = {}
 
-    def render(pillar: dict):
-        key = json.dumps(pillar, sort_keys=True)
+    def render(pillar: dict, grains: dict | None = None):
+        key = json.dumps([pillar, grains], sort_keys=True)
         if key not in cache:
-            cache[key] = render_once(pillar)
+            cache[key] = render_once(pillar, grains or harness.PLATFORMS["debian12"])
         return cache[key]
 
-    def render_once(pillar: dict):
+    def render_once(pillar: dict, grains: dict):
         root = tmp_path_factory.mktemp("salt-api")
-        config_dir = harness.write_minion_config(root, harness.PLATFORMS["debian12"], pillar)
+        config_dir = harness.write_minion_config(root, grains, pillar)
         out = root / "out"
         result = subprocess.run(
             [
@@ -180,3 +180,25 @@ def test_units_pass_systemd_analyze(rendered, tmp_path):
         text=True,
     )
     assert result.returncode == 1  # the check can fail
+
+
+OPENBSD_GRAINS = {  # as in tests/salt/test_openbsd.py
+    "os_family": "OpenBSD", "os": "OpenBSD", "osfinger": "OpenBSD-7", "osrelease": "7.6",
+    "osmajorrelease": 7, "kernel": "OpenBSD", "oscodename": "",
+}  # fmt: skip
+
+
+def test_openbsd_rc_script_and_service_names(rendered):
+    states, files, m = rendered({"chatmail": {"mail_domain": "chat.example.org"}}, OPENBSD_GRAINS)
+    script = files["/etc/rc.d/chatmail_api"]
+    assert f'daemon_user="{m["users"]["api"]}"' in script
+    assert f"--tokens-file {m['api']['tokens_file']}" in script
+    settings_data = state_args(states, "chatmail-api-settings")["dataset"]
+    if isinstance(settings_data, str):
+        settings_data = json.loads(settings_data)
+    settings = parse_settings(settings_data)
+    assert settings.service_manager == "rcctl"
+    assert "chatmail_metadata" in {s.name for s in settings.services}
+    assert settings.queue_command[0] == "smtpctl"
+    assert "chatmail-api-stats-cron" in states
+    assert not any(name.startswith("/etc/systemd") for name in files if "api" in name)

@@ -27,8 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
 sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
 
-import relayctl  # noqa: E402
-from relayclient import (  # noqa: E402
+import relayctl
+from relayclient import (
     RelayClient,
     encrypted_mail,
     message_id,
@@ -40,9 +40,16 @@ from relayclient import (  # noqa: E402
 DOMAIN = "_chatmail.test"
 SESSIONS_DIR = Path("/var/tmp/chatmail-test")
 SERVICES = (
-    "postfix@-.service", "dovecot.service", "nginx.service", "unbound.service",
-    "opendkim.service", "doveauth.service", "filtermail.service",
-    "filtermail-incoming.service", "chatmail-metadata.service", "lastlogin.service",
+    "postfix@-.service",
+    "dovecot.service",
+    "nginx.service",
+    "unbound.service",
+    "opendkim.service",
+    "doveauth.service",
+    "filtermail.service",
+    "filtermail-incoming.service",
+    "chatmail-metadata.service",
+    "lastlogin.service",
     "chatmail-api.service",
 )
 
@@ -83,7 +90,7 @@ def bench_logins(relay: RelayClient, count: int) -> None:
     for proto in ("imap", "smtp"):
         creds = [relay.gencreds() for _ in range(count)]
 
-        def login(addr, password):
+        def login(addr, password, proto=proto):
             if proto == "imap":
                 with relay.imap(addr, password):
                     pass
@@ -93,9 +100,11 @@ def bench_logins(relay: RelayClient, count: int) -> None:
 
         create = [timed(lambda c=c: login(*c)) for c in creds]
         again = [timed(lambda c=c: login(*c)) for c in creds]
-        print(f"{proto} login creating the account: median {ms(median(create))}   "
-              f"existing account: {ms(median(again))}   "
-              f"ratio {median(create) / median(again):.2f}")
+        print(
+            f"{proto} login creating the account: median {ms(median(create))}   "
+            f"existing account: {ms(median(again))}   "
+            f"ratio {median(create) / median(again):.2f}"
+        )
 
 
 def one_way_delivery(relay: RelayClient, sender, rcpt) -> float:
@@ -122,10 +131,14 @@ def bench_ping_pong(relay: RelayClient, rounds: int) -> None:
         finally:
             rpc.close()
     base = 2 * median(raw)
-    print(f"Delta Chat ping-pong: median {ms(median(rounds_s))} over {rounds} "
-          f"(min {ms(min(rounds_s))}, max {ms(max(rounds_s))})")
-    print(f"baseline 2 x raw SMTP->IMAP delivery (20 ms polling): {ms(base)}   "
-          f"ratio {median(rounds_s) / base:.2f}")
+    print(
+        f"Delta Chat ping-pong: median {ms(median(rounds_s))} over {rounds} "
+        f"(min {ms(min(rounds_s))}, max {ms(max(rounds_s))})"
+    )
+    print(
+        f"baseline 2 x raw SMTP->IMAP delivery (20 ms polling): {ms(base)}   "
+        f"ratio {median(rounds_s) / base:.2f}"
+    )
 
 
 def print_rss(container: relayctl.Relay) -> None:
@@ -156,7 +169,10 @@ def main() -> int:
     SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
     name = f"chatmail-bench-{uuid.uuid4().hex[:8]}"
     source = SESSIONS_DIR / f"{name}.src"
-    container = relayctl.Relay(SESSIONS_DIR / name, name=name, repo=source)
+    # The pid file lets the next test session stop this container if we get killed.
+    container = relayctl.Relay(
+        SESSIONS_DIR / name, name=name, repo=source, pidfile=SESSIONS_DIR / f"{name}.pid"
+    )
     try:
         relayctl.snapshot_repo(REPO_ROOT, source)
         container.unpack()
@@ -168,10 +184,14 @@ def main() -> int:
             return 1
         container.wait_for_services()
         second = container.apply()
-        print(f"first apply (packages, venv, keys): {first.seconds:6.1f} s  "
-              f"({len(first.changed)} of {len(first.states)} states changed)")
-        print(f"second apply (nothing to do):       {second.seconds:6.1f} s  "
-              f"({len(second.changed)} changed)   ratio {second.seconds / first.seconds:.2f}")
+        print(
+            f"first apply (packages, venv, keys): {first.seconds:6.1f} s  "
+            f"({len(first.changed)} of {len(first.states)} states changed)"
+        )
+        print(
+            f"second apply (nothing to do):       {second.seconds:6.1f} s  "
+            f"({len(second.changed)} changed)   ratio {second.seconds / first.seconds:.2f}"
+        )
         relay = RelayClient(container, DOMAIN)
         bench_logins(relay, args.logins)
         bench_ping_pong(relay, args.rounds)

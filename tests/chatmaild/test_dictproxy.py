@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,7 +41,7 @@ from chatmaild.dictproxy import (
         ("S1\tshared/k\tv\x01nw", Set("1", "shared/k", "v\nw")),
         ("U1\tshared/k", Unset("1", "shared/k")),
         ("C1", Commit("1")),
-        ("D7", Commit("7")),
+        ("D7", Commit("7", async_reply=True)),
         ("R1", Rollback("1")),
         ("T1\t12345\t0", Ignored("T")),
         ("A1\tshared/k\t1", Ignored("A")),
@@ -141,6 +140,8 @@ def converse(proxy: DictProxy, *lines: str | bytes) -> bytes:
         (["I0\t2\tshared/p/"], b"Oshared/p/0\tv0\nOshared/p/1\tv1\n\n"),
         (["B1\tu", "S1\tshared/k\tv", "C1"], b"O1\n"),
         (["B1\tu", "S1\tshared/bad\tv", "S1\tshared/k\tv", "C1"], b"F1\n"),
+        (["B1\tu", "S1\tshared/k\tv", "D1"], b"AO1\n"),
+        (["B1\tu", "S1\tshared/bad\tv", "D1"], b"AF1\n"),
         (["C9"], b"F9\n"),
         (["B1\tu", "R1", "C1"], b"F1\n"),
         (["garbage", "Lshared/k\tu"], b"Oshared/k|u\n"),
@@ -158,6 +159,8 @@ def converse(proxy: DictProxy, *lines: str | bytes) -> bytes:
         "iterate-max-rows",
         "transaction-commit",
         "transaction-one-failed-write-fails-commit",
+        "async-commit-reply",
+        "async-commit-failure-reply",
         "commit-unknown-transaction",
         "rollback-forgets-transaction",
         "garbage-skipped",
@@ -179,16 +182,8 @@ def test_transactions_are_per_connection():
 
 
 @pytest.fixture
-def echo_socket(tmp_path):
-    proxy = Echo()
-    path = tmp_path / "echo.socket"
-    server = proxy.make_server(path)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield path
-    server.shutdown()
-    server.server_close()
-    thread.join()
+def echo_socket(tmp_path, serve_dict):
+    return serve_dict(Echo(), tmp_path / "echo.socket")
 
 
 def test_real_socket_roundtrip(echo_socket):

@@ -26,13 +26,12 @@ from chatmaild.accounts import (
     AuthStatus,
     authenticate_or_create,
     check_creation,
-    creation_refusal,
     get_or_create,
     hash_password,
     verify_password,
 )
 from chatmaild.counters import Counters
-from chatmaild.dictproxy import DictClient, ProtocolError
+from chatmaild.dictproxy import DictClient, DictError, ProtocolError
 from chatmaild.doveauth import (
     AuthDictProxy,
     migrate_passdb,
@@ -45,6 +44,12 @@ from chatmaild.user import User
 
 DOMAIN = "chat.example.org"
 IDLE_HOST = SystemReadings(load_1m=0.1, available_memory_mb=10_000, free_disk_mb=100_000)
+
+
+def creation_refusal(config, addr: str, password: str) -> str | None:
+    """The counter label refusing a new account, or None if it may be created."""
+    refusal = check_creation(config, addr, password)
+    return refusal.reason if refusal else None
 
 
 def escape(value: str) -> str:
@@ -296,19 +301,11 @@ def test_counters_and_log_lines(example_config, caplog):
 
 
 @pytest.fixture
-def doveauth(example_config, tmp_path):
-    """A running doveauth (in a thread) on a real UNIX socket: yields its path."""
-    counters = Counters(None, "doveauth")
-    proxy = AuthDictProxy(example_config, counters)
-    path = tmp_path / "doveauth.socket"
-    server = proxy.make_server(path)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    proxy.socket_path = path
-    yield proxy
-    server.shutdown()
-    server.server_close()
-    thread.join()
+def doveauth(example_config, tmp_path, serve_dict):
+    """A running doveauth (in a thread) on a real UNIX socket, its path in ``socket_path``."""
+    proxy = AuthDictProxy(example_config, Counters(None, "doveauth"))
+    proxy.socket_path = serve_dict(proxy, tmp_path / "doveauth.socket")
+    return proxy
 
 
 def test_create_then_lookup(doveauth, gencreds):
@@ -584,7 +581,7 @@ def test_console_script_serves_and_logs(doveauth_process, example_config, tmp_pa
 
 def test_console_script_usage_error(tmp_path):
     exe = Path(sys.executable).parent / "doveauth"
-    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2
     assert "usage: doveauth SOCKET INI" in result.stderr
     result = subprocess.run(
@@ -592,6 +589,7 @@ def test_console_script_usage_error(tmp_path):
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 1 and "cannot read" in result.stderr
 
@@ -603,7 +601,7 @@ needs_doveadm = pytest.mark.skipif(DOVEADM is None, reason="doveadm (dovecot-cor
 def doveadm_dict(*args: str) -> subprocess.CompletedProcess:
     # -O: no dovecot.conf needed; the dict client is Dovecot's own proxy driver.
     return subprocess.run(
-        [DOVEADM, "-O", "dict", *args], capture_output=True, text=True, timeout=30
+        [DOVEADM, "-O", "dict", *args], capture_output=True, text=True, timeout=30, check=False
     )
 
 
@@ -702,7 +700,7 @@ service auth-worker {{
 
 
 @pytest.fixture
-def dovecot_auth(example_config, tmp_path):
+def dovecot_auth(example_config, tmp_path, serve_dict):
     """Dovecot (auth only) in a private base_dir, its passdb/userdb the running doveauth."""
     if DOVECOT is None or DOVEADM is None:
         pytest.skip("dovecot-core not installed")
@@ -713,9 +711,7 @@ def dovecot_auth(example_config, tmp_path):
     proxy = AuthDictProxy(
         example_config, Counters(None, "doveauth"), vmail_user=pwd.getpwuid(os.getuid()).pw_name
     )
-    server = proxy.make_server(base / "doveauth.socket")
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+    serve_dict(proxy, base / "doveauth.socket")
     (base / "auth-dict.conf.ext").write_text(AUTH_DICT_CONF.format(socket=base / "doveauth.socket"))
     conf = base / "dovecot.conf"
     conf.write_text(DOVECOT_CONF.format(base=base))
@@ -729,16 +725,17 @@ def dovecot_auth(example_config, tmp_path):
 
         def doveadm(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(
-                [DOVEADM, "-c", str(conf), *args], capture_output=True, text=True, timeout=30
+                [DOVEADM, "-c", str(conf), *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
             )
 
         yield doveadm
     finally:
         dovecot.terminate()
         dovecot.wait(timeout=20)
-        server.shutdown()
-        server.server_close()
-        thread.join()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -826,10 +823,41 @@ def test_console_script_migrates_passdb_at_start(example_config, tmp_path):
 def test_password_scheme_from_config(make_config, scheme):
     from chatmaild.accounts import get_or_create, verify_password
 
-    config = make_config("chat.example.org", password_scheme=scheme, max_load_1m=1000,
-                         min_available_memory="0M", min_free_disk_space="0M")
+    config = make_config(
+        "chat.example.org",
+        password_scheme=scheme,
+        max_load_1m=1000,
+        min_available_memory="0M",
+        min_free_disk_space="0M",
+    )
     account = get_or_create(config, "schemeuse@chat.example.org", "Secret-Pass|1")
     assert account.created
-    assert account.password_hash.startswith("{%s}$" % scheme)
+    assert account.password_hash.startswith(f"{{{scheme}}}$")
     assert verify_password("Secret-Pass|1", account.password_hash)
     assert not verify_password("secret-pass|1", account.password_hash)
+
+
+def test_account_never_exists_without_its_e2ee_flag(example_config, monkeypatch):
+    """A crash while creating leaves no account, or one that refuses cleartext: never one
+    that exists without ``enforceE2EEincoming`` (it would accept cleartext forever)."""
+    user = User(example_config.mailboxes_path, f"crashing@{DOMAIN}")
+
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "touch", crash)
+    with pytest.raises(OSError):
+        user.set_password("{SHA512-CRYPT}$6$x$y")
+    assert user.get_password() is None
+
+
+def test_failed_lookup_never_logs_the_password(doveauth, caplog):
+    """A passdb key carries the plaintext password: a failing lookup must not log it."""
+    addr = f"nulpasswd@{DOMAIN}"
+    with DictClient(doveauth.socket_path) as client:
+        with pytest.raises(DictError):  # crypt(3) refuses NUL: the creation fails
+            client.lookup(passdb_key(addr, "Secret\0Pass99"), addr)
+        assert client.lookup(f"shared/userdb/{addr}", addr) is None
+    assert "lookup of" in caplog.text  # the failure is logged ...
+    assert addr in caplog.text
+    assert "Secret" not in caplog.text and "Pass99" not in caplog.text  # ... without the password

@@ -331,7 +331,7 @@ def test_console_script(setup):
     old = make_message(maildir, "cur", days=30)
     exe = Path(sys.executable).parent / "chatmail-expire"
     proc = subprocess.run(
-        [str(exe), ini, "-v", "--remove"], capture_output=True, text=True, timeout=60
+        [str(exe), ini, "-v", "--remove"], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stderr
     assert SUMMARY_RE.match(proc.stdout)
@@ -391,7 +391,11 @@ def test_quota_expire_console_script(setup):
     make_message(maildir, "cur", days=3, size=10, quota_size=2_000_000)
     exe = Path(sys.executable).parent / "chatmail-quota-expire"
     proc = subprocess.run(
-        [str(exe), "--ini", ini, "1", str(maildir)], capture_output=True, text=True, timeout=60
+        [str(exe), "--ini", ini, "1", str(maildir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "quota-expire: removed 1 message(s) from a@chat.example.org\n"

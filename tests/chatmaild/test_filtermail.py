@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from aiosmtpd.smtp import SMTP
 from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail
 
 from chatmaild.filtermail import refuses_cleartext, split_params
+from chatmaild.smtpclient import LOCAL_ERROR, Recipient, Reinjector
 
 SENDER = "alice@chat.example.org"
 OTHER = "bob@other.example"
@@ -401,6 +403,77 @@ def test_stale_pooled_connection_is_replaced(loop_thread, start):
         assert len(sink.received) == 2
     finally:
         sink.stop()
+
+
+def test_retry_after_a_dead_pooled_connection_uses_a_fresh_one():
+    """After a Postfix restart every pooled connection is dead: the retry must not take one."""
+
+    class Handler:
+        delivered = 0
+
+        async def handle_DATA(self, server, session, envelope):
+            self.delivered += 1
+            return "250 OK"
+
+    connections: list[SMTP] = []
+    doomed: set[SMTP] = set()
+
+    class RestartedSMTP(SMTP):
+        def connection_made(self, transport):
+            connections.append(self)
+            super().connection_made(transport)
+
+        async def smtp_MAIL(self, arg):
+            if self in doomed:  # a connection from before the "restart" dies at its next use
+                self.transport.close()
+                return
+            await super().smtp_MAIL(arg)
+
+    async def scenario():
+        handler = Handler()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: RestartedSMTP(handler), "127.0.0.1", 0)
+        reinjector = Reinjector("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+        mail = b"Subject: x\r\n\r\nhi\r\n"
+        sends = [reinjector.send(SENDER, [Recipient(OTHER)], mail) for _ in "ab"]
+        first = await asyncio.gather(*sends)
+        assert len(reinjector._idle) == 2
+        doomed.update(connections)
+        reply = await reinjector.send(SENDER, [Recipient(OTHER)], mail)
+        reinjector.close()
+        server.close()
+        return first, reply, handler.delivered
+
+    first, reply, delivered = asyncio.run(scenario())
+    assert [r[:3] for r in first] == ["250", "250"]
+    assert reply.startswith("250") and delivered == 3
+
+
+def test_garbled_reinjection_reply_closes_the_connection():
+    """A reply line longer than the stream limit fails the message and frees the socket."""
+
+    async def scenario():
+        closed = asyncio.Event()
+
+        async def garbling_server(reader, writer):
+            writer.write(b"220 sink\r\n")
+            await reader.readline()
+            writer.write(b"250 sink\r\n")
+            await reader.readline()  # MAIL FROM
+            writer.write(b"250-" + b"x" * 100_000)  # never ends its line
+            await reader.read()  # until the client hangs up
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(garbling_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reinjector = Reinjector("127.0.0.1", port, timeout=5)
+        reply = await reinjector.send(SENDER, [Recipient(OTHER)], b"Subject: x\r\n\r\nhi\r\n")
+        await asyncio.wait_for(closed.wait(), 5)
+        server.close()
+        return reply
+
+    assert asyncio.run(scenario()) == LOCAL_ERROR
 
 
 def test_concurrent_clients(start, sink):

@@ -10,10 +10,10 @@ import subprocess
 
 import dkim
 import pytest
-from dnsserver import DNSServer, txt_strings
+from dnsserver import txt_strings
 from filtermail_support import Filtermail, LoopThread, Sink, load_mail
 
-from chatmaild.dkimverify import TxtLookup, parse_resolver_address
+from chatmaild.dkimverify import MAX_ALIGNED_SIGNATURES, TxtLookup, parse_resolver_address
 
 RCPT = "dave@chat.example.org"
 SENDER = "bob@example.org"
@@ -55,18 +55,17 @@ def sign(data: bytes, private: bytes, domain: str, selector: str = "sel") -> byt
     return signature + data
 
 
-@pytest.fixture(scope="module")
-def nsd(tmp_path_factory, keys):
-    """One NSD for the module (starting it takes ~0.5 s); tests reset the zones they change."""
-    with DNSServer(tmp_path_factory.mktemp("nsd")) as server:
-        server.set_zone("other.org", [key_record("sel", keys[1][1])])
-        yield server
+@pytest.fixture
+def nsd(dns_server, keys):
+    """The module's NSD serving example.org and other.org with their first keys."""
+    dns_server.set_zone("example.org", [key_record("sel", keys[0][1])])
+    dns_server.set_zone("other.org", [key_record("sel", keys[1][1])])
+    return dns_server
 
 
 @pytest.fixture
 def incoming(nsd, keys, make_config):
     """A running incoming filter resolving through NSD, plus its sink."""
-    nsd.set_zone("example.org", [key_record("sel", keys[0][1])])
     loop_thread = LoopThread()
     sink = Sink(loop_thread)
     config = make_config(dns_resolver=nsd.address, postfix_reinject_port_incoming=sink.port)
@@ -212,12 +211,12 @@ def test_parse_resolver_address(value, expected):
 
 
 def test_txt_cache_is_bounded(dns_server):
-    dns_server.set_zone("example.org", [f'k{i} TXT "v{i}"' for i in range(20)])
+    dns_server.set_zone("cache.example", [f'k{i} TXT "v{i}"' for i in range(20)])
 
     async def run():
         txt = TxtLookup(dns_server.address, cache_size=5)
-        values = [await txt.lookup(f"k{i}.example.org") for i in range(20)]
-        missing = await txt.lookup("nothing.example.org")
+        values = [await txt.lookup(f"k{i}.cache.example") for i in range(20)]
+        missing = await txt.lookup("nothing.cache.example")
         return values, missing, len(txt._cache)
 
     loop_thread = LoopThread()
@@ -228,3 +227,14 @@ def test_txt_cache_is_bounded(dns_server):
     assert values == [f"v{i}".encode() for i in range(20)]
     assert missing is None
     assert size == 5
+
+
+def test_only_the_first_aligned_signatures_are_tried(incoming, keys):
+    """Each signature costs a DNS lookup and a hash of the whole body: a message piling up
+    aligned signatures must not make the filter do unbounded work."""
+    fm, sink = incoming
+    signed = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org")
+    for i in range(MAX_ALIGNED_SIGNATURES):  # unpublished selectors, on top of the valid one
+        signed = sign(signed, keys[0][0], "example.org", selector=f"junk{i}")
+    assert send(fm.port, signed) == (554, "5.7.1 No valid DKIM signature found")
+    assert sink.received == []

@@ -6,7 +6,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,15 +53,8 @@ def account(example_config):
 
 
 @pytest.fixture
-def lastlogin_socket(example_config, tmp_path):
-    path = tmp_path / "lastlogin.socket"
-    server = LastLoginDictProxy(example_config).make_server(path)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield path
-    server.shutdown()
-    server.server_close()
-    thread.join()
+def lastlogin_socket(example_config, tmp_path, serve_dict):
+    return serve_dict(LastLoginDictProxy(example_config), tmp_path / "lastlogin.socket")
 
 
 @pytest.mark.parametrize(
@@ -134,6 +126,7 @@ def test_dovecot_dict_client_sets_last_login(lastlogin_socket, account):
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert account.get_last_login_timestamp() == 172800

@@ -180,10 +180,9 @@ def test_filedict_exception_leaves_file_unchanged(tmp_path):
     filedict = FileDict(tmp_path / "d.json")
     with filedict.modify() as data:
         data["a"] = 1
-    with pytest.raises(RuntimeError):
-        with filedict.modify() as data:
-            data["a"] = 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), filedict.modify() as data:
+        data["a"] = 2
+        raise RuntimeError("boom")
     assert filedict.read() == {"a": 1}
 
 
@@ -480,24 +479,18 @@ def test_garbage_lines_are_skipped_and_serving_continues(proxy, metadata, caplog
     assert metadata.get_tokens_for_addr(ADDR) == ["tok"]
 
 
-def test_real_socket_serves_after_a_client_sent_garbage(config, proxy, metadata, sock_dir):
+def test_real_socket_serves_after_a_client_sent_garbage(proxy, metadata, sock_dir, serve_dict):
     metadata.add_token_to_addr(ADDR, "tok")
-    path = sock_dir / "metadata.socket"
-    server = proxy.make_server(path)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with socket.socket(socket.AF_UNIX) as bad:
-            bad.connect(str(path))
-            bad.sendall(b"\x00\xffgarbage\nLpriv/half")  # then hang up mid-line
+    path = serve_dict(proxy, sock_dir / "metadata.socket")
+    with socket.socket(socket.AF_UNIX) as bad:
+        bad.connect(str(path))
+        bad.sendall(b"\x00\xffgarbage\nLpriv/half")  # then hang up mid-line
 
-        with DictClient(path, timeout=5, dict_name="metadata") as good:
-            assert good.lookup(f"priv/{GUID}/devicetoken", ADDR) == "tok"
-            assert good.set_values({f"priv/{GUID}/devicetoken": "tok2"}, ADDR)
-            assert not good.set_values({f"priv/{GUID}/nonsense": "x"}, ADDR)
-            assert good.lookup(f"shared/{GUID}/{VENDOR}/maxsmtprecipients", ADDR) == "1000"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with DictClient(path, timeout=5, dict_name="metadata") as good:
+        assert good.lookup(f"priv/{GUID}/devicetoken", ADDR) == "tok"
+        assert good.set_values({f"priv/{GUID}/devicetoken": "tok2"}, ADDR)
+        assert not good.set_values({f"priv/{GUID}/nonsense": "x"}, ADDR)
+        assert good.lookup(f"shared/{GUID}/{VENDOR}/maxsmtprecipients", ADDR) == "1000"
     assert sorted(metadata.get_tokens_for_addr(ADDR)) == ["tok", "tok2"]
 
 

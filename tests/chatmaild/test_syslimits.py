@@ -7,12 +7,8 @@ import logging
 import pytest
 
 from chatmaild import syslimits
-from chatmaild.syslimits import (
-    SystemReadings,
-    exceeded_limit,
-    has_sufficient_resources,
-    read_system,
-)
+from chatmaild.accounts import get_or_create
+from chatmaild.syslimits import SystemReadings, exceeded_limit, read_system
 
 LIMITS = {"max_load_1m": 2.0, "min_available_memory": "200M", "min_free_disk_space": "1G"}
 
@@ -65,14 +61,17 @@ def test_exceeded_limit(make_config, readings, reason):
 def test_rejection_is_logged(make_config, caplog, readings, needle):
     config = make_config("chat.example.org", **LIMITS)
     with caplog.at_level(logging.WARNING):
-        assert has_sufficient_resources(config, readings) is False
+        account = get_or_create(config, "abcdefghi@chat.example.org", "password123", None, readings)
+    assert account.password_hash is None
     assert needle in caplog.text
 
 
 def test_sufficient_resources_log_nothing(make_config, caplog):
     config = make_config("chat.example.org", **LIMITS)
     with caplog.at_level(logging.WARNING):
-        assert has_sufficient_resources(config, SystemReadings(0.5, 1000, 5000)) is True
+        readings = SystemReadings(0.5, 1000, 5000)
+        account = get_or_create(config, "abcdefghi@chat.example.org", "password123", None, readings)
+    assert account.created
     assert caplog.text == ""
 
 
@@ -94,12 +93,12 @@ def test_unreadable_disk_is_ignored(make_config, tmp_path, caplog):
         min_available_memory="0",
         mailboxes_dir=tmp_path / "does-not-exist",
     )
-    assert has_sufficient_resources(config) is True
+    assert exceeded_limit(config, readings) is None
 
 
 def test_real_limits_no_host_meets(make_config, tmp_path):
     config = make_config("chat.example.org", max_load_1m=99999, min_available_memory="100T")
-    assert has_sufficient_resources(config) is False
+    assert exceeded_limit(config, read_system(config.mailboxes_path))[0] == "memory"
 
 
 @pytest.mark.parametrize(

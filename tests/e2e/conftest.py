@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,30 +20,34 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
 
-import relayctl  # noqa: E402
-
-from relayclient import RelayClient  # noqa: E402
+import relayctl
+from relayclient import RelayClient
 
 SESSIONS_DIR = Path("/var/tmp/chatmail-test")
 DOMAIN = "_chatmail.test"
 
 
 def _remove_stale_sessions() -> None:
-    """Roots left by a session that was killed (its nspawn is gone): free the disk."""
+    """Containers of sessions that were killed (SIGKILL, a lost CI job): stop and remove.
+
+    Each session writes ``<root>.pid`` = "<nspawn pid> <pytest pid>"; a container whose
+    pytest is gone is stopped (it holds the relay's ports) and its files removed.
+    """
     if not SESSIONS_DIR.is_dir():
         return
     for pidfile in SESSIONS_DIR.glob("*.pid"):
         root = pidfile.with_suffix("")
         try:
-            pid = int(pidfile.read_text())
+            nspawn_pid, owner_pid = (int(p) for p in pidfile.read_text().split())
         except ValueError:
-            pid = 0
-        if pid and relayctl._is_nspawn(pid):
-            continue
-        relayctl.remove_tree(root)
+            nspawn_pid = owner_pid = 0
+        if owner_pid and Path(f"/proc/{owner_pid}").exists():
+            continue  # a session running right now
+        stale = relayctl.Relay(root, name=root.name, pidfile=pidfile)
+        if nspawn_pid and relayctl._is_nspawn(nspawn_pid):
+            stale.attach(nspawn_pid)
+        stale.destroy()
         relayctl.remove_tree(Path(f"{root}.src"))
-        pidfile.unlink(missing_ok=True)
-        Path(f"{root}.console.log").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -75,29 +78,27 @@ def container():
         return
     try:
         relayctl.require_tools()
+        _remove_stale_sessions()
         relayctl.require_free_ports()
     except relayctl.RelayError as exc:
         pytest.fail(str(exc), pytrace=False)
-    _remove_stale_sessions()
     SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
     name = f"chatmail-test-{uuid.uuid4().hex[:8]}"
     # A snapshot of the checkout: edits made while the session runs cannot make the
     # second apply report changes.
     source = SESSIONS_DIR / f"{name}.src"
-    relay = relayctl.Relay(SESSIONS_DIR / name, name=name, repo=source)
+    pidfile = SESSIONS_DIR / f"{name}.pid"
+    pidfile.write_text(f"0 {os.getpid()}")
+    relay = relayctl.Relay(SESSIONS_DIR / name, name=name, repo=source, pidfile=pidfile)
     with _sigterm_as_interrupt():
         try:
             relayctl.snapshot_repo(REPO_ROOT, source)
             relay.unpack()
             relay.boot()
-            Path(f"{relay.root}.pid").write_text(str(relay.nspawn_pid))
             yield relay
         finally:
-            started = time.monotonic()
             relay.destroy()
-            Path(f"{relay.root}.pid").unlink(missing_ok=True)
             relayctl.remove_tree(source)
-            print(f"\ncontainer {name} removed in {time.monotonic() - started:.1f} s")
 
 
 @pytest.fixture(scope="session")

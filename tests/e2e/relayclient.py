@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chatmaild"))
 
-from filtermail_support import armor, encrypted_payload  # noqa: E402
+from filtermail_support import armor, encrypted_payload
 
 HOST = "127.0.0.1"
 ALNUM = string.ascii_lowercase + string.digits
@@ -92,7 +92,9 @@ class RelayClient:
         return f"/home/vmail/mail/{self.domain}/{addr}"
 
     def account_exists(self, addr: str) -> bool:
-        return self.container.run(["test", "-d", self.mailbox_dir(addr)], check=False).returncode == 0
+        return (
+            self.container.run(["test", "-d", self.mailbox_dir(addr)], check=False).returncode == 0
+        )
 
     # IMAP
 
@@ -108,17 +110,18 @@ class RelayClient:
             except (imaplib.IMAP4.error, OSError):
                 pass
 
-    def fetch_inbox_message(self, addr: str, password: str, msgid: str, timeout: float = 30,
-                            poll: float = 0.3) -> bytes:
+    def fetch_inbox_message(
+        self, addr: str, password: str, msgid: str, timeout: float = 30, poll: float = 0.3
+    ) -> bytes:
         """The raw message with this Message-ID, waiting for it to arrive in INBOX."""
         deadline = time.monotonic() + timeout
         with self.imap(addr, password) as conn:
             while True:
                 conn.select("INBOX")
-                typ, data = conn.search(None, "HEADER", "Message-ID", msgid)
+                _, data = conn.search(None, "HEADER", "Message-ID", msgid)
                 ids = data[0].split()
                 if ids:
-                    typ, fetched = conn.fetch(ids[-1], "(RFC822)")
+                    _, fetched = conn.fetch(ids[-1], "(RFC822)")
                     return fetched[0][1]
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{msgid} did not arrive in {addr}'s INBOX in {timeout} s")
@@ -138,8 +141,15 @@ class RelayClient:
             conn.login(addr, password)
         return conn
 
-    def send(self, port: int, addr: str, password: str, to_addrs: list[str], msg: bytes,
-             mail_from: str | None = None) -> None:
+    def send(
+        self,
+        port: int,
+        addr: str,
+        password: str,
+        to_addrs: list[str],
+        msg: bytes,
+        mail_from: str | None = None,
+    ) -> None:
         with self.smtp(port, addr, password) as conn:
             conn.sendmail(mail_from or addr, to_addrs, msg)
 
@@ -158,7 +168,7 @@ class RelayClient:
 
     def publish_txt(self, name: str, value: str) -> None:
         """A TXT record in the relay's unbound (split into 255-byte strings)."""
-        chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        chunks = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
         self.local_data(f"{name}. 300 IN TXT {chunks}")
 
     def local_data(self, record: str) -> None:
@@ -198,7 +208,8 @@ def dkim_keypair() -> tuple[bytes, str]:
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
     der = key.public_key().public_bytes(
@@ -223,8 +234,10 @@ def start_rpc(accounts_dir: Path):
     from deltachat_rpc_client import Rpc
 
     server = Path(sys.executable).parent / "deltachat-rpc-server"
-    rpc = Rpc(accounts_dir=str(accounts_dir),
-              rpc_server_path=str(server) if server.exists() else "deltachat-rpc-server")
+    rpc = Rpc(
+        accounts_dir=str(accounts_dir),
+        rpc_server_path=str(server) if server.exists() else "deltachat-rpc-server",
+    )
     rpc.start()
     return rpc
 

@@ -51,19 +51,16 @@ def test_smtp_login_creates_account(relay):
 
 def test_wrong_password_fails(relay):
     addr, password = relay.new_account()
-    with pytest.raises(imaplib.IMAP4.error):
-        with relay.imap(addr, password + "x"):
-            pass
-    with pytest.raises(smtplib.SMTPAuthenticationError):
-        with relay.smtp(465, addr, password + "x"):
-            pass
+    with pytest.raises(imaplib.IMAP4.error), relay.imap(addr, password + "x"):
+        pass
+    with pytest.raises(smtplib.SMTPAuthenticationError), relay.smtp(465, addr, password + "x"):
+        pass
 
 
 def test_short_password_fails_and_creates_nothing(relay):
     addr, _ = relay.gencreds()
-    with pytest.raises(imaplib.IMAP4.error):
-        with relay.imap(addr, "admin"):
-            pass
+    with pytest.raises(imaplib.IMAP4.error), relay.imap(addr, "admin"):
+        pass
     assert not relay.account_exists(addr)
 
 
@@ -75,9 +72,8 @@ def test_nocreate_blocks_new_accounts_but_not_existing_ones(relay):
     relay.container.run(["touch", nocreate])
     try:
         addr, password = relay.gencreds()
-        with pytest.raises(imaplib.IMAP4.error):
-            with relay.imap(addr, password):
-                pass
+        with pytest.raises(imaplib.IMAP4.error), relay.imap(addr, password):
+            pass
         assert not relay.account_exists(addr)
         with relay.imap(existing, existing_password):
             pass
@@ -85,6 +81,28 @@ def test_nocreate_blocks_new_accounts_but_not_existing_ones(relay):
         relay.container.run(["rm", "-f", nocreate])
     with relay.imap(addr, password):
         pass
+
+
+def test_imap_capabilities_and_metadata(relay):
+    """Delta Chat's IMAP extensions: the capabilities it looks for, a settable device token."""
+    addr, password = relay.new_account()
+    with relay.imap(addr, password) as conn:
+        caps = conn.capability()[1][0].split()
+        assert b"XCHATMAIL" in caps and b"XDELTAPUSH" in caps and b"METADATA" in caps, caps
+        typ, data = conn.xatom("SETMETADATA", "INBOX", '(/private/devicetoken "1111")')
+        assert typ == "OK", data
+        typ, data = conn.xatom("GETMETADATA", "INBOX", "/private/devicetoken")
+        assert typ == "OK", data
+        metadata = conn.untagged_responses.pop("METADATA", [])
+        assert any(b"1111" in (m if isinstance(m, bytes) else m[1]) for m in metadata), metadata
+
+
+def test_vrfy_reveals_nothing(relay):
+    addr, _ = relay.new_account()
+    with relay.smtp(25) as conn:
+        for who in (addr, f"nobody0x1@{relay.domain}", "echo"):
+            code, _ = conn.verify(who)
+            assert code == 252, (who, code)
 
 
 # --- submission ----------------------------------------------------------------------------
@@ -130,7 +148,9 @@ def test_unencrypted_mail_to_outside_is_refused_523(relay):
     sender, sender_pw = relay.new_account()
     remote = "someone@_remote.test"
     with pytest.raises(smtplib.SMTPDataError) as exc:
-        relay.send(587, sender, sender_pw, [remote], plain_mail(sender, [remote], message_id(relay.domain)))
+        relay.send(
+            587, sender, sender_pw, [remote], plain_mail(sender, [remote], message_id(relay.domain))
+        )
     assert exc.value.smtp_code == 523, exc.value
 
 
@@ -182,7 +202,10 @@ def test_port25_accepts_mail_signed_with_published_key(relay):
     msgid = message_id(domain)
     msg = encrypted_mail(sender, [rcpt], msgid)
     signature = dkim.sign(
-        msg, selector.encode(), domain.encode(), private_pem,
+        msg,
+        selector.encode(),
+        domain.encode(),
+        private_pem,
         include_headers=[b"from", b"to", b"subject", b"date", b"message-id", b"content-type"],
     )
     send_port25(relay, sender, rcpt, signature + msg)
@@ -212,9 +235,8 @@ def test_port25_requires_starttls(relay):
 def tls_greeting(alpn: str) -> tuple[str | None, bytes]:
     ctx = unverified_context()
     ctx.set_alpn_protocols([alpn])
-    with socket.create_connection((HOST, 443), timeout=15) as raw:
-        with ctx.wrap_socket(raw) as conn:
-            return conn.selected_alpn_protocol(), conn.recv(200)
+    with socket.create_connection((HOST, 443), timeout=15) as raw, ctx.wrap_socket(raw) as conn:
+        return conn.selected_alpn_protocol(), conn.recv(200)
 
 
 def test_443_alpn_imap_reaches_dovecot(relay):
@@ -239,7 +261,7 @@ def test_443_alpn_imap_login_works(relay):
 
 
 def test_https_web_page(relay):
-    status, headers, body = relay.https_get("/")
+    status, _, body = relay.https_get("/")
     assert status == 200
     assert b"<html" in body.lower()
 
@@ -256,7 +278,7 @@ def test_http_redirects_to_https(relay):
 
 def test_autoconfig_xml(relay):
     for path in ("/.well-known/autoconfig/mail/config-v1.1.xml", "/mail/config-v1.1.xml"):
-        status, headers, body = relay.https_get(path)
+        status, _, body = relay.https_get(path)
         assert status == 200, path
         text = body.decode()
         assert f"<domain>{relay.domain}</domain>" in text
@@ -287,9 +309,41 @@ def test_tls_versions(relay):
     ctx = unverified_context()
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     for port in (465, 993):
-        with socket.create_connection((HOST, port), timeout=15) as raw:
-            with pytest.raises(ssl.SSLError):
-                ctx.wrap_socket(raw)
+        with socket.create_connection((HOST, port), timeout=15) as raw, pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(raw)
+
+
+# --- a pillar change reaches the running daemons ------------------------------------------
+
+
+def test_pillar_change_restarts_what_uses_it(relay):
+    container = relay.container
+
+    def started_at(unit: str) -> str:
+        return container.run(
+            ["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value", unit]
+        ).stdout.strip()
+
+    def advertised_size() -> str:
+        with relay.smtp(587) as conn:
+            conn.ehlo("client.example")
+            return conn.esmtp_features["size"]
+
+    before = started_at("filtermail.service")
+    container.configure_salt(relayctl.local_relay_pillar(relay.domain, max_message_size=20000000))
+    try:
+        result = container.apply()
+        assert result.ok, result.summary()
+        assert advertised_size() == "20000000"
+        assert "max_message_size = 20000000" in container.read_file(
+            "/usr/local/lib/chatmaild/chatmail.ini"
+        )
+        assert started_at("filtermail.service") != before, "filtermail kept the old settings"
+    finally:
+        container.configure_salt(relayctl.local_relay_pillar(relay.domain))
+        result = container.apply()
+    assert result.ok, result.summary()
+    assert advertised_size() == "31457280"
 
 
 # --- idempotence (last: it must see the state every test above left) -----------------------
@@ -297,8 +351,10 @@ def test_tls_versions(relay):
 
 def test_second_apply_reports_no_changes(applied):
     result = applied.apply()
-    print(f"\nsecond apply: {result.seconds:.1f} s "
-          f"(first: {applied.first_apply.seconds:.1f} s)\n{result.summary()}")
+    print(
+        f"\nsecond apply: {result.seconds:.1f} s "
+        f"(first: {applied.first_apply.seconds:.1f} s)\n{result.summary()}"
+    )
     assert result.ok, result.summary()
     assert not result.changed, result.changed_summary()
 
@@ -326,7 +382,16 @@ def test_deploy_script_server_mode_honours_existing_pillar(relay):
 
 
 def test_deploy_script_refuses_non_root(relay):
-    res = relay.container.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                       f"{relayctl.REPO_MOUNT}/scripts/deploy", "chat.example.org"], check=False)
+    res = relay.container.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            f"{relayctl.REPO_MOUNT}/scripts/deploy",
+            "chat.example.org",
+        ],
+        check=False,
+    )
     assert res.returncode == 2
     assert "run this as root" in res.stderr

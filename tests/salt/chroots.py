@@ -32,7 +32,7 @@ def _cache_name(suite: str, packages: list[str]) -> str:
 
 
 def _run(cmd: list[str], **kwargs) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
@@ -52,7 +52,16 @@ def _build(suite: str, packages: list[str], root: Path) -> None:
     }
     _run(["chroot", str(root), "apt-get", "update", "-q"], env=env)
     _run(
-        ["chroot", str(root), "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        [
+            "chroot",
+            str(root),
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            *packages,
+        ],
         env=env,
     )
     _run(["chroot", str(root), "apt-get", "clean"], env=env)
@@ -98,7 +107,9 @@ def run_in_chroot(root: Path, cmd: list[str], files: dict[str, str | bytes] | No
         else:
             target.write_bytes(content)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-    return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        ["chroot", str(root), *cmd], check=False, capture_output=True, text=True, env=env
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from chroots import CACHE_DIR, debian_chroot  # noqa: E402
+from chroots import CACHE_DIR, debian_chroot
 
 REPO = Path(__file__).resolve().parents[2]
 SALT_VENV = CACHE_DIR / "salt-venv"
@@ -32,22 +32,41 @@ SALT_VENV = CACHE_DIR / "salt-venv"
 SALT_MIN_MAJOR = 3006
 
 TRIXIE_PACKAGES = [
-    "dovecot-core", "dovecot-imapd", "dovecot-lmtpd", "dovecot-auth-lua",
-    "opensmtpd", "opensmtpd-filter-dkimsign", "nginx", "libnginx-mod-stream", "unbound",
+    "dovecot-core",
+    "dovecot-imapd",
+    "dovecot-lmtpd",
+    "dovecot-auth-lua",
+    "opensmtpd",
+    "opensmtpd-filter-dkimsign",
+    "nginx",
+    "libnginx-mod-stream",
+    "unbound",
 ]
 
 PLATFORMS = {
     "debian12": {
-        "os_family": "Debian", "os": "Debian", "osfinger": "Debian-12",
-        "osrelease": "12", "osmajorrelease": 12, "oscodename": "bookworm",
+        "os_family": "Debian",
+        "os": "Debian",
+        "osfinger": "Debian-12",
+        "osrelease": "12",
+        "osmajorrelease": 12,
+        "oscodename": "bookworm",
     },
     "debian13": {
-        "os_family": "Debian", "os": "Debian", "osfinger": "Debian-13",
-        "osrelease": "13", "osmajorrelease": 13, "oscodename": "trixie",
+        "os_family": "Debian",
+        "os": "Debian",
+        "osfinger": "Debian-13",
+        "osrelease": "13",
+        "osmajorrelease": 13,
+        "oscodename": "trixie",
     },
     "ubuntu2404": {
-        "os_family": "Debian", "os": "Ubuntu", "osfinger": "Ubuntu-24.04",
-        "osrelease": "24.04", "osmajorrelease": 24, "oscodename": "noble",
+        "os_family": "Debian",
+        "os": "Ubuntu",
+        "osfinger": "Ubuntu-24.04",
+        "osrelease": "24.04",
+        "osmajorrelease": 24,
+        "oscodename": "noble",
     },
 }
 
@@ -88,7 +107,7 @@ PILLARS = {
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -149,8 +168,11 @@ def write_minion_config(root: Path, grains: dict, pillar: dict) -> Path:
         "file_roots": {"base": [str(REPO / "salt"), str(REPO), str(extra_dir)]},
         "pillar_roots": {"base": [str(pillar_dir)]},
         "file_ignore_regex": [
-            r"(^|/)\.venv(/|$)", r"(^|/)\.git(/|$)", r"(^|/)node_modules(/|$)",
-            r"(^|/)__pycache__(/|$)", r"\.egg-info(/|$)",
+            r"(^|/)\.venv(/|$)",
+            r"(^|/)\.git(/|$)",
+            r"(^|/)node_modules(/|$)",
+            r"(^|/)__pycache__(/|$)",
+            r"\.egg-info(/|$)",
         ],
         "log_level": "error",
         "grains": grains,
@@ -164,8 +186,13 @@ def render(salt_python, tmp_path_factory):
     """``render(platform, pillar) -> Rendered``; raises RenderError with Salt's message."""
     cache: dict[tuple, Rendered] = {}
 
-    def do_render(platform: str, pillar_name: str, pillar: dict | None = None,
-                  grains: dict | None = None, standalone: tuple[str, ...] = ()) -> Rendered:
+    def do_render(
+        platform: str,
+        pillar_name: str,
+        pillar: dict | None = None,
+        grains: dict | None = None,
+        standalone: tuple[str, ...] = (),
+    ) -> Rendered:
         key = (platform, pillar_name, standalone)
         if pillar is None and key in cache:
             return cache[key]
@@ -174,11 +201,21 @@ def render(salt_python, tmp_path_factory):
             root, grains or PLATFORMS[platform], pillar or PILLARS[pillar_name]()
         )
         out = root / "out"
-        result = run([
-            str(salt_python), str(Path(__file__).parent / "saltrender.py"),
-            "--config-dir", str(config_dir), "--out", str(out),
-            "--map-template-dir", str(root / "extra"), "--standalone", ",".join(standalone),
-        ], timeout=300)
+        result = run(
+            [
+                str(salt_python),
+                str(Path(__file__).parent / "saltrender.py"),
+                "--config-dir",
+                str(config_dir),
+                "--out",
+                str(out),
+                "--map-template-dir",
+                str(root / "extra"),
+                "--standalone",
+                ",".join(standalone),
+            ],
+            timeout=300,
+        )
         index_path = out / "index.json"
         if result.returncode != 0 or not index_path.exists():
             raise RenderError(result.stdout + result.stderr)
@@ -216,10 +253,26 @@ def test_cert(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate and key standing in for the relay's TLS files."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
-    result = run([
-        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-        "-noenc", "-days", "2", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=test",
-    ])
+    result = run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-noenc",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=test",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     return cert, key
 
@@ -229,9 +282,17 @@ def fake_venv(tmp_path_factory) -> Path:
     """A venv stand-in whose console scripts exist (systemd-analyze checks ExecStart)."""
     venv = tmp_path_factory.mktemp("venv")
     (venv / "bin").mkdir()
-    for script in ("doveauth", "chatmail-metadata", "lastlogin", "filtermail",
-                   "chatmail-expire", "chatmail-quota-expire", "chatmail-api", "chatmail-www",
-                   "python"):
+    for script in (
+        "doveauth",
+        "chatmail-metadata",
+        "lastlogin",
+        "filtermail",
+        "chatmail-expire",
+        "chatmail-quota-expire",
+        "chatmail-api",
+        "chatmail-www",
+        "python",
+    ):
         path = venv / "bin" / script
         path.write_text("#!/bin/sh\nexit 0\n")
         path.chmod(0o755)

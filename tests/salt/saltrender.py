@@ -36,10 +36,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config-dir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--map-template-dir", required=True, type=Path,
-                        help="a file_roots directory where the map dump template goes")
-    parser.add_argument("--standalone", default="",
-                        help="comma-separated sub-states to compile alone (errors go to the index)")
+    parser.add_argument(
+        "--map-template-dir",
+        required=True,
+        type=Path,
+        help="a file_roots directory where the map dump template goes",
+    )
+    parser.add_argument(
+        "--standalone",
+        default="",
+        help="comma-separated sub-states to compile alone (errors go to the index)",
+    )
     args = parser.parse_args()
 
     (args.map_template_dir / "chatmail_test").mkdir(parents=True, exist_ok=True)
@@ -123,8 +130,13 @@ def main() -> int:
     for sls in filter(None, args.standalone.split(",")):
         alone = caller.cmd("state.show_sls", sls)
         standalone[sls] = sorted(alone) if isinstance(alone, dict) else {"error": alone}
-    index = {"map": chatmail_map, "states": states, "files": files, "errors": errors,
-             "standalone": standalone}
+    index = {
+        "map": chatmail_map,
+        "states": states,
+        "files": files,
+        "errors": errors,
+        "standalone": standalone,
+    }
     (args.out / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
     return 1 if errors else 0
 

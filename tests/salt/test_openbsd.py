@@ -237,3 +237,34 @@ def test_golden_map(render, tmp_path):
         golden.write_text(text)
     assert golden.exists(), "run with CHATMAIL_UPDATE_GOLDEN=1 to create it"
     assert json.loads(golden.read_text()) == json.loads(text)
+
+
+def leaves(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def test_pillar_example_pins_no_per_os_value(render):
+    """pillar.example is the operator's starting point on every OS: a key it sets whose
+    default differs between Debian and OpenBSD would pin one OS's value on the other
+    (e.g. /etc/dkimkeys or acmetool on OpenBSD). Such keys belong commented out."""
+    minimal = {"chatmail": {"mail_domain": "chat.example.org"}}
+    debian = render("debian12", "minimal", pillar=minimal).map
+    openbsd = render("openbsd7", "minimal", pillar=minimal, grains=OPENBSD_GRAINS).map
+    example = PILLARS["example"]()["chatmail"]
+
+    def get(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    pinned = [
+        ".".join(path)
+        for path in leaves(example)
+        # "" and null mean "derived"/"unset" (e.g. tls.cert): they pin nothing
+        if get(example, path) not in ("", None) and get(debian, path) != get(openbsd, path)
+    ]
+    assert not pinned, f"pillar.example pins per-OS keys: {pinned}"

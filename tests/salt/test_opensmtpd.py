@@ -175,3 +175,24 @@ def test_table_wrapper_matches_the_doas_rule(rendered, tmp_path):
         f"exec {m['opensmtpd']['doas']} -u {target} {cmd} {args}"
     )
     assert f'table chatmail "chatmail:{m["paths"]["ini"]}"' in smtpd_conf(rendered)
+
+
+def test_senders_table_maps_an_account_to_itself(make_relaxed_config):
+    """``senders <chatmail>``: smtpd looks the login up as a mailaddrmap; an account may
+    send as itself only, and unknown names map to nothing."""
+    from chatmaild.smtpdtable import ChatmailTable
+
+    table = ChatmailTable(make_relaxed_config("chat.example"), ("auth", "mailaddrmap"))
+    head = "table|0.1|1713795082.354255|chatmail"
+    assert table.reply(f"{head}|check|auth|a1|alice1234@chat.example:correct-horse-1") == (
+        "check-result|a1|found\n"
+    )
+    assert table.reply(f"{head}|lookup|mailaddrmap|b2|alice1234@chat.example") == (
+        "lookup-result|b2|found|alice1234@chat.example\n"
+    )
+    assert table.reply(f"{head}|lookup|mailaddrmap|c3|bob123456@chat.example") == (
+        "lookup-result|c3|not-found\n"
+    )
+    assert table.reply(f"{head}|lookup|mailaddrmap|d4|alice1234@other.example") == (
+        "lookup-result|d4|not-found\n"
+    )

@@ -430,7 +430,9 @@ def test_cleartext_to_outside_is_refused_with_523(relay):
     assert "523 Encryption Needed: Invalid Unencrypted Mail" in bounce
     # the bounce is ours: from our domain and DKIM-signed for it (upstream signs bounces too)
     message = email.message_from_bytes(delivered)
-    assert message["From"].lower().endswith(f"@{DOMAIN}>") or message["From"].lower().endswith(f"@{DOMAIN}")
+    assert message["From"].lower().endswith(f"@{DOMAIN}>") or message["From"].lower().endswith(
+        f"@{DOMAIN}"
+    )
     assert dkim.verify(delivered, dnsfunc=dkim_dns(relay))
     assert not [r for r in relay["sink"].received if "someone@example.org" in r[1]]
 

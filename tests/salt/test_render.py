@@ -22,16 +22,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import PILLARS, PLATFORMS, REPO, RenderError, run
 
 from chatmaild.config import load_config
-
-from conftest import PILLARS, PLATFORMS, REPO, RenderError, run
 
 CHECK_SCRIPT = REPO / "salt" / "chatmail" / "files" / "chatmail-check-config"
 GOLDEN_DIR = Path(__file__).parent / "golden"
 DAEMONS = ["doveauth", "chatmail-metadata", "lastlogin", "filtermail", "filtermail-incoming"]
 
-COMBOS = [(platform, pillar) for platform in PLATFORMS for pillar in PILLARS]
+# certbot differs from the example only in the ACME client: one platform is enough.
+COMBOS = [(platform, pillar) for platform in PLATFORMS for pillar in PILLARS if pillar != "certbot"]
+COMBOS.append(("debian12", "certbot"))
 COMBO_IDS = [f"{platform}-{pillar}" for platform, pillar in COMBOS]
 
 
@@ -59,12 +60,18 @@ def stand_in(text: str, m: dict, cert: Path, key: Path, venv: Path | None = None
 def test_show_sls_compiles_with_contract_ids(rendered):
     ids = set(rendered.states)
     contract = {
-        "chatmail-packages", "chatmail-mta-service", "chatmail-dovecot-service",
-        "chatmail-web-service", "chatmail-chatmaild-venv", "chatmail-resolver-service",
+        "chatmail-packages",
+        "chatmail-mta-service",
+        "chatmail-dovecot-service",
+        "chatmail-web-service",
+        "chatmail-chatmaild-venv",
+        "chatmail-resolver-service",
         *(f"chatmail-chatmaild-{daemon}-service" for daemon in DAEMONS),
     }
     assert contract <= ids, contract - ids
-    assert all(i.startswith("chatmail-") for i in ids), [i for i in ids if not i.startswith("chatmail-")]
+    assert all(i.startswith("chatmail-") for i in ids), [
+        i for i in ids if not i.startswith("chatmail-")
+    ]
     assert len(ids) > 60
 
 
@@ -87,8 +94,11 @@ def test_map_derivations(rendered):
     assert m["mail_domain"]
     assert m["paths"]["mailboxes"] == f"/home/vmail/mail/{m['mail_domain']}"
     expected_mode = (
-        "external" if m["mail_domain"] == "mail.example.net"
-        else "self" if m["mail_domain"].startswith("_") else "acme"
+        "external"
+        if m["mail_domain"] == "mail.example.net"
+        else "self"
+        if m["mail_domain"].startswith("_")
+        else "acme"
     )
     assert m["tls"]["mode"] == expected_mode
     assert m["settings"]["disable_ipv6"] is (not m["ipv6"])
@@ -161,15 +171,17 @@ def test_version_file(render):
     assert render("debian12", "underscore").text("/etc/chatmail-version").strip() == (
         "v1.2.3-4-gdeadbee"
     )
-    assert render("debian12", "example").text("/etc/chatmail-version").startswith(
-        "chatmail-relay 0."
+    assert (
+        render("debian12", "example").text("/etc/chatmail-version").startswith("chatmail-relay 0.")
     )
 
 
 def test_nocreate_follows_the_pin(render):
     example = render("debian12", "example").states
     assert "chatmail-chatmaild-nocreate" not in example
-    assert "absent" in json.dumps(render("debian12", "external").states["chatmail-chatmaild-nocreate"])
+    assert "absent" in json.dumps(
+        render("debian12", "external").states["chatmail-chatmaild-nocreate"]
+    )
     pinned_off = render("debian12", "underscore").states["chatmail-chatmaild-nocreate"]
     assert "managed" in json.dumps(pinned_off)
 
@@ -180,8 +192,14 @@ def test_nocreate_follows_the_pin(render):
 def postfix_dir(rendered, tmp_path, cert, key) -> Path:
     d = tmp_path / "postfix"
     d.mkdir()
-    for name in ("main.cf", "master.cf", "login_map", "submission_header_cleanup",
-                 "lmtp_header_cleanup", "smtp_tls_policy_map"):
+    for name in (
+        "main.cf",
+        "master.cf",
+        "login_map",
+        "submission_header_cleanup",
+        "lmtp_header_cleanup",
+        "smtp_tls_policy_map",
+    ):
         text = stand_in(rendered.text(f"/etc/postfix/{name}"), rendered.map, cert, key)
         (d / name).write_text(text.replace("/etc/postfix/", f"{d}/"))
     return d
@@ -189,7 +207,9 @@ def postfix_dir(rendered, tmp_path, cert, key) -> Path:
 
 def test_postfix_passes_postconf(rendered, tmp_path, test_cert):
     d = postfix_dir(rendered, tmp_path, *test_cert)
-    result = run(["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")])
+    result = run(
+        ["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")]
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     # The candidate main.cf the formula checks master.cf against is the same file.
@@ -203,7 +223,9 @@ def test_postfix_check_catches_warnings(rendered, tmp_path, test_cert):
     d = postfix_dir(rendered, tmp_path, *test_cert)
     with open(d / "main.cf", "a") as main:
         main.write("smtpd_tls_security_levle = encrypt\n")
-    result = run(["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")])
+    result = run(
+        ["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")]
+    )
     assert result.returncode == 1
     assert "smtpd_tls_security_levle" in result.stderr
 
@@ -239,8 +261,10 @@ def test_postfix_mail_flow(rendered, tmp_path, test_cert):
     reinject = services[f"127.0.0.1:{s['postfix_reinject_port']}"]
     assert reinject["cleanup_service_name"] == "authclean"
     assert reinject["smtpd_milters"] == "unix:opendkim/opendkim.sock"
-    assert services[f"127.0.0.1:{s['postfix_reinject_port_incoming']}"][
-        "smtpd_relay_restrictions"] == "reject_unauth_destination"
+    assert (
+        services[f"127.0.0.1:{s['postfix_reinject_port_incoming']}"]["smtpd_relay_restrictions"]
+        == "reject_unauth_destination"
+    )
 
     def main(name: str) -> str:
         result = run(["postconf", "-c", str(d), "-h", name])
@@ -289,7 +313,7 @@ def test_postfix_login_map_is_one_to_one(render, sender, owner):
 
 def test_postfix_tls_policy(render):
     path = render("debian12", "example").path("/etc/postfix/smtp_tls_policy_map")
-    query = lambda domain: run(["postmap", "-q", domain, f"regexp:{path}"]).stdout.strip()  # noqa: E731
+    query = lambda domain: run(["postmap", "-q", domain, f"regexp:{path}"]).stdout.strip()
     assert query("_chat.test") == "encrypt"
     assert query("[192.0.2.1]") == "encrypt"
     assert query("example.org") == ""
@@ -311,12 +335,17 @@ def doveconf_check(rendered, tmp_path, cert, key, trixie_root) -> str:
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(cert, target / "cert.pem")
         shutil.copy(key, target / "key.pem")
-        text = text.replace(str(cert), str(inside / "cert.pem")).replace(str(key), str(inside / "key.pem"))
+        text = text.replace(str(cert), str(inside / "cert.pem")).replace(
+            str(key), str(inside / "key.pem")
+        )
         (target / "dovecot.conf").write_text(text)
         try:
             result = subprocess.run(
                 ["chroot", str(trixie_root), "doveconf", "-n", "-c", str(inside / "dovecot.conf")],
-                capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                check=False,
+                capture_output=True,
+                text=True,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
         finally:
             shutil.rmtree(target, ignore_errors=True)
@@ -327,7 +356,9 @@ def doveconf_check(rendered, tmp_path, cert, key, trixie_root) -> str:
 
 def test_dovecot_passes_doveconf(rendered, tmp_path, test_cert, request):
     trixie_root = (
-        request.getfixturevalue("trixie_root") if rendered.map["dovecot"]["syntax"] == "2.4" else None
+        request.getfixturevalue("trixie_root")
+        if rendered.map["dovecot"]["syntax"] == "2.4"
+        else None
     )
     out = doveconf_check(rendered, tmp_path, *test_cert, trixie_root)
     m = rendered.map
@@ -387,14 +418,22 @@ def test_autoconfig_and_mta_sts(rendered):
 
     m = rendered.map
     root = ET.fromstring(rendered.text("/var/lib/chatmail/wellknown/config-v1.1.xml"))
-    incoming = {(s.find("port").text, s.find("socketType").text) for s in root.iter("incomingServer")}
-    outgoing = {(s.find("port").text, s.find("socketType").text) for s in root.iter("outgoingServer")}
+    incoming = {
+        (s.find("port").text, s.find("socketType").text) for s in root.iter("incomingServer")
+    }
+    outgoing = {
+        (s.find("port").text, s.find("socketType").text) for s in root.iter("outgoingServer")
+    }
     assert incoming == {("993", "SSL"), ("143", "STARTTLS"), ("443", "SSL")}
     assert outgoing == {("465", "SSL"), ("587", "STARTTLS"), ("443", "SSL")}
     assert {h.text for h in root.iter("hostname")} == {m["mail_domain"]}
     sts = rendered.text("/var/lib/chatmail/wellknown/mta-sts.txt")
-    assert sts.splitlines() == ["version: STSv1", "mode: enforce", f"mx: {m['mail_domain']}",
-                                "max_age: 2419200"]
+    assert sts.splitlines() == [
+        "version: STSv1",
+        "mode: enforce",
+        f"mx: {m['mail_domain']}",
+        "max_age: 2419200",
+    ]
 
 
 # -- unbound, OpenDKIM, systemd units -----------------------------------------------------
@@ -435,15 +474,18 @@ def unit_files(rendered) -> dict[str, str]:
     return {
         name: name.rsplit("/", 1)[1]
         for name in rendered.files
-        if name.startswith("/etc/systemd/system/") and "/" not in name[len("/etc/systemd/system/"):]
+        if name.startswith("/etc/systemd/system/")
+        and "/" not in name[len("/etc/systemd/system/") :]
     }
 
 
 def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
     m = rendered.map
     units = unit_files(rendered)
-    assert {f"{d}.service" for d in DAEMONS} | {"chatmail-expire.service",
-                                               "chatmail-expire.timer"} <= set(units.values())
+    assert {f"{d}.service" for d in DAEMONS} | {
+        "chatmail-expire.service",
+        "chatmail-expire.timer",
+    } <= set(units.values())
     for name, unit in units.items():
         candidate = tmp_path / f"candidate-{unit}"
         text = rendered.text(name).replace(m["paths"]["venv"], str(fake_venv))
@@ -451,7 +493,8 @@ def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
         text = re.sub(
             r"^(ExecStart=)(/\S+)",
             lambda g: g[1] + (g[2] if Path(g[2]).exists() else str(fake_venv / "bin" / "python")),
-            text, flags=re.M,
+            text,
+            flags=re.MULTILINE,
         )
         candidate.write_text(text)
         result = run(["sh", str(CHECK_SCRIPT), "unit", unit, str(candidate)])
@@ -470,10 +513,16 @@ def test_daemon_units_are_sandboxed(rendered):
     m = rendered.map
     for daemon in DAEMONS:
         text = rendered.text(f"/etc/systemd/system/{daemon}.service")
-        for line in ("User=vmail", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                     "PrivateTmp=yes", f"ReadWritePaths={m['paths']['counters']}"):
+        for line in (
+            "User=vmail",
+            "Restart=always",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+            f"ReadWritePaths={m['paths']['counters']}",
+        ):
             assert line in text, (daemon, line)
-        assert re.search(rf"^ExecStart={re.escape(m['paths']['venv'])}/bin/", text, re.M)
+        assert re.search(rf"^ExecStart={re.escape(m['paths']['venv'])}/bin/", text, re.MULTILINE)
     assert "ProtectHome=yes" in rendered.text("/etc/systemd/system/filtermail.service")
     expire = rendered.text("/etc/systemd/system/chatmail-expire.service")
     assert f"chatmail-expire {m['paths']['ini']} --remove" in expire
@@ -492,9 +541,19 @@ def test_every_checked_file_is_validated_here(rendered):
     assert [name for name in checked if not covered.match(name)] == []
 
 
-SUB_STATES = ("chatmail.users", "chatmail.packages", "chatmail.tls", "chatmail.chatmaild",
-              "chatmail.dkim", "chatmail.dovecot", "chatmail.mta", "chatmail.web",
-              "chatmail.resolver", "chatmail.expiry", "chatmail.checks")
+SUB_STATES = (
+    "chatmail.users",
+    "chatmail.packages",
+    "chatmail.tls",
+    "chatmail.chatmaild",
+    "chatmail.dkim",
+    "chatmail.dovecot",
+    "chatmail.mta",
+    "chatmail.web",
+    "chatmail.resolver",
+    "chatmail.expiry",
+    "chatmail.checks",
+)
 
 
 @pytest.mark.parametrize("pillar", ["example", "underscore"])
@@ -504,3 +563,78 @@ def test_each_sub_state_compiles_alone(render, pillar):
     failures = {sls: r for sls, r in rendered.standalone.items() if isinstance(r, dict)}
     assert failures == {}
     assert set(rendered.standalone) == set(SUB_STATES)
+
+
+# -- pillar.example -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_pillar_example_restates_the_defaults(render, platform):
+    """pillar.example shows defaults only: applied as a pillar it changes nothing, on any
+    OS (per-OS keys are commented out there), and it names no key the map lacks."""
+    example = render(platform, "example").map
+    minimal = render(
+        platform, "minimal", pillar={"chatmail": {"mail_domain": "chat.example.org"}}
+    ).map
+    differing = sorted(k for k in set(example) | set(minimal) if example.get(k) != minimal.get(k))
+    assert differing == []
+
+
+def test_pillar_example_documents_every_ini_setting():
+    from conftest import _example_pillar
+
+    from chatmaild.config import Config
+
+    derived = {
+        "mail_domain",
+        "disable_ipv6",
+        "tls_external_cert_and_key",
+        "mailboxes_dir",
+        "nocreate_file",
+        "counters_dir",
+    }
+    active = set(_example_pillar()["chatmail"]["settings"])
+    text = (REPO / "pillar.example").read_text()
+    commented = {k for k in Config.model_fields if re.search(rf"^\s+# {k}: ", text, re.MULTILINE)}
+    assert set(Config.model_fields) - derived == active | commented
+    assert not active & derived
+
+
+# -- Debian 13's own validators -------------------------------------------------------------
+
+
+def test_debian13_nginx_and_unbound_pass_trixie_validators(render, trixie_root, test_cert):
+    """nginx 1.26 and unbound of Debian 13 accept what the formula renders for Debian 13."""
+    for pillar in ("example", "underscore"):
+        rendered = render("debian13", pillar)
+        inside = Path("/tmp/chatmail-render") / f"web-{pillar}-{os.getpid()}"
+        target = trixie_root / inside.relative_to("/")
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy(test_cert[0], target / "cert.pem")
+            shutil.copy(test_cert[1], target / "key.pem")
+            nginx = stand_in(
+                rendered.text("/etc/nginx/nginx.conf"),
+                rendered.map,
+                inside / "cert.pem",
+                inside / "key.pem",
+            )
+            (target / "nginx.conf").write_text(nginx)
+            (target / "unbound.conf").write_text(
+                rendered.text("/etc/unbound/unbound.conf.d/chatmail.conf")
+            )
+            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+            for cmd in (
+                ["nginx", "-q", "-t", "-c", str(inside / "nginx.conf")],
+                ["unbound-checkconf", str(inside / "unbound.conf")],
+            ):
+                result = subprocess.run(
+                    ["chroot", str(trixie_root), *cmd],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
+                assert result.returncode == 0, (pillar, cmd[0], result.stdout, result.stderr)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)

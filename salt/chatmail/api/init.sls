@@ -40,7 +40,6 @@ chatmail-api-config-dir:
   file.directory:
     - name: {{ salt["file.dirname"](api.settings_file) }}
     - user: root
-    - group: root
     - mode: "0755"
     - makedirs: True
 
@@ -53,7 +52,9 @@ chatmail-api-tokens:
     - dataset: {{ {"monitor": api.tokens.monitor or {}, "admin": api.tokens.admin or {}} | json }}
     - serializer: json
     - user: root
-    - group: {{ "root" if systemd else u.api_group }}
+{%-   if not systemd %}
+    - group: {{ u.api_group }}
+{%-   endif %}
     - mode: "{{ "0600" if systemd else "0640" }}"
     - require:
       - file: chatmail-api-config-dir
@@ -95,7 +96,7 @@ chatmail-api-tokens-group:
 {%- endfor %}
 {%- set service_specs = [] %}
 {%- for name in services %}
-{%-   do service_specs.append({"name": name}) %}
+{%-   do service_specs.append({"name": name | replace("-", chatmail.init_files[chatmail.init].name_separator)}) %}
 {%- endfor %}
 {%- set settings = {
       "chatmail_ini": paths.ini,
@@ -123,7 +124,6 @@ chatmail-api-settings:
     - dataset: {{ settings | json }}
     - serializer: json
     - user: root
-    - group: root
     - mode: "0644"
     - require:
       - file: chatmail-api-config-dir
@@ -162,7 +162,7 @@ chatmail-api-nocreate-link:
 
 chatmail-api-dkim-public:
   cmd.run:
-    - name: install -m 0644 -o root -g root {{ dkim_txt }} {{ api.dkim_public }}
+    - name: install -m 0644 -o 0 -g 0 {{ dkim_txt }} {{ api.dkim_public }}
     - unless: cmp -s {{ dkim_txt }} {{ api.dkim_public }}
     - require:
       - cmd: chatmail-dkim-key
@@ -245,15 +245,16 @@ chatmail-api-unit:
 
 chatmail-api-unit:
   file.managed:
-    - name: /etc/rc.d/chatmail_api
-    - source: salt://chatmail/chatmaild/files/rc.d/daemon.jinja
+    - name: {{ chatmail.init_files.rcctl.dir }}/chatmail_api
+    - source: {{ chatmail.init_files.rcctl.template }}
     - template: jinja
     - context:
         description: "chatmail control API"
         exec_start: {{ venv }}/bin/chatmail-api --settings {{ api.settings_file }} --tokens-file {{ api.tokens_file }}
-        user: {{ u.api }}
-        group: {{ u.api_group }}
-    - mode: "0755"
+        run_as: {{ u.api }}
+        run_as_group: {{ u.api_group }}
+    - mode: "{{ chatmail.init_files.rcctl.mode }}"
+    - check_cmd: sh -n
     - require:
       - cmd: chatmail-chatmaild-venv
 
