@@ -14,12 +14,14 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from chatmaild.config import Config
 from chatmaild.fileio import write_text_atomic
 
 from .accountcreation import AccountCreationControl, CreationState, statvfs_path
+from .models import DnsReport, ProbeResult
 from .settings import PortSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,8 @@ class Checker:
         self.ports = settings.ports or default_ports(config)
         self._cert_cache: tuple[tuple[int, int], float] | None = None
         #: Set by the probe and the DNS task; read by every run.
-        self.probe_result = None
-        self.dns_report = None
+        self.probe_result: ProbeResult | None = None
+        self.dns_report: DnsReport | None = None
 
     async def run(self) -> tuple[list[CheckResult], Facts]:
         facts = Facts()
@@ -160,12 +162,12 @@ class Checker:
                 "critical",
                 self.check_services,
             ),
-            *(([f"port.{p.port}"], p.severity, _bind(self.check_port, p)) for p in self.ports),
-            (["tls.expiry"], "critical", _bind(self.check_tls, facts)),
-            (["queue.depth"], "warning", _bind(self.check_queue, facts)),
+            *(([f"port.{p.port}"], p.severity, partial(self.check_port, p)) for p in self.ports),
+            (["tls.expiry"], "critical", partial(self.check_tls, facts)),
+            (["queue.depth"], "warning", partial(self.check_queue, facts)),
             (["disk.mailboxes"], "critical", self.check_disk),
-            (["registration.open"], "warning", _bind(self.check_registration, facts)),
-            (["version"], "info", _bind(self.check_version, facts)),
+            (["registration.open"], "warning", partial(self.check_registration, facts)),
+            (["version"], "info", partial(self.check_version, facts)),
         ]
         runs = [_guarded(ids, severity, fn, timeout) for ids, severity, fn in groups]
         results = [r for group in await asyncio.gather(*runs) for r in group]
@@ -426,13 +428,6 @@ class Checker:
                 "GET /dns/zone shows the records" if recommended else "",
             ),
         ]
-
-
-def _bind(fn, *args):
-    async def call():
-        return await fn(*args)
-
-    return call
 
 
 async def _guarded(ids: list[str], severity: str, fn, timeout: float) -> list[CheckResult]:

@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .runtime import Runtime
 from .settings import Settings
 
-bearer = HTTPBearer(auto_error=False, description="A monitor or admin token from api.json")
+bearer = HTTPBearer(auto_error=False, description="A monitor or admin token")
 
 
 def get_runtime(request: Request) -> Runtime:

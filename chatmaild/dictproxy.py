@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import socket
 import socketserver
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +283,12 @@ class DictProxy:
         return server
 
     def serve_forever(self, socket_path: str | Path) -> None:
-        """Listen on a UNIX socket, one thread per connection."""
+        """Listen on a UNIX socket, one thread per connection, until SIGTERM.
+
+        SIGTERM (systemd's stop) becomes SystemExit, so the caller's ``finally`` blocks
+        run, e.g. the last second of counts gets written. Call from the main thread.
+        """
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         with self.make_server(socket_path) as server:
             log.info("listening on %s", socket_path)
             server.serve_forever()

@@ -276,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         migrate_passdb(config)
     except (sqlite3.Error, OSError) as exc:
         log.error("cannot migrate %s, serving without it: %s", config.passdb_path, exc)
-    proxy = AuthDictProxy(config, Counters(config.counters_dir, "doveauth"))
-    proxy.serve_forever(socket_path)
+    counters = Counters(config.counters_dir, "doveauth")
+    try:
+        AuthDictProxy(config, counters).serve_forever(socket_path)
+    finally:
+        counters.flush()
     return 0
 
 

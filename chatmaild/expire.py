@@ -53,7 +53,7 @@ def parse_dovecot_filename(name: str) -> tuple[int, int] | None:
     """``1700000000.M1P2.host,S=1234,W=1260:2,S`` -> (1700000000, 1234); None otherwise."""
     stamp, _, _ = name.partition(".")
     match = _SIZE_RE.search(name.partition(":")[0])
-    if not stamp.isdigit() or match is None:
+    if not (stamp.isascii() and stamp.isdigit()) or match is None:
         return None
     return int(stamp), int(match.group(1))
 

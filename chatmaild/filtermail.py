@@ -185,7 +185,7 @@ class FilterSMTP(SMTP):
         arg, self.extra_params = split_params(arg, MAIL_PARAMS | {"SIZE"})
         size = self.extra_params.pop("SIZE", None)
         if size is not None:
-            if not size.isdigit():
+            if not (size.isascii() and size.isdigit()):  # "²".isdigit() is True
                 await self.push("501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
                 return
             if int(size) > self.data_size_limit:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -268,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     notifier = Notifier(queue_dir, metadata, config.push_notification_url, counters)
     notifier.requeue_persistent_items()
     notifier.start()
-    # systemd stops us with SIGTERM: unwind so the last second of counts is written.
-    # Unsent notifications need nothing: they are on disk already.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Unsent notifications need nothing at exit: they are on disk already.
     try:
         MetadataDictProxy(config, metadata, notifier).serve_forever(args.socket)
     finally:

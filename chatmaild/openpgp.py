@@ -19,6 +19,8 @@ TAG_PKESK = 1
 TAG_SKESK = 3
 TAG_SEIPD = 18
 SESSION_KEY_TAGS = frozenset({TAG_PKESK, TAG_SKESK})
+# One PKESK per recipient key (Postfix takes 1000 recipients), with room to spare.
+MAX_SESSION_KEY_PACKETS = 10_000
 # Partial body lengths are only allowed for data packets (RFC 9580 §4.2.1.4).
 PARTIAL_LENGTH_TAGS = frozenset({8, 9, 11, 18, 20})
 
@@ -95,14 +97,23 @@ def iter_packets(data: bytes | memoryview) -> Iterator[Packet]:
 
 
 def is_encrypted_payload(data: bytes | memoryview) -> bool:
-    """True for session-key packets followed by exactly one SEIPD packet, nothing else."""
+    """True for session-key packets followed by exactly one SEIPD packet, nothing else.
+
+    Packets are looked at one by one, never collected, and at most
+    :data:`MAX_SESSION_KEY_PACKETS` session keys are accepted: a message can hold
+    millions of two-byte packets.
+    """
+    last_tag = None
     try:
-        packets = list(iter_packets(data))
+        for count, packet in enumerate(iter_packets(data)):
+            if last_tag is not None and last_tag not in SESSION_KEY_TAGS:
+                return False  # only the last packet may be something else
+            if count > MAX_SESSION_KEY_PACKETS:
+                return False
+            last_tag = packet.tag
     except PacketError:
         return False
-    if not packets or packets[-1].tag != TAG_SEIPD:
-        return False
-    return all(packet.tag in SESSION_KEY_TAGS for packet in packets[:-1])
+    return last_tag == TAG_SEIPD
 
 
 def dearmor_message(text: bytes | memoryview, allow_version_header: bool) -> bytes | None:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_ERROR = "451 Local error"
 _DOT_LINE = re.compile(rb"^\.", re.MULTILINE)
+_REPLY_CODE = re.compile(r"[0-9]{3}(?:[ -]|$)")  # ASCII digits: "²".isdigit() is True
 MAX_REPLY_LINES = 100
 WRITE_CHUNK = 1 << 18
 
@@ -118,7 +119,7 @@ class Connection:
             if not raw.endswith(b"\n"):
                 raise SMTPProtocolError("connection closed by the server")
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+            if not _REPLY_CODE.match(line):
                 raise SMTPProtocolError(f"not an SMTP reply: {line[:100]!r}")
             if code is not None and int(line[:3]) != code:
                 raise SMTPProtocolError("reply code changed within a multi-line reply")

@@ -1,0 +1,1 @@
+"""One router per resource: health, status, dns, account_creation, metrics, probe, new."""

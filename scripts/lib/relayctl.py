@@ -476,6 +476,9 @@ class Relay:
         return False
 
     def destroy(self) -> None:
+        """Stop the container and remove its files (nothing to do if already done)."""
+        if self.nspawn_pid is None and not self.root.exists():
+            return
         started = time.monotonic()
         self.shutdown()
         stopped = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import subprocess
@@ -26,10 +27,12 @@ def rendered(tmp_path_factory):
     """``rendered(pillar, grains=None) -> (states, files, map)``; Debian 12 by default."""
     harness = _harness()
     python = harness.SALT_VENV / "bin" / "python"
-    if not python.exists():
-        harness.SALT_VENV.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(harness.SALT_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "salt"], check=True)
+    harness.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(harness.CACHE_DIR / ".salt-venv.lock", "w") as lock:  # the salt tests' lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (harness.SALT_VENV / "bin" / "salt-call").exists():
+            subprocess.run(["/usr/bin/python3", "-m", "venv", str(harness.SALT_VENV)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "salt"], check=True)
 
     cache = {}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -28,3 +30,12 @@ def serve_dict():
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def sock_dir():
+    """A short temporary directory for UNIX sockets: their paths are limited to 108 bytes,
+    and pytest's tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(prefix="cm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

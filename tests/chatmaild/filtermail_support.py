@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import smtplib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,3 +141,20 @@ class Filtermail:
             self.handler.close()
 
         self.loop_thread.run(close())
+
+
+def send(
+    port: int, mail_from: str, rcpts: list[str], data: bytes, mail_options=(), rcpt_options=()
+):
+    """One SMTP transaction; returns (code, text) of the first non-2xx reply or of DATA."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("postfix.local")
+        code, text = client.mail(mail_from, list(mail_options))
+        if code != 250:
+            return code, text.decode()
+        for rcpt in rcpts:
+            code, text = client.rcpt(rcpt, list(rcpt_options))
+            if code != 250:
+                return code, text.decode()
+        code, text = client.data(data)
+        return code, text.decode()

@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -579,6 +578,21 @@ def test_console_script_serves_and_logs(doveauth_process, example_config, tmp_pa
     assert data["accounts_created_total"][0]["value"] == 1
 
 
+def test_sigterm_writes_the_last_counts(example_config, tmp_path):
+    """systemd's stop (SIGTERM) must not lose counts made since the last periodic flush."""
+    proc, socket_path = start_daemon(tmp_path, "doveauth")
+    try:
+        with DictClient(socket_path) as client:
+            for i in range(3):  # the 2nd and 3rd come within the flusher's 1 s pause
+                addr = f"sigterm{i:02d}@{DOMAIN}"
+                assert client.lookup(passdb_key(addr, "password123"), addr) is not None
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    data = json.loads((example_config.counters_dir / "doveauth.json").read_text())
+    assert data["accounts_created_total"][0]["value"] == 3
+
+
 def test_console_script_usage_error(tmp_path):
     exe = Path(sys.executable).parent / "doveauth"
     result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30, check=False)
@@ -700,13 +714,13 @@ service auth-worker {{
 
 
 @pytest.fixture
-def dovecot_auth(example_config, tmp_path, serve_dict):
+def dovecot_auth(example_config, sock_dir, serve_dict):
     """Dovecot (auth only) in a private base_dir, its passdb/userdb the running doveauth."""
     if DOVECOT is None or DOVEADM is None:
         pytest.skip("dovecot-core not installed")
     if os.geteuid() != 0:
         pytest.skip("dovecot needs root to run its auth service")
-    base = Path(tempfile.mkdtemp(prefix="dvauth-"))  # short: UNIX socket paths are limited
+    base = sock_dir
     (base / "state").mkdir()
     proxy = AuthDictProxy(
         example_config, Counters(None, "doveauth"), vmail_user=pwd.getpwuid(os.getuid()).pw_name
@@ -736,7 +750,6 @@ def dovecot_auth(example_config, tmp_path, serve_dict):
     finally:
         dovecot.terminate()
         dovecot.wait(timeout=20)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_real_dovecot_logins(dovecot_auth, example_config):

@@ -89,8 +89,18 @@ def run_daily(ini: str, *args: str, capsys) -> tuple[int, int, int, int]:
         ("notanumber.M1P2.host,S=12:2,S", None),
         ("maildirsize", None),
         ("1700000000.M1P2.host:2,S=99", None),  # S in the flags part is not a size
+        ("\u00b2\u00b3.M1P2.host,S=12:2,S", None),  # "²".isdigit() is True, int("²") fails
     ],
-    ids=["full", "no-W", "no-flags", "no-size", "bad-stamp", "foreign", "flags-only"],
+    ids=[
+        "full",
+        "no-W",
+        "no-flags",
+        "no-size",
+        "bad-stamp",
+        "foreign",
+        "flags-only",
+        "unicode-digits",
+    ],
 )
 def test_parse_dovecot_filename(name, expected):
     assert parse_dovecot_filename(name) == expected

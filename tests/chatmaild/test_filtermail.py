@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail
+from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail, send
 
 from chatmaild.filtermail import refuses_cleartext, split_params
 from chatmaild.smtpclient import LOCAL_ERROR, Recipient, Reinjector
@@ -59,23 +59,6 @@ def start(loop_thread, sink, make_config):
     yield start
     for fm in started:
         fm.stop()
-
-
-def send(
-    port: int, mail_from: str, rcpts: list[str], data: bytes, mail_options=(), rcpt_options=()
-):
-    """One SMTP transaction; returns (code, text) of the first non-2xx reply or of DATA."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo("postfix.local")
-        code, text = client.mail(mail_from, list(mail_options))
-        if code != 250:
-            return code, text.decode()
-        for rcpt in rcpts:
-            code, text = client.rcpt(rcpt, list(rcpt_options))
-            if code != 250:
-                return code, text.decode()
-        code, text = client.data(data)
-        return code, text.decode()
 
 
 # -- outgoing ---------------------------------------------------------------------------
@@ -287,6 +270,12 @@ def test_size_limit(start, sink):
     )
     assert send(fm.port, SENDER, [OTHER], small)[0] == 250
     assert len(sink.received) == 1
+    with smtplib.SMTP("127.0.0.1", fm.port) as client:
+        client.ehlo("x")
+        for size in ("12ab", "²", "-1"):  # "²".isdigit() is True, int("²") raises
+            client.send(f"MAIL FROM:<{SENDER}> SIZE={size}\r\n".encode())
+            code, text = client.getreply()
+            assert (code, text) == (501, b"Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
 
 
 def test_garbage_and_non_utf8_keep_serving(start, sink):
@@ -449,8 +438,13 @@ def test_retry_after_a_dead_pooled_connection_uses_a_fresh_one():
     assert reply.startswith("250") and delivered == 3
 
 
-def test_garbled_reinjection_reply_closes_the_connection():
-    """A reply line longer than the stream limit fails the message and frees the socket."""
+@pytest.mark.parametrize(
+    "garbage",
+    [b"250-" + b"x" * 100_000, "\u00b2\u00b35 ok\r\n".encode()],
+    ids=["line-beyond-stream-limit", "unicode-digits"],
+)
+def test_garbled_reinjection_reply_closes_the_connection(garbage):
+    """A reply that is not SMTP fails the message and frees the socket."""
 
     async def scenario():
         closed = asyncio.Event()
@@ -460,7 +454,7 @@ def test_garbled_reinjection_reply_closes_the_connection():
             await reader.readline()
             writer.write(b"250 sink\r\n")
             await reader.readline()  # MAIL FROM
-            writer.write(b"250-" + b"x" * 100_000)  # never ends its line
+            writer.write(garbage)
             await reader.read()  # until the client hangs up
             closed.set()
             writer.close()

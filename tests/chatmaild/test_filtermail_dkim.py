@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import logging
-import smtplib
 import socket
 import subprocess
 
 import dkim
 import pytest
 from dnsserver import txt_strings
-from filtermail_support import Filtermail, LoopThread, Sink, load_mail
+from filtermail_support import Filtermail, LoopThread, Sink, load_mail, send
 
 from chatmaild.dkimverify import MAX_ALIGNED_SIGNATURES, TxtLookup, parse_resolver_address
 
@@ -76,32 +75,23 @@ def incoming(nsd, keys, make_config):
     loop_thread.stop()
 
 
-def send(port: int, data: bytes, mail_from: str = SENDER) -> tuple[int, str]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
-        client.ehlo("mx.example.org")
-        client.mail(mail_from)
-        client.rcpt(RCPT)
-        code, text = client.data(data)
-        return code, text.decode()
-
-
 def test_valid_aligned_signature_passes(incoming, keys):
     fm, sink = incoming
     data = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org")
-    assert send(fm.port, data)[0] == 250
+    assert send(fm.port, SENDER, [RCPT], data)[0] == 250
     assert sink.received[0].content == data
 
 
 def test_domain_comparison_is_case_insensitive(incoming, keys):
     fm, _ = incoming
     data = sign(load_mail("encrypted", "Bob <bob@EXAMPLE.Org>", RCPT), keys[0][0], "Example.ORG")
-    assert send(fm.port, data)[0] == 250
+    assert send(fm.port, SENDER, [RCPT], data)[0] == 250
 
 
 def test_no_signature(incoming):
     fm, sink = incoming
     data = load_mail("encrypted", SENDER, RCPT)
-    assert send(fm.port, data) == (554, "5.7.1 No DKIM signature found")
+    assert send(fm.port, SENDER, [RCPT], data) == (554, "5.7.1 No DKIM signature found")
     assert sink.received == []
 
 
@@ -110,7 +100,7 @@ def test_signature_of_another_domain_is_not_aligned(incoming, keys):
     data = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "other.org")
     other_key = f"v=DKIM1; k=rsa; p={keys[1][1]}".encode()
     assert dkim.verify(data, dnsfunc=lambda name, timeout=5: other_key)  # valid, for other.org
-    assert send(fm.port, data) == (554, "5.7.1 No valid DKIM signature found")
+    assert send(fm.port, SENDER, [RCPT], data) == (554, "5.7.1 No valid DKIM signature found")
     assert sink.received == []
 
 
@@ -126,16 +116,16 @@ def test_signature_of_another_domain_is_not_aligned(incoming, keys):
 def test_tampered_message_fails(incoming, keys, tamper):
     fm, sink = incoming
     data = tamper(sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))
-    assert send(fm.port, data) == (554, "5.7.1 No valid DKIM signature found")
+    assert send(fm.port, SENDER, [RCPT], data) == (554, "5.7.1 No valid DKIM signature found")
     assert sink.received == []
 
 
 def test_wrong_key_and_unpublished_selector_fail(incoming, keys):
     fm, _ = incoming
     wrong_key = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "example.org")
-    assert send(fm.port, wrong_key)[0] == 554
+    assert send(fm.port, SENDER, [RCPT], wrong_key)[0] == 554
     no_key = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org", selector="gone")
-    assert send(fm.port, no_key) == (554, "5.7.1 No valid DKIM signature found")
+    assert send(fm.port, SENDER, [RCPT], no_key) == (554, "5.7.1 No valid DKIM signature found")
 
 
 def test_any_aligned_valid_signature_wins(incoming, keys):
@@ -146,18 +136,23 @@ def test_any_aligned_valid_signature_wins(incoming, keys):
     broken = sign(data, keys[1][0], "example.org")  # aligned but the wrong key
     signed = broken.split(b"\r\n\r\n")[0].split(b"From:")[0] + signed
     assert signed.count(b"DKIM-Signature") == 3
-    assert send(fm.port, signed)[0] == 250
+    assert send(fm.port, SENDER, [RCPT], signed)[0] == 250
 
 
 def test_rotated_key_is_fetched_again(incoming, keys, nsd):
     fm, _ = incoming
     assert (
-        send(fm.port, sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"))[0]
+        send(
+            fm.port,
+            SENDER,
+            [RCPT],
+            sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org"),
+        )[0]
         == 250
     )
     nsd.set_zone("example.org", [key_record("sel", keys[1][1])])  # cached: keys[0]
     data = sign(load_mail("encrypted", SENDER, RCPT), keys[1][0], "example.org")
-    assert send(fm.port, data)[0] == 250
+    assert send(fm.port, SENDER, [RCPT], data)[0] == 250
 
 
 def test_cleartext_is_refused_before_dkim(incoming, make_config, caplog):
@@ -165,13 +160,13 @@ def test_cleartext_is_refused_before_dkim(incoming, make_config, caplog):
     mailbox = make_config().mailboxes_path / RCPT
     mailbox.mkdir(parents=True)
     (mailbox / "enforceE2EEincoming").touch()
-    assert send(fm.port, load_mail("plain", SENDER, RCPT))[0] == 523
+    assert send(fm.port, SENDER, [RCPT], load_mail("plain", SENDER, RCPT))[0] == 523
 
 
 def test_domain_literal_sender_skips_dkim(incoming):
     fm, _ = incoming
     sender = "bob@[192.0.2.1]"
-    assert send(fm.port, load_mail("encrypted", sender, RCPT), mail_from=sender)[0] == 250
+    assert send(fm.port, sender, [RCPT], load_mail("encrypted", sender, RCPT))[0] == 250
 
 
 def test_dns_outage_is_temporary(keys, make_config, caplog):
@@ -187,7 +182,7 @@ def test_dns_outage_is_temporary(keys, make_config, caplog):
         try:
             with caplog.at_level(logging.WARNING, logger="chatmaild.dkimverify"):
                 data = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org")
-                code, text = send(fm.port, data)
+                code, text = send(fm.port, SENDER, [RCPT], data)
             assert code == 451 and "DNS" in text
             assert "DKIM key lookup failed" in caplog.text
         finally:
@@ -236,5 +231,5 @@ def test_only_the_first_aligned_signatures_are_tried(incoming, keys):
     signed = sign(load_mail("encrypted", SENDER, RCPT), keys[0][0], "example.org")
     for i in range(MAX_ALIGNED_SIGNATURES):  # unpublished selectors, on top of the valid one
         signed = sign(signed, keys[0][0], "example.org", selector=f"junk{i}")
-    assert send(fm.port, signed) == (554, "5.7.1 No valid DKIM signature found")
+    assert send(fm.port, SENDER, [RCPT], signed) == (554, "5.7.1 No valid DKIM signature found")
     assert sink.received == []

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,14 +54,6 @@ def notifier(config, metadata):
 @pytest.fixture
 def proxy(config, metadata, notifier):
     return MetadataDictProxy(config, metadata, notifier, turn_timeout=0.5)
-
-
-@pytest.fixture
-def sock_dir():
-    # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="cm-meta-"))
-    yield path
-    shutil.rmtree(path)
 
 
 def talk(proxy: MetadataDictProxy, *lines: str | bytes) -> str:
@@ -335,26 +325,21 @@ def serve_turn(path: Path, line: bytes) -> socket.socket:
     return server
 
 
-def test_turn_success(make_config, metadata, notifier, sock_dir):
+@pytest.mark.parametrize(
+    ("mail_domain", "user", "expected"),
+    [
+        ("turn.example.org", ADDR, "Oturn.example.org:3478:user:pass\n"),
+        ("1.2.3.4", "user@[1.2.3.4]", "O[1.2.3.4]:3478:user:pass\n"),
+    ],
+    ids=["domain", "ipv4-relay-bracketed"],
+)
+def test_turn_success(make_config, metadata, notifier, sock_dir, mail_domain, user, expected):
     path = sock_dir / "turn.socket"
     server = serve_turn(path, b"user:pass\n")
     try:
-        config = make_config("turn.example.org", turn_socket_path=path)
+        config = make_config(mail_domain, turn_socket_path=path)
         proxy = MetadataDictProxy(config, metadata, notifier)
-        answer = talk(proxy, f"Lshared/{GUID}/{VENDOR}/turn\t{ADDR}")
-        assert answer == "Oturn.example.org:3478:user:pass\n"
-    finally:
-        server.close()
-
-
-def test_turn_ipv4_relay_is_bracketed(make_config, metadata, notifier, sock_dir):
-    path = sock_dir / "turn.socket"
-    server = serve_turn(path, b"user:pass\n")
-    try:
-        config = make_config("1.2.3.4", turn_socket_path=path)
-        proxy = MetadataDictProxy(config, metadata, notifier)
-        answer = talk(proxy, f"Lshared/{GUID}/{VENDOR}/turn\tuser@[1.2.3.4]")
-        assert answer == "O[1.2.3.4]:3478:user:pass\n"
+        assert talk(proxy, f"Lshared/{GUID}/{VENDOR}/turn\t{user}") == expected
     finally:
         server.close()
 

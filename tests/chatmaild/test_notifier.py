@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -427,15 +426,7 @@ class MetadataDaemon:
         self.stderr = self.proc.communicate(timeout=10)[1].decode()
 
 
-@pytest.fixture
-def short_dir():
-    # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="cm-e2e-"))
-    yield path
-    shutil.rmtree(path)
-
-
-def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service, short_dir):
+def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service, sock_dir):
     config = make_config("chat.example.org", push_notification_url=push_service.url)
     queue_dir = config.mailboxes_path / QUEUE_DIRNAME
     queue_dir.mkdir()
@@ -443,7 +434,7 @@ def test_chatmail_metadata_daemon_end_to_end(make_config, ini_path, push_service
     (queue_dir / ("d" * 32)).write_bytes(
         serialize_entry(QueueEntry(ADDR, time.time(), "ok-from-last-run"))
     )
-    with MetadataDaemon(short_dir / "metadata.socket", ini_path) as daemon:
+    with MetadataDaemon(sock_dir / "metadata.socket", ini_path) as daemon:
         with daemon.connect() as conn:
             reader = conn.makefile("rb")
             conn.sendall(
@@ -511,83 +502,78 @@ def write_dovecot_conf(base: Path, socket_path: Path, as_root: bool) -> Path:
     return conf
 
 
-def test_dovecot_metadata_and_lua_push_end_to_end(make_config, ini_path, push_service):
+def test_dovecot_metadata_and_lua_push_end_to_end(make_config, ini_path, push_service, sock_dir):
     version = dovecot_version()
     if not version.startswith("2.3.") or not (DOVECOT_LIBEXEC / "dovecot-lda").exists():
         pytest.skip(f"needs Dovecot 2.3 binaries (found {version or 'none'})")
     as_root = os.geteuid() == 0
-    base = Path(tempfile.mkdtemp(prefix="cm-dove-"))
-    try:
-        base.chmod(0o755)  # the unprivileged mail user must reach config and mailboxes
-        for name in ("run", "state", "mailboxes", "home"):
-            (base / name).mkdir()
-        (base / "dovecot.log").touch()
-        shutil.copy(PUSH_LUA, base / "push_notification.lua")
-        if as_root:
-            for path in [base / n for n in ("run", "state", "mailboxes", "home", "dovecot.log")]:
-                shutil.chown(path, MAIL_USER, "nogroup")
-        socket_path = base / "metadata.socket"
-        conf = write_dovecot_conf(base, socket_path, as_root)
-        config = make_config(
-            "chat.example.org",
-            mailboxes_dir=base / "mailboxes",
-            push_notification_url=push_service.url,
+    base = sock_dir
+    base.chmod(0o755)  # the unprivileged mail user must reach config and mailboxes
+    for name in ("run", "state", "mailboxes", "home"):
+        (base / name).mkdir()
+    (base / "dovecot.log").touch()
+    shutil.copy(PUSH_LUA, base / "push_notification.lua")
+    if as_root:
+        for path in [base / n for n in ("run", "state", "mailboxes", "home", "dovecot.log")]:
+            shutil.chown(path, MAIL_USER, "nogroup")
+    socket_path = base / "metadata.socket"
+    conf = write_dovecot_conf(base, socket_path, as_root)
+    config = make_config(
+        "chat.example.org",
+        mailboxes_dir=base / "mailboxes",
+        push_notification_url=push_service.url,
+    )
+    env = {**os.environ, "USER": ADDR, "HOME": str(base / "home")}
+    drop = ["setpriv", f"--reuid={MAIL_USER}", "--regid=nogroup", "--clear-groups"]
+
+    def imap(*commands: str) -> str:
+        script = "".join(f"a{i} {c}\r\n" for i, c in enumerate(commands)) + "z LOGOUT\r\n"
+        proc = subprocess.run(
+            [str(DOVECOT_LIBEXEC / "imap"), "-c", str(conf)],
+            input=script,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
         )
-        env = {**os.environ, "USER": ADDR, "HOME": str(base / "home")}
-        drop = ["setpriv", f"--reuid={MAIL_USER}", "--regid=nogroup", "--clear-groups"]
+        return proc.stdout
 
-        def imap(*commands: str) -> str:
-            script = "".join(f"a{i} {c}\r\n" for i, c in enumerate(commands)) + "z LOGOUT\r\n"
-            proc = subprocess.run(
-                [str(DOVECOT_LIBEXEC / "imap"), "-c", str(conf)],
-                input=script,
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=60,
-                check=False,
-            )
-            return proc.stdout
+    def deliver(sender: str) -> None:
+        message = f"From: {sender}\r\nTo: {ADDR}\r\nSubject: x\r\n\r\nbody\r\n"
+        cmd = [str(DOVECOT_LIBEXEC / "dovecot-lda"), "-c", str(conf), "-f", sender]
+        proc = subprocess.run(
+            (drop if as_root else []) + cmd,
+            input=message,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr + (base / "dovecot.log").read_text()
 
-        def deliver(sender: str) -> None:
-            message = f"From: {sender}\r\nTo: {ADDR}\r\nSubject: x\r\n\r\nbody\r\n"
-            cmd = [str(DOVECOT_LIBEXEC / "dovecot-lda"), "-c", str(conf), "-f", sender]
-            proc = subprocess.run(
-                (drop if as_root else []) + cmd,
-                input=message,
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=60,
-                check=False,
-            )
-            assert proc.returncode == 0, proc.stderr + (base / "dovecot.log").read_text()
+    with MetadataDaemon(socket_path, ini_path):
+        if as_root:  # on a relay both run as vmail; here the daemon stays root
+            socket_path.chmod(0o666)
+        answer = imap(
+            'SETMETADATA INBOX (/private/devicetoken "ok-dovecot-device")',
+            "GETMETADATA INBOX (/private/devicetoken)",
+            'GETMETADATA "" (/shared/vendor/deltachat/maxsmtprecipients)',
+            'GETMETADATA "" (/shared/vendor/deltachat/irohrelay)',
+            'GETMETADATA "" (/shared/vendor/deltachat/nonsense)',
+        )
+        assert "a0 OK" in answer, answer
+        assert "ok-dovecot-device" in answer.split("a1 OK")[0].split("a0 OK")[1]
+        assert "1000" in answer.split("a2 OK")[0].split("a1 OK")[1]
+        assert "https://chat.example.org" in answer
+        assert "(/shared/vendor/deltachat/nonsense NIL)" in answer
+        assert Metadata(config.mailboxes_path).get_tokens_for_addr(ADDR) == ["ok-dovecot-device"]
 
-        with MetadataDaemon(socket_path, ini_path):
-            if as_root:  # on a relay both run as vmail; here the daemon stays root
-                socket_path.chmod(0o666)
-            answer = imap(
-                'SETMETADATA INBOX (/private/devicetoken "ok-dovecot-device")',
-                "GETMETADATA INBOX (/private/devicetoken)",
-                'GETMETADATA "" (/shared/vendor/deltachat/maxsmtprecipients)',
-                'GETMETADATA "" (/shared/vendor/deltachat/irohrelay)',
-                'GETMETADATA "" (/shared/vendor/deltachat/nonsense)',
-            )
-            assert "a0 OK" in answer, answer
-            assert "ok-dovecot-device" in answer.split("a1 OK")[0].split("a0 OK")[1]
-            assert "1000" in answer.split("a2 OK")[0].split("a1 OK")[1]
-            assert "https://chat.example.org" in answer
-            assert "(/shared/vendor/deltachat/nonsense NIL)" in answer
-            assert Metadata(config.mailboxes_path).get_tokens_for_addr(ADDR) == [
-                "ok-dovecot-device"
-            ]
-
-            deliver(ADDR)  # the sender's own copy notifies nobody
-            time.sleep(1)
-            assert push_service.tokens() == []
-            deliver("other@chat.example.org")
-            wait_for(lambda: push_service.tokens() == ["ok-dovecot-device"], 30)
-            wait_for(lambda: queue_names(config.mailboxes_path / QUEUE_DIRNAME) == [], 30)
-        assert len(list((base / "mailboxes" / ADDR / "new").iterdir())) == 2
-    finally:
-        shutil.rmtree(base)
+        deliver(ADDR)  # the sender's own copy notifies nobody
+        time.sleep(1)
+        assert push_service.tokens() == []
+        deliver("other@chat.example.org")
+        wait_for(lambda: push_service.tokens() == ["ok-dovecot-device"], 30)
+        wait_for(lambda: queue_names(config.mailboxes_path / QUEUE_DIRNAME) == [], 30)
+    assert len(list((base / "mailboxes" / ADDR / "new").iterdir())) == 2

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
+import tracemalloc
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatmaild.openpgp import PacketError, dearmor_message, is_encrypted_payload, iter_packets
+from chatmaild.openpgp import (
+    MAX_SESSION_KEY_PACKETS,
+    PacketError,
+    dearmor_message,
+    is_encrypted_payload,
+    iter_packets,
+)
 
 
 def new_packet(tag: int, body: bytes) -> bytes:
@@ -93,6 +100,24 @@ PAYLOADS = [
 @pytest.mark.parametrize("data,expected", [p[1:] for p in PAYLOADS], ids=[p[0] for p in PAYLOADS])
 def test_is_encrypted_payload(data, expected):
     assert is_encrypted_payload(data) is expected
+
+
+SEIPD = b"\xd2\x05\x01" + b"x" * 4
+
+
+def test_many_session_key_packets_are_within_bounds():
+    """One PKESK per recipient key is plenty; a flood of empty ones is not encrypted mail
+    and is judged in bounded memory (a 30 MB message holds ~10 M two-byte packets)."""
+    enough = b"\xc1\x00" * MAX_SESSION_KEY_PACKETS + SEIPD
+    assert is_encrypted_payload(enough)
+    flood = b"\xc1\x00" * 300_000 + SEIPD
+    tracemalloc.start()
+    try:
+        assert not is_encrypted_payload(flood)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
 
 
 def test_iter_packets_reports_tags_and_offsets():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -12,14 +10,6 @@ from pathlib import Path
 import pytest
 
 from chatmaild.turn import TurnError, get_turn_credentials
-
-
-@pytest.fixture
-def sock_dir():
-    # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="cm-turn-"))
-    yield path
-    shutil.rmtree(path)
 
 
 def serve_once(path: Path, payload: bytes | None, delay: float = 0.0) -> threading.Thread:
@@ -69,7 +59,12 @@ def test_socket_without_listener(sock_dir):
         get_turn_credentials(path)
 
 
-def test_server_that_never_accepts_times_out(sock_dir):
+@pytest.mark.parametrize(
+    ("timeout", "low", "high"),
+    [({"timeout": 0.5}, 0.4, 3), ({}, 4.5, 8)],
+    ids=["given-timeout", "default-five-seconds"],
+)
+def test_server_that_never_accepts_times_out(sock_dir, timeout, low, high):
     path = sock_dir / "turn.socket"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
@@ -77,22 +72,8 @@ def test_server_that_never_accepts_times_out(sock_dir):
     try:
         started = time.monotonic()
         with pytest.raises(TimeoutError):
-            get_turn_credentials(path, timeout=0.5)
-        assert 0.4 < time.monotonic() - started < 3
-    finally:
-        server.close()
-
-
-def test_default_timeout_is_five_seconds(sock_dir):
-    path = sock_dir / "turn.socket"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-    try:
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            get_turn_credentials(path)
-        assert 4.5 < time.monotonic() - started < 8
+            get_turn_credentials(path, **timeout)
+        assert low < time.monotonic() - started < high
     finally:
         server.close()
 

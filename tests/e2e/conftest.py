@@ -50,6 +50,21 @@ def _remove_stale_sessions() -> None:
         relayctl.remove_tree(Path(f"{root}.src"))
 
 
+#: The session's container, so the last test here can stop it (see below).
+_RUNNING: list[relayctl.Relay] = []
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the container after the last test of this folder, not at the end of the whole
+    session: the rest of the suite should not share the host with a running relay."""
+    here = Path(__file__).parent
+    if nextitem is None or here not in Path(nextitem.path).parents:
+        while _RUNNING:
+            relay = _RUNNING.pop()
+            relay.destroy()
+            relayctl.remove_tree(relay.repo)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM unwinds like Ctrl-C, so fixture finalizers still stop the container."""
@@ -95,8 +110,11 @@ def container():
             relayctl.snapshot_repo(REPO_ROOT, source)
             relay.unpack()
             relay.boot()
+            _RUNNING.append(relay)
             yield relay
         finally:
+            if relay in _RUNNING:
+                _RUNNING.remove(relay)
             relay.destroy()
             relayctl.remove_tree(source)
 

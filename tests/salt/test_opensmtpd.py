@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import PILLARS, PLATFORMS
+from conftest import PILLARS, PLATFORMS, RenderError
 from opensmtpd_support import smtpd_check
 from test_openbsd import OPENBSD_GRAINS
 
@@ -196,3 +196,10 @@ def test_senders_table_maps_an_account_to_itself(make_relaxed_config):
     assert table.reply(f"{head}|lookup|mailaddrmap|d4|alice1234@other.example") == (
         "lookup-result|d4|not-found\n"
     )
+
+
+@pytest.mark.parametrize("platform", ["debian12", "ubuntu2404"])
+def test_too_old_opensmtpd_fails_loudly(render, platform):
+    """Debian 12 (6.8) and Ubuntu 24.04 (7.4) lack the table protocol and filter-dkimsign."""
+    with pytest.raises(RenderError, match="needs OpenSMTPD 7.6"):
+        render(platform, "example", pillar=opensmtpd_pillar("example"))

@@ -207,11 +207,15 @@ def postfix_dir(rendered, tmp_path, cert, key) -> Path:
 
 def test_postfix_passes_postconf(rendered, tmp_path, test_cert):
     d = postfix_dir(rendered, tmp_path, *test_cert)
-    result = run(
-        ["sh", str(CHECK_SCRIPT), "postfix-main", str(d / "master.cf"), str(d / "main.cf")]
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    # Both ways the formula runs the check: main.cf against the new master.cf, and
+    # master.cf against the candidate main.cf.
+    for kind, counterpart, candidate in (
+        ("postfix-main", "master.cf", "main.cf"),
+        ("postfix-master", "main.cf", "master.cf"),
+    ):
+        result = run(["sh", str(CHECK_SCRIPT), kind, str(d / counterpart), str(d / candidate)])
+        assert result.returncode == 0, (kind, result.stderr)
+        assert result.stderr == ""
     # The candidate main.cf the formula checks master.cf against is the same file.
     assert rendered.text("/var/lib/chatmail/postfix-candidate/main.cf") == rendered.text(
         "/etc/postfix/main.cf"
@@ -638,3 +642,24 @@ def test_debian13_nginx_and_unbound_pass_trixie_validators(render, trixie_root, 
                 assert result.returncode == 0, (pillar, cmd[0], result.stdout, result.stderr)
         finally:
             shutil.rmtree(target, ignore_errors=True)
+
+
+def dovecot_plugins(conf: str, syntax: str) -> set[str]:
+    """Plugins the config loads: 2.3 `mail_plugins = ...`, 2.4 `mail_plugins { x = yes }`."""
+    if syntax == "2.3":
+        words = re.findall(r"^\s*mail_plugins\s*=\s*(.*)$", conf, flags=re.MULTILINE)
+        return {w for line in words for w in line.split() if not w.startswith("$")}
+    blocks = re.findall(r"mail_plugins\s*\{([^}]*)\}", conf)
+    return {m for block in blocks for m in re.findall(r"^\s*(\w+)\s*=\s*yes", block, re.MULTILINE)}
+
+
+def test_dovecot_plugins_exist(rendered, request):
+    """doveconf does not load plugins: check the package ships every one the config names."""
+    syntax = rendered.map["dovecot"]["syntax"]
+    modules = Path("/usr/lib/dovecot/modules")
+    if syntax == "2.4":
+        modules = request.getfixturevalue("trixie_root") / "usr/lib/dovecot/modules"
+    shipped = {re.sub(r"^lib\d+_(.*)_plugin\.so$", r"\1", p.name) for p in modules.iterdir()}
+    wanted = dovecot_plugins(rendered.text("/etc/dovecot/dovecot.conf"), syntax)
+    assert {"quota", "imap_quota", "last_login", "mail_lua", "push_notification_lua"} <= wanted
+    assert wanted - shipped == set()

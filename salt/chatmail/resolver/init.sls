@@ -7,14 +7,21 @@
 include:
   - chatmail.packages
 
+{#- Services that own /etc/resolv.conf (Ubuntu's systemd-resolved) stop only at the very
+    end, right before resolv.conf changes: until then this run's package and pip
+    downloads still resolve through them. unbound does not need them gone (it listens on
+    127.0.0.1 and ::1, systemd-resolved on 127.0.0.53). #}
 {%- for service in r.disable_services %}
 
 chatmail-resolver-disable-{{ service }}:
   service.dead:
     - name: {{ service }}
     - enable: False
-    - require_in:
+    - order: last
+    - require:
       - service: chatmail-resolver-service
+    - require_in:
+      - file: chatmail-resolver-resolv-conf-link
 {%- endfor %}
 
 chatmail-resolver-config:

@@ -4,6 +4,9 @@
     is checked with `smtpd -n -f` before it goes live. -#}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- set o = chatmail.opensmtpd %}
+{%- if not o.supported %}
+{{- raise("chatmail: mta opensmtpd needs OpenSMTPD 7.6+ and filter-dkimsign (OpenBSD 7.6+, Debian 13+); this release's are older: use mta postfix") }}
+{%- endif %}
 {%- set table = chatmail.paths.venv ~ "/bin/chatmail-smtpd-table" %}
 
 include:
