@@ -18,6 +18,5 @@ include:
 {%- if chatmail.api.enabled %}
   - chatmail.api
 {%- endif %}
-{%- if chatmail.www.enabled %}
   - chatmail.www
-{%- endif %}
+  - chatmail.logging

@@ -13,7 +13,7 @@ wheels are cached there too and bind-mounted into every container.
 The container shares the host's network: the relay's ports appear on 127.0.0.1, and they
 must be free on the host before a container boots.
 
-CLI: ``python3 scripts/lib/relayctl.py up|apply|status|destroy|shell`` (see ``main``).
+CLI: ``python3 scripts/lib/relayctl.py up|destroy|status|shell|build`` (see ``main``).
 """
 
 from __future__ import annotations
@@ -421,7 +421,7 @@ class Relay:
         self.init_pid = self._wait_for_init(5)
 
     def is_running(self) -> bool:
-        return self.nspawn_pid is not None and _is_nspawn(self.nspawn_pid)
+        return self.nspawn_pid is not None and is_nspawn(self.nspawn_pid)
 
     def _wait_for_init(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -470,7 +470,7 @@ class Relay:
             if self._proc is not None:
                 if self._proc.poll() is not None:
                     return True
-            elif not _is_nspawn(pid):
+            elif not is_nspawn(pid):
                 return True
             time.sleep(0.2)
         return False
@@ -598,7 +598,7 @@ def _read_status(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
 
 
-def _is_nspawn(pid: int) -> bool:
+def is_nspawn(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip() == "systemd-nspawn"
     except (FileNotFoundError, ProcessLookupError):
@@ -642,7 +642,6 @@ def local_relay_pillar(domain: str = DEFAULT_DOMAIN, **settings: object) -> dict
             "min_free_disk_space": "0",
             "max_user_send_per_minute": 600,
             "max_user_send_burst_size": 100,
-            "disable_ipv6": True,
             **settings,
         },
     }
@@ -652,19 +651,19 @@ def local_relay_pillar(domain: str = DEFAULT_DOMAIN, **settings: object) -> dict
 # --- the persistent relay of `scripts/deploy` ---------------------------------------------
 
 
-def _persistent_relay() -> tuple[Relay, dict]:
+def persistent_relay() -> tuple[Relay, dict]:
     relay = Relay(PERSISTENT_ROOT)
     state = {}
     if PERSISTENT_STATE.exists():
         state = json.loads(PERSISTENT_STATE.read_text())
         pid = state.get("nspawn_pid")
-        if pid and _is_nspawn(pid) and _container_init(pid):
+        if pid and is_nspawn(pid) and _container_init(pid):
             relay.attach(pid)
     return relay, state
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    relay, state = _persistent_relay()
+    relay, state = persistent_relay()
     domain = state.get("domain", args.domain)
     if relay.is_running():
         log(
@@ -758,7 +757,7 @@ It shares this host's network: IMAP 993/143, SMTP 25/465/587, HTTPS 443, HTTP 80
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    relay, _ = _persistent_relay()
+    relay, _ = persistent_relay()
     if not PERSISTENT_ROOT.exists() and not relay.is_running():
         log("no relay container to remove")
         return 0
@@ -770,7 +769,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    relay, state = _persistent_relay()
+    relay, state = persistent_relay()
     if not relay.is_running():
         print(
             "not running"
@@ -785,7 +784,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    relay, _ = _persistent_relay()
+    relay, _ = persistent_relay()
     if not relay.is_running():
         log("the relay container is not running (scripts/deploy starts it)")
         return 1

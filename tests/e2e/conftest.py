@@ -1,9 +1,14 @@
-"""The applied-container fixtures: one relay per test session, torn down at the end.
+"""The applied-container fixtures: one relay for the tests in this folder, then removed.
 
 A systemd-nspawn container (Debian 12) boots from the cached base rootfs, the repository
 is bind-mounted read-only at /srv/chatmail, and `salt-call --local state.apply chatmail`
 applies the formula with a pillar for a self-signed ``_``-domain relay. The container shares
-the host's network, so tests talk to 127.0.0.1. Everything here is marked ``container``.
+the host's network, so tests talk to 127.0.0.1. Every test here is marked ``container``.
+
+    .venv/bin/python -m pytest tests/e2e        # ~3 min with a cached base rootfs
+    CHATMAIL_TEST_REUSE=1 ... pytest tests/e2e   # against the relay `scripts/deploy` runs
+
+The harness itself is ``scripts/lib/relayctl.py`` (shared with ``scripts/deploy``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _remove_stale_sessions() -> None:
         if owner_pid and Path(f"/proc/{owner_pid}").exists():
             continue  # a session running right now
         stale = relayctl.Relay(root, name=root.name, pidfile=pidfile)
-        if nspawn_pid and relayctl._is_nspawn(nspawn_pid):
+        if nspawn_pid and relayctl.is_nspawn(nspawn_pid):
             stale.attach(nspawn_pid)
         stale.destroy()
         relayctl.remove_tree(Path(f"{root}.src"))
@@ -86,7 +91,7 @@ def container():
         pytest.fail("the container tests need root (systemd-nspawn)")
     if os.environ.get("CHATMAIL_TEST_REUSE"):
         # Development loop: test the relay `scripts/deploy` keeps running; leave it be.
-        relay, _ = relayctl._persistent_relay()
+        relay, _ = relayctl.persistent_relay()
         if not relay.is_running():
             pytest.fail("CHATMAIL_TEST_REUSE is set but `scripts/deploy` runs no relay")
         yield relay

@@ -105,6 +105,18 @@ def test_vrfy_reveals_nothing(relay):
             assert code == 252, (who, code)
 
 
+def test_operator_nocreate_toggle_survives_apply(relay):
+    """`touch /etc/chatmail-nocreate`, later `rm` it: the next apply must not block again."""
+    container = relay.container
+    container.run("touch /etc/chatmail-nocreate && rm /etc/chatmail-nocreate")
+    result = container.apply()
+    assert result.ok, result.summary()
+    addr, password = relay.gencreds()
+    with relay.imap(addr, password):
+        pass
+    assert relay.account_exists(addr)
+
+
 # --- submission ----------------------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,15 +212,10 @@ def test_dovecot_passes_doveconf_2_3(openbsd, tmp_path, test_cert):
     m = openbsd.map
     text = openbsd.text("/etc/dovecot/dovecot.conf")
     assert "/var/spool/postfix" not in text
-    dh = tmp_path / "dh.pem"
-    shutil.copy("/usr/share/dovecot/dh.pem", dh)
-    patched = openbsd.text("/etc/dovecot/dovecot.conf").replace(m["dovecot"]["ssl_dh"], str(dh))
-    out = tmp_path / "out" / "etc/dovecot/dovecot.conf"
-    out.parent.mkdir(parents=True)
-    out.write_text(patched)
-    openbsd.files["/etc/dovecot/dovecot.conf"]["rendered"] = str(out)
+    assert "ssl_dh" not in text and m["dovecot"]["ssl_dh"] == ""
     result = doveconf_check(openbsd, tmp_path, *test_cert, None)
     assert "unix_listener lmtp" in result
+    assert "ssl_min_protocol = TLSv1.3" in result
 
 
 def test_golden_map(render, tmp_path):

@@ -148,12 +148,22 @@ chatmail-api-nocreate-adopt:
     - require:
       - file: chatmail-api-account-creation-dir
 
+{#- No link but a target: the operator removed /etc/chatmail-nocreate (the link) to
+    allow account creation again; keep it that way when the link comes back. #}
+chatmail-api-nocreate-removed:
+  file.absent:
+    - name: {{ api.account_creation_dir }}/nocreate
+    - onlyif: test ! -e {{ paths.nocreate }} -a ! -L {{ paths.nocreate }}
+    - require:
+      - cmd: chatmail-api-nocreate-adopt
+
 chatmail-api-nocreate-link:
   file.symlink:
     - name: {{ paths.nocreate }}
     - target: {{ api.account_creation_dir }}/nocreate
     - require:
       - cmd: chatmail-api-nocreate-adopt
+      - file: chatmail-api-nocreate-removed
 {%- endif %}
 
 {#- ---- DKIM public key for GET /dns ------------------------------------------------ #}
