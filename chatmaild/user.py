@@ -62,17 +62,19 @@ class User:
         return self.maildir / "password.lock"
 
     def get_password(self) -> str | None:
-        """The stored hash, or None for an account that does not exist (yet)."""
+        """The stored hash, or None for an account that does not exist (yet).
+
+        A password file that exists but cannot be read raises OSError: that is a
+        temporary failure of the relay, never "no such account" (which would invite a
+        creation attempt or a misleading "wrong password").
+        """
         try:
             fd = os.open(os.path.join(self._maildir_str, "password"), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as exc:
-            log.error("unreadable password file for %s: %s", self.addr, exc)
-            return None
         try:
             data = os.read(fd, 4096).decode("ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
             log.error("unreadable password file for %s: %s", self.addr, exc)
             return None
         finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -162,8 +163,6 @@ def ensure_rootfs() -> Path:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     lock_path = CACHE_DIR / "rootfs.lock"
     with open(lock_path, "w") as lock:
-        import fcntl
-
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same one
         if tarball.exists():
             return tarball

@@ -16,6 +16,7 @@ Usage: .venv/bin/python tests/bench/bench_relay.py [--rounds 5] [--logins 10]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -142,8 +143,6 @@ def bench_ping_pong(relay: RelayClient, rounds: int) -> None:
 
 
 def print_rss(container: relayctl.Relay) -> None:
-    import json
-
     time.sleep(5)  # let the services settle after the last test traffic
     mem = json.loads(container.run(["python3", "-c", RSS_SCRIPT]).stdout)
     total_rss = total_pss = 0

@@ -6,7 +6,9 @@ import pytest
 from deltachat_rpc_client import DeltaChat
 from relayclient import online_account, ping_pong, start_rpc
 
-pytestmark = pytest.mark.container
+# The first test also waits for the session's container: a base rootfs build on a new
+# machine (~2 min) and the first apply (~2 min).
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ chatmaild services) over 127.0.0.1, as a client or another mail server would.
 
 from __future__ import annotations
 
+import http.client
 import imaplib
+import json
 import re
 import smtplib
 import socket
@@ -24,7 +26,9 @@ from relayclient import (
     unverified_context,
 )
 
-pytestmark = pytest.mark.container
+# The first test also waits for the session's container: a base rootfs build on a new
+# machine (~2 min) and the first apply (~2 min).
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1500)]
 
 
 # --- accounts -----------------------------------------------------------------------------
@@ -279,8 +283,6 @@ def test_https_web_page(relay):
 
 
 def test_http_redirects_to_https(relay):
-    import http.client
-
     conn = http.client.HTTPConnection(HOST, 80, timeout=15)
     conn.request("GET", "/", headers={"Host": relay.domain})
     resp = conn.getresponse()
@@ -308,8 +310,6 @@ def test_mta_sts_txt(relay):
 def test_new_account_endpoint(relay):
     status, _, body = relay.https_get("/new", method="POST")
     assert status == 200, body
-    import json
-
     creds = json.loads(body)
     assert creds["email"].endswith(f"@{relay.domain}")
     with relay.imap(creds["email"], creds["password"]):
@@ -377,8 +377,6 @@ def test_second_apply_reports_no_changes(applied):
 def test_deploy_script_server_mode_honours_existing_pillar(relay):
     """`scripts/deploy DOMAIN` run on the relay itself: its own masterless Salt setup,
     the operator's pillar kept, and nothing to change."""
-    import json
-
     applied, DOMAIN = relay.container, relay.domain
     pillar = json.dumps(relayctl.local_relay_pillar(DOMAIN))
     applied.write_file("/etc/chatmail/pillar/chatmail.sls", pillar, mode="0600")

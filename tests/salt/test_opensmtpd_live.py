@@ -7,8 +7,10 @@ on a cached root, so nothing persists between runs); filtermail and the LMTP sin
 the host, on loopback ports, like Dovecot would. Listeners use ephemeral ports on
 127.0.0.1 only. What this proves:
 
-- a first SMTP login creates the account, by doveauth's rules, as the vmail user;
-  a wrong password then fails, and a too-short one never creates an account;
+- an account created by the first IMAP login (doveauth's rules, as the vmail user) logs
+  in over SMTP with its mixed-case password (the table serves smtpd ``credentials``:
+  smtpd lowercases ``auth`` keys, which would break such passwords); its lowercased or a
+  wrong password fail, and an SMTP login never creates an account;
 - MAIL FROM must be the login (``senders <chatmail>``);
 - encrypted mail passes filtermail, is DKIM-signed by filter-dkimsign on reinjection
   (the signature verifies against our key) and is delivered by LMTP;
@@ -50,7 +52,7 @@ pytestmark = [
 ]
 
 DOMAIN = "chat.example"
-PASSWORD = "correct-horse-battery"
+PASSWORD = "Correct-Horse-Battery|9"
 VENV = "/opt/chatmail/venv"
 INI = "/etc/chatmail/chatmail.ini"
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -337,7 +339,20 @@ def mail(name: str, from_addr: str, to_addr: str, subject: str = "test") -> byte
     )
 
 
+def create_account(relay, addr: str, password: str = PASSWORD) -> None:
+    """What a first IMAP login does through doveauth: the same rules, as vmail."""
+    code = (
+        "import sys; from chatmaild.accounts import get_or_create; "
+        "from chatmaild.config import read_config; "
+        "assert get_or_create(read_config(sys.argv[1]), sys.argv[2], sys.argv[3]).password_hash"
+    )
+    chroot(relay["root"], "runuser", "-u", "vmail", "--",
+           f"{VENV}/bin/python", "-c", code, INI, addr, password)  # fmt: skip
+
+
 def login(relay, addr: str, password: str = PASSWORD) -> smtplib.SMTP:
+    if not (relay["mailboxes"] / addr / "password").exists():
+        create_account(relay, addr, password)
     client = submission(relay)
     client.login(addr, password)
     return client
@@ -358,37 +373,35 @@ def test_rendered_config_is_what_runs(relay):
     assert 'filter "dkimsign"' in relay["smtpd_conf"]
 
 
-def test_first_smtp_login_creates_account_as_vmail(relay):
+def test_account_logs_in_over_smtp_with_mixed_case_password(relay):
     addr = new_address("first")
     with login(relay, addr) as client:
         assert client.noop()[0] == 250
-    account = relay["mailboxes"] / addr
-    password_file = account / "password"
-    assert password_file.exists(), sorted(p.name for p in account.iterdir())
+    password_file = relay["mailboxes"] / addr / "password"
     vmail_uid = int(chroot(relay["root"], "id", "-u", "vmail").stdout)
-    assert account.stat().st_uid == vmail_uid
     assert password_file.stat().st_uid == vmail_uid
 
 
-def test_wrong_password_fails_after_creation(relay):
+@pytest.mark.parametrize("wrong", [PASSWORD + "x", PASSWORD.lower()], ids=["wrong", "lowercased"])
+def test_wrong_password_fails(relay, wrong):
     addr = new_address("wrong")
     login(relay, addr).quit()
     with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as err:
-        client.login(addr, PASSWORD + "x")
+        client.login(addr, wrong)
     assert err.value.smtp_code == 535
-    # the right one still works
-    login(relay, addr).quit()
+    login(relay, addr).quit()  # the right one still works
 
 
-def test_too_short_password_creates_nothing(relay):
-    addr = new_address("short")
+def test_smtp_login_never_creates_an_account(relay):
+    addr = new_address("unknown")
     with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError):
-        client.login(addr, "short")
+        client.login(addr, PASSWORD)
     assert not (relay["mailboxes"] / addr).exists()
 
 
 def test_login_over_implicit_tls(relay):
     addr = new_address("smtps")
+    create_account(relay, addr)
     with smtplib.SMTP_SSL("127.0.0.1", relay["ports"]["submissions"], context=tls_context(),
                           timeout=60) as client:  # fmt: skip
         client.login(addr, PASSWORD)
@@ -467,15 +480,17 @@ def test_incoming_for_other_domains_is_refused(relay):
 
 
 def test_table_failure_is_temporary_and_smtpd_lives_on(relay):
-    """An account table error (here: mailboxes not writable) is a 4xx for that login
-    only: smtpd 7.6 takes the table's ``error|<why>`` reply and keeps serving."""
-    relay["mailboxes"].chmod(0o500)
+    """An account table error (here: an unreadable password file) is a 4xx for that
+    login only: smtpd 7.6 takes the table's ``error|<why>`` reply and keeps serving."""
+    addr = new_address("error")
+    create_account(relay, addr)
+    password_file = relay["mailboxes"] / addr / "password"
+    password_file.chmod(0o000)
     try:
         with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as err:
-            client.login(new_address("error"), PASSWORD)
+            client.login(addr, PASSWORD)
         assert err.value.smtp_code == 421
     finally:
-        relay["mailboxes"].chmod(0o700)
-    addr = new_address("after")
-    with login(relay, addr) as client:
+        password_file.chmod(0o600)
+    with login(relay, new_address("after")) as client:
         assert client.noop()[0] == 250

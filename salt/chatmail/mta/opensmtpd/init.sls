@@ -26,7 +26,7 @@ chatmail-mta-doas:
     - marker_start: "# chatmail: account table for OpenSMTPD (managed by Salt) -- start"
     - marker_end: "# chatmail: account table for OpenSMTPD (managed by Salt) -- end"
     - content: |
-        permit nopass {{ o.user }} as {{ chatmail.users.vmail }} cmd {{ table }} args --services auth,mailaddrmap {{ chatmail.paths.ini }}
+        permit nopass {{ o.user }} as {{ chatmail.users.vmail }} cmd {{ table }} args --services credentials,mailaddrmap {{ chatmail.paths.ini }}
     - append_if_not_found: True
     - require:
       - pkg: chatmail-packages
