@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import PILLARS
+from saltsupport import PILLARS
 from test_render import GOLDEN_DIR, doveconf_check
 
 # What Salt's grains/core.py reports on OpenBSD 7.6 (osfinger is "<os>-<major>").

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import PILLARS, PLATFORMS, RenderError
+from saltsupport import PILLARS, PLATFORMS, RenderError
 from opensmtpd_support import smtpd_check
 from test_openbsd import OPENBSD_GRAINS
 

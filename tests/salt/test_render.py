@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PILLARS, PLATFORMS, REPO, RenderError, run
+from saltsupport import PILLARS, PLATFORMS, REPO, RenderError, _example_pillar, run
 
 from chatmaild.config import load_config
 
@@ -585,7 +585,6 @@ def test_pillar_example_restates_the_defaults(render, platform):
 
 
 def test_pillar_example_documents_every_ini_setting():
-    from conftest import _example_pillar
 
     from chatmaild.config import Config
 
