@@ -92,8 +92,10 @@ def published_zone(api, relay, tmp_path_factory):
                 relay.local_data(record)
             yield resp.text
         finally:
+            # Unless the container already went with the folder's last test.
             for name in (f"{d}.", f"ns.{d}.", _reverse(RELAY_ADDRESS)):
-                relay.container.run(["unbound-control", "local_data_remove", name], check=False)
+                if relay.container.is_running():
+                    relay.container.run(["unbound-control", "local_data_remove", name])
 
 
 def _failing(status: dict, not_yet_run: tuple[str, ...] = ()) -> str:
