@@ -8,6 +8,7 @@ HOST_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua
     nginx-light libnginx-mod-stream unbound nsd opendkim opendkim-tools lua5.4 lua-socket
     chromium fonts-dejavu-core
+    gcc libc6-dev python3-dev   # Salt's dependency timelib has no wheel: built from source
 )
 
 require_root_debian() {

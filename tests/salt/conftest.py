@@ -48,7 +48,7 @@ def salt_python() -> Path:
             shutil.rmtree(SALT_VENV, ignore_errors=True)
             result = run(["/usr/bin/python3", "-m", "venv", str(SALT_VENV)])
             assert result.returncode == 0, result.stderr
-            result = run([str(python), "-m", "pip", "install", "--quiet", "salt"])
+            result = run([str(python), "-m", "pip", "install", "--quiet", "salt>=3008,<3009"])
             assert result.returncode == 0, result.stdout + result.stderr
     version = run([str(SALT_VENV / "bin" / "salt-call"), "--version"])
     assert version.returncode == 0, version.stderr
