@@ -367,7 +367,11 @@ def test_dovecot_passes_doveconf(rendered, tmp_path, test_cert, request):
     out = doveconf_check(rendered, tmp_path, *test_cert, trixie_root)
     m = rendered.map
     s = m["settings"]
-    assert "imap_capability = +XDELTAPUSH XCHATMAIL" in out
+    if m["dovecot"]["syntax"] == "2.4":
+        # a boolean list adding to the defaults ("+..." would replace them, IMAP4rev1 too)
+        assert re.search(r"imap_capability \{\s+XDELTAPUSH = yes\s+XCHATMAIL = yes\s+\}", out)
+    else:
+        assert "imap_capability = +XDELTAPUSH XCHATMAIL" in out
     assert f"{m['paths']['mailboxes']}/%" in out
     assert "chatmail-quota-expire" in out
     assert str(s["max_imap_connections"]) in out

@@ -19,7 +19,18 @@ include:
 
 {#- smtpd's lookup process runs unprivileged and starts the account table itself; the
     table writes mailboxes, so this rule lets that one command (with exactly these
-    arguments) run as the vmail user. The operator's other doas rules stay untouched. #}
+    arguments) run as the vmail user. The operator's other doas rules stay untouched.
+    Neither Debian's opendoas nor OpenBSD ships a doas.conf: it is created first (root
+    only: doas refuses a writable one), so the block has a file to go into. #}
+chatmail-mta-doas-mode:
+  file.managed:
+    - name: {{ o.doas_conf }}
+    - replace: False
+    - user: root
+    - mode: "0600"
+    - require:
+      - pkg: chatmail-packages
+
 chatmail-mta-doas:
   file.blockreplace:
     - name: {{ o.doas_conf }}
@@ -29,16 +40,7 @@ chatmail-mta-doas:
         permit nopass {{ o.user }} as {{ chatmail.users.vmail }} cmd {{ table }} args --services credentials,mailaddrmap {{ chatmail.paths.ini }}
     - append_if_not_found: True
     - require:
-      - pkg: chatmail-packages
-
-chatmail-mta-doas-mode:
-  file.managed:
-    - name: {{ o.doas_conf }}
-    - replace: False
-    - user: root
-    - mode: "0600"
-    - require:
-      - file: chatmail-mta-doas
+      - file: chatmail-mta-doas-mode
 
 {#- smtpd's server name (bounces come from MAILER-DAEMON@<it>, signed for the domain). #}
 chatmail-mta-mailname:
