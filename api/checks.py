@@ -91,17 +91,22 @@ def default_cert_path(config: Config) -> Path:
     return Path(f"/var/lib/acme/live/{config.mail_domain}/fullchain")
 
 
-def default_ports(config: Config) -> list[PortSpec]:
-    return [
-        PortSpec(port=25, what="SMTP (Postfix)"),
+def default_ports(config: Config, mta: str) -> list[PortSpec]:
+    ports = [
+        PortSpec(port=25, what=f"SMTP ({'Postfix' if mta == 'postfix' else 'OpenSMTPD'})"),
         PortSpec(port=587, what="submission"),
         PortSpec(port=465, what="submissions"),
         PortSpec(port=993, what="IMAPS (Dovecot)"),
         PortSpec(port=143, what="IMAP (Dovecot)", severity="warning"),
         PortSpec(port=443, what="HTTPS/ALPN (nginx)"),
-        PortSpec(port=config.filtermail_smtp_port, what="filtermail outgoing"),
-        PortSpec(port=config.filtermail_smtp_port_incoming, what="filtermail incoming"),
     ]
+    if mta == "postfix":
+        # OpenSMTPD runs the same rules as its filter process: no ports of their own
+        ports += [
+            PortSpec(port=config.filtermail_smtp_port, what="filtermail outgoing"),
+            PortSpec(port=config.filtermail_smtp_port_incoming, what="filtermail incoming"),
+        ]
+    return ports
 
 
 # -- running commands ------------------------------------------------------------------
@@ -147,7 +152,7 @@ class Checker:
         #: The state under the API's creation lock (reading may re-open an expired close).
         self.creation_state = creation_state
         self.cert_path = settings.tls_cert or default_cert_path(config)
-        self.ports = settings.ports or default_ports(config)
+        self.ports = settings.ports or default_ports(config, settings.mta)
         self._cert_cache: tuple[tuple[int, int], float] | None = None
         #: Set by the probe and the DNS task; read by every run.
         self.probe_result: ProbeResult | None = None
@@ -286,6 +291,8 @@ class Checker:
         return [CheckResult("tls.expiry", "critical", "ok", summary)]
 
     async def check_queue(self, facts: Facts) -> list[CheckResult]:
+        if self.settings.queue_snapshot is not None:
+            return self.check_queue_snapshot(facts, self.settings.queue_snapshot)
         argv = self.settings.queue_command
         try:
             rc, stdout, stderr = await run_command(argv, self.settings.check_timeout_s)
@@ -311,13 +318,36 @@ class Checker:
             )
         except (ValueError, AttributeError) as exc:
             return [CheckResult("queue.depth", "warning", "unknown", f"unparsable queue: {exc}")]
+        return self.queue_depth_results(facts, depth)
+
+    def check_queue_snapshot(self, facts: Facts, path: Path) -> list[CheckResult]:
+        try:
+            age = datetime.now(UTC).timestamp() - path.stat().st_mtime
+            listing = path.read_text(errors="replace")
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        else:
+            if age <= self.settings.queue_snapshot_max_age_s:
+                return self.queue_depth_results(facts, parse_smtpctl_queue(listing))
+            problem = f"{age:.0f} s old"
+        return [
+            CheckResult(
+                "queue.depth",
+                "warning",
+                "unknown",
+                f"queue snapshot {path}: {problem}",
+                "chatmail-smtpd-queue (timer or cron, as root) writes it every minute",
+            )
+        ]
+
+    def queue_depth_results(self, facts: Facts, depth: dict[str, int]) -> list[CheckResult]:
         facts.queue_depth = depth
         total = sum(depth.values())
         summary = f"{total} queued (" + ", ".join(f"{q} {n}" for q, n in depth.items()) + ")"
         if total >= self.settings.queue_fail:
-            return [CheckResult("queue.depth", "critical", "fail", summary, "postqueue -p; mailq")]
+            return [CheckResult("queue.depth", "critical", "fail", summary, "mailq")]
         if total >= self.settings.queue_warn:
-            return [CheckResult("queue.depth", "warning", "fail", summary, "postqueue -p; mailq")]
+            return [CheckResult("queue.depth", "warning", "fail", summary, "mailq")]
         return [CheckResult("queue.depth", "warning", "ok", summary)]
 
     async def check_disk(self) -> list[CheckResult]:

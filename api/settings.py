@@ -134,11 +134,18 @@ class Settings(_Strict):
     tls_warn_days: int = Field(14, ge=0)
     tls_fail_days: int = Field(3, ge=0)
     service_manager: Literal["systemd", "rcctl"] = "systemd"
+    #: The relay's MTA: which ports the checks expect (filtermail's only with Postfix).
+    mta: Literal["postfix", "opensmtpd"] = "postfix"
     services: list[ServiceSpec] = [ServiceSpec(name=name) for name in DEFAULT_SERVICES]
     #: Ports that must accept connections; empty: derived from chatmail.ini.
     ports: list[PortSpec] = []
     #: Prints the queue; ``postqueue -j`` (Postfix JSON) or ``smtpctl show queue``.
     queue_command: list[str] = ["postqueue", "-j"]
+    #: Read ``smtpctl show queue`` output from this file instead of running
+    #: queue_command: OpenSMTPD lists its queue to root only, so a root timer writes it.
+    queue_snapshot: Path | None = None
+    #: An older snapshot means the timer stopped: the check turns ``unknown``.
+    queue_snapshot_max_age_s: float = Field(300.0, gt=0)
     queue_warn: int = Field(100, ge=0)
     queue_fail: int = Field(1000, ge=0)
     #: Free space below this many MB on the mailbox filesystem is a warning (the

@@ -7,6 +7,9 @@ that ``From:`` is the authenticated envelope sender and lets only OpenPGP-encryp
 ask for it (``enforceE2EEincoming``) and requires a DKIM signature aligned with ``From:``.
 Accepted mail is handed back to Postfix by SMTP unchanged, and Postfix's reply is ours.
 Reply texts and log lines follow upstream's filtermail, which clients and monitoring read.
+
+The rules themselves are :class:`MessagePolicy`, free of any transport: OpenSMTPD applies
+the very same object as an smtpd filter (:mod:`chatmaild.smtpdfilter`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import dns.exception
@@ -225,20 +229,16 @@ class FilterHandler:
     """aiosmtpd handler hooks for one mode."""
 
     def __init__(self, config: Config, mode: str, skip_dkim: bool = False):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.config = config
         self.mode = mode
         self.outgoing = mode == "outgoing"
-        self.counters = Counters(config.counters_dir, f"filtermail-{mode}")
+        self.policy = MessagePolicy(config, mode, skip_dkim=skip_dkim)
+        self.counters = self.policy.counters
+        self.dkim = self.policy.dkim
         port = (
             config.postfix_reinject_port if self.outgoing else config.postfix_reinject_port_incoming
         )
         self.reinjector = Reinjector(config.postfix_host, port, helo=config.mail_domain)
-        self.ratelimiter = RateLimiter(
-            config.max_user_send_per_minute, config.max_user_send_burst_size
-        )
-        self.dkim = None if skip_dkim else DKIMVerifier(TxtLookup(config.dns_resolver))
 
     def close(self) -> None:
         self.reinjector.close()
@@ -262,14 +262,9 @@ class FilterHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if self.outgoing:
-            if address.count("@") != 1:
-                return f"500 Invalid from address <{_plain_sender(address)}>"
-            delay = self.ratelimiter.acquire(address.lower())
-            if delay is not None:
-                until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + delay))
-                log.info("Rate limited: %s", address)
-                return f"450 4.7.1: Too much mail from {address}, rate limited until {until}"
+        refusal = self.policy.check_sender(address)
+        if refusal is not None:
+            return refusal
         params = {}
         for option in mail_options:
             key, _, value = option.partition("=")
@@ -296,29 +291,99 @@ class FilterHandler:
 
     async def handle_DATA(self, server: FilterSMTP, session: Session, envelope: Envelope) -> str:
         try:
-            reply, encrypted = await self.filter_message(envelope)
+            verdict = await self.policy.check(
+                envelope.mail_from, envelope.rcpt_tos, envelope.original_content
+            )
+            reply = verdict.reply
+            if reply is None:
+                reply = await self.reinjector.send(
+                    verdict.mail_from,
+                    envelope.recipients,
+                    envelope.original_content,
+                    envelope.reinject_params,
+                )
         except Exception:
             log.exception("filtering failed")
             return LOCAL_ERROR
-        if encrypted is not None:
-            result = "accepted" if reply[:1] == "2" else "rejected"
-            self.counters.inc(
-                "mail_filtered_total",
-                direction=self.mode,
-                encrypted="true" if encrypted else "false",
-                result=result,
-            )
+        self.policy.count(verdict.encrypted, accepted=reply[:1] == "2")
         return reply
 
-    async def filter_message(self, envelope: Envelope) -> tuple[str, bool | None]:
-        """The reply for this message, and whether it was encrypted (None: not looked at)."""
-        data: bytes | bytearray = envelope.original_content
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the rules say about one message.
+
+    ``reply`` is None if the message may pass, else the SMTP reply refusing it.
+    ``encrypted`` is None if the message was refused before its content was looked at.
+    ``mail_from`` is the envelope sender to pass it on with (incoming: "" for senders
+    that differ from ``From:``, so that nothing ever bounces to a forged address).
+    """
+
+    reply: str | None
+    encrypted: bool | None
+    mail_from: str = ""
+
+
+class MessagePolicy:
+    """filtermail's rules for one mode, without any transport.
+
+    The aiosmtpd filter (:class:`FilterHandler`, Postfix's before-queue proxy) and the
+    OpenSMTPD filter (:mod:`chatmaild.smtpdfilter`) both decide with this class, so the
+    two MTAs refuse exactly the same mail with exactly the same replies.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        mode: str,
+        skip_dkim: bool = False,
+        counters: Counters | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.config = config
+        self.mode = mode
+        self.outgoing = mode == "outgoing"
+        self.counters = counters or Counters(config.counters_dir, f"filtermail-{mode}")
+        self.ratelimiter = RateLimiter(
+            config.max_user_send_per_minute, config.max_user_send_burst_size
+        )
+        self.dkim = None if skip_dkim else DKIMVerifier(TxtLookup(config.dns_resolver))
+
+    def check_sender(self, address: str) -> str | None:
+        """The reply refusing envelope sender ``address`` (outgoing: rate limit), or None."""
+        if not self.outgoing:
+            return None
+        if address.count("@") != 1:
+            return f"500 Invalid from address <{_plain_sender(address)}>"
+        delay = self.ratelimiter.acquire(address.lower())
+        if delay is not None:
+            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + delay))
+            log.info("Rate limited: %s", address)
+            return f"450 4.7.1: Too much mail from {address}, rate limited until {until}"
+        return None
+
+    def count(self, encrypted: bool | None, accepted: bool) -> None:
+        """``mail_filtered_total`` for a message whose content was looked at."""
+        if encrypted is None:
+            return
+        self.counters.inc(
+            "mail_filtered_total",
+            direction=self.mode,
+            encrypted="true" if encrypted else "false",
+            result="accepted" if accepted else "rejected",
+        )
+
+    async def check(
+        self, mail_from: str | None, rcpt_tos: list[str], data: bytes | bytearray
+    ) -> Verdict:
+        """The verdict on message ``data`` (CRLF lines, dot-unstuffed) of one envelope."""
         if not is_utf8(data):
-            return NON_UTF8, None
+            return Verdict(NON_UTF8, None)
         try:
             mail = parse_mail(data)
         except MalformedMessage as exc:
-            return f"{MALFORMED}: {exc}", None
+            return Verdict(f"{MALFORMED}: {exc}", None)
         from_addr = from_address(mail)
         if from_addr is None:
             values = mail.headers.get_all("From") or []
@@ -329,31 +394,32 @@ class FilterHandler:
                 if len(values) > 1
                 else "unparsable"
             )
-            return f"500 Invalid FROM header: {problem}", None
+            return Verdict(f"500 Invalid FROM header: {problem}", None)
         if self.outgoing:
-            return await self._outgoing(envelope, mail, from_addr, data)
-        return await self._incoming(envelope, mail, from_addr, data)
+            return self._outgoing(_plain_sender(mail_from), rcpt_tos, mail, from_addr)
+        return await self._incoming(_plain_sender(mail_from), rcpt_tos, mail, from_addr, data)
 
-    async def _outgoing(
-        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes | bytearray
-    ) -> tuple[str, bool | None]:
-        mail_from = envelope.mail_from
+    def _outgoing(self, mail_from: str, rcpt_tos: list[str], mail: Mail, from_addr: str) -> Verdict:
         if from_addr.lower() != mail_from.lower():
-            return f"500 Invalid FROM <{from_addr}> for <{mail_from}>", None
+            return Verdict(f"500 Invalid FROM <{from_addr}> for <{mail_from}>", None)
         encrypted = is_encrypted(mail, outgoing=True) or is_securejoin(mail)
         if encrypted:
             log.info("Outgoing: Filtering encrypted mail.")
         else:
             log.info("Outgoing: Filtering unencrypted mail.")
-            if not is_autocrypt_setup_message(mail, from_addr, envelope.rcpt_tos):
+            if not is_autocrypt_setup_message(mail, from_addr, rcpt_tos):
                 log.info("Rejected unencrypted mail from: %s", from_addr)
-                return ENCRYPTION_NEEDED, False
-        return await self._reinject(envelope, mail_from, data), encrypted
+                return Verdict(ENCRYPTION_NEEDED, False)
+        return Verdict(None, encrypted, mail_from)
 
     async def _incoming(
-        self, envelope: Envelope, mail: Mail, from_addr: str, data: bytes | bytearray
-    ) -> tuple[str, bool | None]:
-        mail_from = _plain_sender(envelope.mail_from)
+        self,
+        mail_from: str,
+        rcpt_tos: list[str],
+        mail: Mail,
+        from_addr: str,
+        data: bytes | bytearray,
+    ) -> Verdict:
         if mail_from.lower() != from_addr.lower():
             mail_from = ""  # forwarded (SRS) or forged: never bounce to the envelope sender
         encrypted = is_encrypted(mail, outgoing=False) or is_securejoin(mail)
@@ -363,9 +429,9 @@ class FilterHandler:
             log.info("Incoming: Filtering unencrypted mail.")
             if is_mailer_daemon_report(mail, from_addr):
                 log.info("Incoming: Filtering mailer-daemon message from %s", from_addr)
-            elif any(refuses_cleartext(self.config.mailboxes_path, r) for r in envelope.rcpt_tos):
+            elif any(refuses_cleartext(self.config.mailboxes_path, r) for r in rcpt_tos):
                 log.info("Rejected unencrypted mail from: %s", from_addr)
-                return ENCRYPTION_NEEDED, False
+                return Verdict(ENCRYPTION_NEEDED, False)
         from_domain = from_addr.rsplit("@", 1)[1]
         # Domain-literal senders (user@[1.2.3.4]) have no DNS to hold a key.
         if self.dkim is not None and not from_domain.startswith("["):
@@ -373,13 +439,8 @@ class FilterHandler:
             problem = await self.dkim.check(data, signatures, from_domain)
             if problem is not None:
                 log.info("DKIM check failed for mail from %s: %s", from_addr, problem)
-                return problem, encrypted
-        return await self._reinject(envelope, mail_from, data), encrypted
-
-    async def _reinject(self, envelope: Envelope, mail_from: str, data: bytes | bytearray) -> str:
-        return await self.reinjector.send(
-            _plain_sender(mail_from), envelope.recipients, data, envelope.reinject_params
-        )
+                return Verdict(problem, encrypted)
+        return Verdict(None, encrypted, mail_from)
 
 
 async def start_server(

@@ -20,8 +20,10 @@ Services (``--services``, default ``credentials,mailaddrmap``):
 
 - ``credentials`` (lookup): ``<user>:<crypt hash>`` of an existing account; smtpd checks
   the password itself (``crypt_checkpass``, case preserved). Never creates: accounts come
-  from IMAP logins (doveauth), which Delta Chat always performs first. Needs a libc
-  ``crypt`` that knows ``$6$`` (glibc/libxcrypt do; OpenBSD's knows only bcrypt).
+  from IMAP logins (doveauth) or, for an SMTP-first ``AUTH PLAIN`` login, from the
+  outgoing filter's ``auth`` phase (:mod:`chatmaild.smtpdfilter`), which runs before this
+  lookup. Needs a libc ``crypt`` that knows ``$6$`` (glibc/libxcrypt do; OpenBSD's knows
+  only bcrypt).
 - ``auth`` (check, key ``<user>:<password>``): smtpd hands the password to us, so a login
   with an unknown address creates the account by the rules of :mod:`chatmaild.accounts`
   and an existing account's password is verified against its stored hash.

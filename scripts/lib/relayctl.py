@@ -38,7 +38,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("CHATMAIL_TEST_CACHE", "/var/cache/chatmail-test"))
-SUITE = "bookworm"
+#: The Debian release a relay container runs unless told otherwise.
+DEFAULT_SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates")
 SALT_REQUIREMENT = "salt>=3008,<3009"
@@ -137,26 +138,26 @@ def host_nameserver() -> str:
 # --- base root filesystem -----------------------------------------------------------------
 
 
-def rootfs_key() -> str:
+def rootfs_key(suite: str) -> str:
     digest = hashlib.sha256()
-    for part in (RECIPE_VERSION, SUITE, MIRROR, " ".join(BASE_PACKAGES), SALT_REQUIREMENT):
+    for part in (RECIPE_VERSION, suite, MIRROR, " ".join(BASE_PACKAGES), SALT_REQUIREMENT):
         digest.update(part.encode() + b"\0")
     for cert in host_ca_certs():
         digest.update(cert.name.encode() + b"\0" + cert.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def rootfs_tarball() -> Path:
-    return CACHE_DIR / f"rootfs-{SUITE}-{rootfs_key()}.tar.zst"
+def rootfs_tarball(suite: str) -> Path:
+    return CACHE_DIR / f"rootfs-{suite}-{rootfs_key(suite)}.tar.zst"
 
 
 def run_host(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kwargs)
 
 
-def ensure_rootfs() -> Path:
+def ensure_rootfs(suite: str) -> Path:
     """The cached base tarball, built first if the recipe or the CA certs changed."""
-    tarball = rootfs_tarball()
+    tarball = rootfs_tarball(suite)
     if tarball.exists():
         return tarball
     require_tools()
@@ -166,25 +167,25 @@ def ensure_rootfs() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same one
         if tarball.exists():
             return tarball
-        build_rootfs(tarball)
+        build_rootfs(tarball, suite)
     return tarball
 
 
-def build_rootfs(tarball: Path) -> None:
+def build_rootfs(tarball: Path, suite: str) -> None:
     started = time.monotonic()
     stage = CACHE_DIR / f"build-{tarball.name.removesuffix('.tar.zst')}"
     if stage.exists():
         remove_tree(stage)
-    debs = CACHE_DIR / "debootstrap-debs"
+    debs = CACHE_DIR / f"debootstrap-debs-{suite}"
     debs.mkdir(parents=True, exist_ok=True)
-    log(f"building base rootfs {tarball.name} (debootstrap {SUITE}, ~1 min)")
+    log(f"building base rootfs {tarball.name} (debootstrap {suite}, ~1 min)")
     run_host(
         [
             "debootstrap",
             "--variant=minbase",
             f"--include={','.join(BASE_PACKAGES)}",
             f"--cache-dir={debs}",
-            SUITE,
+            suite,
             str(stage),
             MIRROR,
         ],
@@ -232,7 +233,7 @@ def build_rootfs(tarball: Path) -> None:
     )
     partial.rename(tarball)
     remove_tree(stage)
-    for old in CACHE_DIR.glob(f"rootfs-{SUITE}-*.tar.zst"):
+    for old in CACHE_DIR.glob(f"rootfs-{suite}-*.tar.zst"):
         if old != tarball:
             old.unlink()
     log(f"base rootfs built in {time.monotonic() - started:.0f} s: {tarball}")
@@ -244,8 +245,9 @@ def pip_cache() -> Path:
     return path
 
 
-def apt_cache() -> Path:
-    path = CACHE_DIR / "apt-archives"
+def apt_cache(suite: str) -> Path:
+    # one per release: apt must not pick a package built for another one
+    path = CACHE_DIR / f"apt-archives-{suite}"
     (path / "partial").mkdir(parents=True, exist_ok=True)
     return path
 
@@ -346,8 +348,10 @@ class Relay:
         name: str = "chatmail-relay",
         repo: Path = REPO_ROOT,
         pidfile: Path | None = None,
+        suite: str = DEFAULT_SUITE,
     ):
         self.root = Path(root)
+        self.suite = suite
         self.name = name
         self.repo = Path(repo)
         #: "<nspawn pid> <our pid>", written as soon as nspawn runs: lets a later session
@@ -362,7 +366,7 @@ class Relay:
     def unpack(self) -> None:
         if self.root.exists():
             raise RelayError(f"{self.root} already exists")
-        tarball = ensure_rootfs()
+        tarball = ensure_rootfs(self.suite)
         started = time.monotonic()
         self.root.mkdir(parents=True)
         run_host(
@@ -388,7 +392,7 @@ class Relay:
             f"--machine={self.name}",
             "--console=read-only",
             f"--bind-ro={self.repo}:{REPO_MOUNT}",
-            f"--bind={apt_cache()}:/var/cache/apt/archives",
+            f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
         with open(self.log_path, "ab") as console:
@@ -626,10 +630,13 @@ def _container_init(nspawn_pid: int) -> int | None:
 # --- pillar for a local _-domain relay ------------------------------------------------------
 
 
-def local_relay_pillar(domain: str = DEFAULT_DOMAIN, **settings: object) -> dict:
+def local_relay_pillar(
+    domain: str = DEFAULT_DOMAIN, mta: str = "postfix", **settings: object
+) -> dict:
     """Pillar for a self-signed relay on a made-up ``_`` domain inside a container."""
     pillar: dict = {
         "mail_domain": domain,
+        "mta": mta,
         "tls": {"mode": "self"},
         "dns_forwarder": host_nameserver(),
         # The container has no IPv6 route on this kind of host.
@@ -792,7 +799,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    print(ensure_rootfs())
+    print(ensure_rootfs(args.suite))
     return 0
 
 
@@ -807,7 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     shell = sub.add_parser("shell", help="run a shell (or a command) inside it")
     shell.add_argument("cmd", nargs=argparse.REMAINDER)
     shell.set_defaults(func=cmd_shell)
-    sub.add_parser("build", help="build the cached base rootfs").set_defaults(func=cmd_build)
+    build = sub.add_parser("build", help="build the cached base rootfs")
+    build.add_argument("--suite", default=DEFAULT_SUITE, help="Debian release (bookworm, trixie)")
+    build.set_defaults(func=cmd_build)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -12,6 +12,7 @@ from api_support import ADMIN, ADMIN_TOKEN, MONITOR, free_port, make_cert
 from chatmail_api.app import create_app
 from chatmail_api.checks import (
     CheckResult,
+    default_ports,
     overall,
     parse_postqueue_json,
     parse_systemctl_is_active,
@@ -147,6 +148,44 @@ def test_queue_depth(api_settings, fake_postqueue):
         assert check["summary"].startswith("4 queued")
         metrics = client.get("/metrics", headers=MONITOR).text
         assert 'postfix_showq_queue_depth{queue="deferred"} 3.0' in metrics
+
+
+def test_queue_snapshot_of_opensmtpd(api_settings, tmp_path):
+    """OpenSMTPD: the queue listing comes from a file a root timer writes; a stale or
+    missing file is ``unknown``, never a count."""
+    snapshot = tmp_path / "smtpd-queue.txt"
+    envelope = "{:016x}|inet4|mta|auth|a@x.test|b@y.test|b@y.test|1795771209|1795771209|0|2|pending|3|"
+    snapshot.write_text("".join(envelope.format(i) + "\n" for i in range(5)))
+    settings, config = api_settings(queue_snapshot=str(snapshot), queue_warn=5)
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["queue.depth"]
+        assert check["state"] == "fail" and check["summary"].startswith("5 queued"), check
+        metrics = client.get("/metrics", headers=MONITOR).text
+        assert 'postfix_showq_queue_depth{queue="queue"} 5.0' in metrics
+
+    stale = time.time() - 3600
+    os.utime(snapshot, (stale, stale))
+    settings, config = api_settings(queue_snapshot=str(snapshot))
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["queue.depth"]
+        assert check["state"] == "unknown" and "s old" in check["summary"], check
+
+    snapshot.unlink()
+    settings, config = api_settings(queue_snapshot=str(snapshot))
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR))["queue.depth"]
+        assert check["state"] == "unknown" and "No such file" in check["summary"], check
+
+
+@pytest.mark.parametrize("mta", ["postfix", "opensmtpd"])
+def test_default_ports_follow_the_mta(make_config, mta):
+    config = make_config("chat.example.org")
+    ports = {p.port: p.what for p in default_ports(config, mta)}
+    assert {25, 465, 587, 993, 143, 443} <= set(ports)
+    filtermail = {config.filtermail_smtp_port, config.filtermail_smtp_port_incoming}
+    # OpenSMTPD runs filtermail's rules inside smtpd: nothing listens on those ports there
+    assert (filtermail <= set(ports)) == (mta == "postfix"), ports
+    assert ports[25] == ("SMTP (Postfix)" if mta == "postfix" else "SMTP (OpenSMTPD)")
 
 
 def test_real_postqueue_without_postfix_is_unknown(api_settings):

@@ -1,11 +1,15 @@
-"""The applied-container fixtures: one relay for the tests in this folder, then removed.
+"""The applied-container fixtures: one relay per platform for the tests in this folder.
 
-A systemd-nspawn container (Debian 12) boots from the cached base rootfs, the repository
-is bind-mounted read-only at /srv/chatmail, and `salt-call --local state.apply chatmail`
-applies the formula with a pillar for a self-signed ``_``-domain relay. The container shares
-the host's network, so tests talk to 127.0.0.1. Every test here is marked ``container``.
+Every test runs once per platform (``relayclient.PLATFORMS``): Debian 12 with Postfix, and
+Debian 13 with OpenSMTPD (``mta: opensmtpd``). For each, a systemd-nspawn container boots
+from the release's cached base rootfs, the repository is bind-mounted read-only at
+/srv/chatmail, and `salt-call --local state.apply chatmail` applies the formula with a
+pillar for a self-signed ``_``-domain relay. Containers share the host's network (tests
+talk to 127.0.0.1), so pytest runs one platform's tests, stops that container, then boots
+the next. Every test here is marked ``container``.
 
-    .venv/bin/python -m pytest tests/e2e        # ~3 min with a cached base rootfs
+    .venv/bin/python -m pytest tests/e2e        # ~8 min with cached base rootfs tarballs
+    CHATMAIL_E2E_PLATFORMS=debian13-opensmtpd ... pytest tests/e2e   # one platform only
     CHATMAIL_TEST_REUSE=1 ... pytest tests/e2e   # against the relay `scripts/deploy` runs
 
 The harness itself is ``scripts/lib/relayctl.py`` (shared with ``scripts/deploy``).
@@ -26,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
 
 import relayctl
-from relayclient import RelayClient
+from relayclient import PLATFORMS, RelayClient
 
 SESSIONS_DIR = Path("/var/tmp/chatmail-test")
 DOMAIN = "_chatmail.test"
@@ -84,8 +88,37 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def selected_platforms() -> tuple:
+    if os.environ.get("CHATMAIL_TEST_REUSE"):
+        return PLATFORMS[:1]  # the relay `scripts/deploy` runs
+    wanted = os.environ.get("CHATMAIL_E2E_PLATFORMS")
+    if not wanted:
+        return PLATFORMS
+    known = {p.id: p for p in PLATFORMS}
+    unknown = set(wanted.split(",")) - set(known)
+    if unknown:
+        raise pytest.UsageError(f"CHATMAIL_E2E_PLATFORMS: unknown {sorted(unknown)}; know {sorted(known)}")
+    return tuple(known[name] for name in wanted.split(","))
+
+
+def pytest_generate_tests(metafunc):
+    # Session scope: pytest groups the tests by platform and tears one container down
+    # before it boots the next.
+    if "platform" in metafunc.fixturenames:
+        platforms = selected_platforms()
+        metafunc.parametrize(
+            "platform", platforms, ids=[p.id for p in platforms], indirect=True, scope="session"
+        )
+
+
 @pytest.fixture(scope="session")
-def container():
+def platform(request):
+    """The Debian release and MTA of this run (a ``relayclient.Platform``)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def container(platform):
     """A booted relay container (formula not yet applied)."""
     if os.geteuid() != 0:
         pytest.fail("the container tests need root (systemd-nspawn)")
@@ -103,13 +136,15 @@ def container():
     except relayctl.RelayError as exc:
         pytest.fail(str(exc), pytrace=False)
     SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"chatmail-test-{uuid.uuid4().hex[:8]}"
+    name = f"chatmail-test-{platform.suite}-{uuid.uuid4().hex[:8]}"
     # A snapshot of the checkout: edits made while the session runs cannot make the
     # second apply report changes.
     source = SESSIONS_DIR / f"{name}.src"
     pidfile = SESSIONS_DIR / f"{name}.pid"
     pidfile.write_text(f"0 {os.getpid()}")
-    relay = relayctl.Relay(SESSIONS_DIR / name, name=name, repo=source, pidfile=pidfile)
+    relay = relayctl.Relay(
+        SESSIONS_DIR / name, name=name, repo=source, pidfile=pidfile, suite=platform.suite
+    )
     with _sigterm_as_interrupt():
         try:
             relayctl.snapshot_repo(REPO_ROOT, source)
@@ -125,9 +160,19 @@ def container():
 
 
 @pytest.fixture(scope="session")
-def applied(container):
+def relay_pillar(platform):
+    """The pillar the session's relay is applied with (settings override the defaults)."""
+
+    def pillar(**settings):
+        return relayctl.local_relay_pillar(DOMAIN, mta=platform.mta, **settings)
+
+    return pillar
+
+
+@pytest.fixture(scope="session")
+def applied(container, relay_pillar):
     """The container after the first `state.apply chatmail`; its ApplyResult is `.first_apply`."""
-    container.configure_salt(relayctl.local_relay_pillar(DOMAIN))
+    container.configure_salt(relay_pillar())
     result = container.apply()
     print(f"\nfirst apply: {result.seconds:.1f} s\n{result.summary()}")
     if not result.ok:
@@ -139,6 +184,6 @@ def applied(container):
 
 
 @pytest.fixture(scope="session")
-def relay(applied) -> RelayClient:
+def relay(applied, platform) -> RelayClient:
     """Client-side helpers for the applied relay: accounts, IMAP, SMTP, HTTPS."""
-    return RelayClient(applied, DOMAIN)
+    return RelayClient(applied, DOMAIN, platform)

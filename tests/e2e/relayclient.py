@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.parse
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chatmaild"))
@@ -29,6 +30,49 @@ from filtermail_support import armor, encrypted_payload
 
 HOST = "127.0.0.1"
 ALNUM = string.ascii_lowercase + string.digits
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A Debian release and MTA the container tests apply the formula to, and what a client
+    sees differently there."""
+
+    id: str
+    suite: str
+    mta: str
+    #: the MTA's systemd unit, as the control API names its check (service.<unit>)
+    mta_unit: str
+    #: the unit that reads chatmail.ini for mail filtering (filtermail runs inside smtpd
+    #: under OpenSMTPD, as its filter)
+    filter_unit: str
+    #: reply to MAIL FROM other than the login: Postfix refuses the recipient (553),
+    #: OpenSMTPD's `senders` check the sender (530)
+    sender_mismatch_code: int
+    #: Postfix removes our DKIM signature at final delivery; filter-dkimsign signs on the
+    #: listener, before smtpd knows whether the recipient is local
+    dkim_signature_delivered: bool
+
+
+PLATFORMS = (
+    Platform(
+        id="debian12-postfix",
+        suite="bookworm",
+        mta="postfix",
+        mta_unit="postfix",
+        filter_unit="filtermail.service",
+        sender_mismatch_code=553,
+        dkim_signature_delivered=False,
+    ),
+    Platform(
+        id="debian13-opensmtpd",
+        suite="trixie",
+        mta="opensmtpd",
+        mta_unit="opensmtpd",
+        filter_unit="opensmtpd.service",
+        sender_mismatch_code=530,
+        dkim_signature_delivered=True,
+    ),
+)
 
 
 def unverified_context() -> ssl.SSLContext:
@@ -70,9 +114,10 @@ def plain_mail(from_addr: str, to_addrs: list[str], msgid: str) -> bytes:
 
 
 class RelayClient:
-    def __init__(self, container, domain: str):
+    def __init__(self, container, domain: str, platform: Platform = PLATFORMS[0]):
         self.container = container
         self.domain = domain
+        self.platform = platform
 
     # accounts
 
@@ -183,6 +228,8 @@ class RelayClient:
 
     def queued_message(self, recipient: str, timeout: float = 30) -> tuple[str, bytes]:
         """(queue id, raw message) of the queued mail to ``recipient`` (deferred remote mail)."""
+        if self.platform.mta == "opensmtpd":
+            return self._smtpd_queued_message(recipient, timeout)
         deadline = time.monotonic() + timeout
         while True:
             out = self.container.run(["postqueue", "-j"]).stdout
@@ -197,8 +244,28 @@ class RelayClient:
                 raise TimeoutError(f"no queued mail to {recipient}: {out[-2000:]}")
             time.sleep(0.5)
 
+    def _smtpd_queued_message(self, recipient: str, timeout: float) -> tuple[str, bytes]:
+        # `smtpctl show queue`: one envelope per line, "|"-separated, the envelope id first;
+        # its first 8 hex digits are the message id, the message sits unencrypted in the
+        # queue directory (smtpd.conf sets no queue encryption).
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.container.run(["smtpctl", "show", "queue"]).stdout
+            for line in out.splitlines():
+                if f"|{recipient}|" in line:
+                    msgid = line.split("|", 1)[0][:8]
+                    path = f"/var/spool/smtpd/queue/{msgid[:2]}/{msgid}/message"
+                    raw = self.container.run(["cat", path], text=False).stdout
+                    return msgid, raw
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no queued mail to {recipient}: {out[-2000:]}")
+            time.sleep(0.5)
+
     def delete_queued(self, queue_id: str) -> None:
-        self.container.run(["postsuper", "-d", queue_id], check=False)
+        if self.platform.mta == "opensmtpd":
+            self.container.run(["smtpctl", "remove", queue_id], check=False)
+        else:
+            self.container.run(["postsuper", "-d", queue_id], check=False)
 
 
 def dkim_keypair() -> tuple[bytes, str]:

@@ -145,7 +145,9 @@ def test_check_cmds_are_openbsd_tools(openbsd):
     assert {name: check_cmds.get(name) for name in expected} == expected
 
 
-RC_D_DAEMONS = ["doveauth", "chatmail_metadata", "lastlogin", "filtermail", "filtermail_incoming"]
+RC_D_DAEMONS = ["doveauth", "chatmail_metadata", "lastlogin"]
+# OpenSMTPD runs filtermail's rules as its filters (chatmail-smtpd-filter): no daemons
+NO_RC_D = ["filtermail", "filtermail_incoming"]
 
 
 def test_rc_d_scripts(openbsd, tmp_path):
@@ -180,6 +182,11 @@ def test_rc_d_scripts(openbsd, tmp_path):
         service = dict(kv for arg in openbsd.states[f"chatmail-chatmaild-{daemon.replace('_', '-')}-service"]["service"]
                        if isinstance(arg, dict) for kv in arg.items())  # fmt: skip
         assert service["name"] == daemon
+    for daemon in NO_RC_D:
+        assert f"/etc/rc.d/{daemon}" not in openbsd.files
+        sid = f"chatmail-chatmaild-{daemon.replace('_', '-')}"
+        assert "dead" in openbsd.states[f"{sid}-service"]["service"]
+        assert "absent" in openbsd.states[f"{sid}-unit"]["file"]
     doveauth = openbsd.text("/etc/rc.d/doveauth")
     assert "install -d -o _vmail -g _vmail -m 0755 /run/doveauth" in doveauth
 

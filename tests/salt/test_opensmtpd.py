@@ -79,6 +79,12 @@ def test_no_postfix_and_no_opendkim_daemon(rendered):
     assert "chatmail-dkim-service" not in ids
     assert "chatmail-dkim-key" in ids  # the key filter-dkimsign signs with
     assert not [name for name in rendered.files if "postfix" in name]
+    # filtermail's rules run inside smtpd: its daemons are not installed, and stopped
+    for daemon in ("filtermail", "filtermail-incoming"):
+        assert rendered.map["daemons"][daemon] is False
+        assert "dead" in rendered.states[f"chatmail-chatmaild-{daemon}-service"]["service"]
+        assert "absent" in rendered.states[f"chatmail-chatmaild-{daemon}-unit"]["file"]
+    assert rendered.map["daemons"]["doveauth"] is True
 
 
 def test_smtpd_conf_passes_smtpd_n(rendered, trixie_root, tmp_path, test_cert):
@@ -121,15 +127,20 @@ def test_smtpd_conf_policy(rendered):
     assert any(f"port {ports['submissions']} smtps" in line for line in submission)
     assert all("auth <chatmail> senders <chatmail>" in line for line in submission)
     assert all('protocols "tlsv1.3"' in line for line in submission)
-    # reinjection: loopback only, outgoing signed
-    assert by_tag["filtered_out"] == (
-        f'listen on 127.0.0.1 port {s["postfix_reinject_port"]} filter "dkimsign" '
-        f'hostname "{d}" tag "filtered_out"'
-    )
-    assert by_tag["filtered_in"].startswith(
-        f"listen on 127.0.0.1 port {s['postfix_reinject_port_incoming']} "
-    )
+    # filtermail's rules as smtpd filters (no relay hop, no reinjection listeners); the
+    # submission chain signs after chatmail-out, the bounces are signed too
+    assert 'filter "chatmail-in"' in inbound
+    assert all('filter "submission"' in line for line in submission)
+    assert 'filter "submission" chain { "chatmail-out", "dkimsign" }' in conf
+    assert set(by_tag) == {"inbound", "submission", "own"}
+    assert f"port {s['postfix_reinject_port']}" not in conf
     assert 'listen on socket filter "dkimsign"' in conf
+    venv, ini, u = m["paths"]["venv"], m["paths"]["ini"], m["users"]
+    for name, mode in (("chatmail-in", "incoming"), ("chatmail-out", "outgoing")):
+        assert (
+            f'filter "{name}" proc-exec "{venv}/bin/chatmail-smtpd-filter {ini} {mode}" '
+            f"user {u['vmail']} group {u['vmail_group']}"
+        ) in conf
     # every public listener binds what the map says, IPv6 only when enabled
     addresses = {
         line.split()[2]
@@ -137,22 +148,15 @@ def test_smtpd_conf_policy(rendered):
         if re.search(r'tag "(inbound|submission)"', line)
     }
     assert ("::" in addresses) is m["ipv6"]
-    # actions: filtermail relays, LMTP, verified TLS outbound
-    assert f'relay host "smtp+notls://127.0.0.1:{s["filtermail_smtp_port_incoming"]}"' in conf
-    assert f'relay host "smtp+notls://127.0.0.1:{s["filtermail_smtp_port"]}"' in conf
+    # actions: LMTP, verified TLS outbound; no relay to filtermail
+    assert "smtp+notls" not in conf
     assert f'lmtp "{m["opensmtpd"]["lmtp_socket"]}" rcpt-to virtual <virtuals>' in conf
     assert re.search(r'action "outbound" relay tls helo', conf)
-    # the internet reaches only our domain, and only through filtermail
-    first_inbound = next(
+    # the internet reaches only our domain
+    inbound_rules = [
         line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line
-    )
-    assert first_inbound == f'match from any tag "inbound" for domain "{d}" action "filter_in"'
-    assert (
-        len(
-            [line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line]
-        )
-        == 1
-    )
+    ]
+    assert inbound_rules == [f'match from any tag "inbound" for domain "{d}" action "local"']
     assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
 
 
@@ -203,3 +207,14 @@ def test_too_old_opensmtpd_fails_loudly(render, platform):
     """Debian 12 (6.8) and Ubuntu 24.04 (7.4) lack the table protocol and filter-dkimsign."""
     with pytest.raises(RenderError, match="needs OpenSMTPD 7.6"):
         render(platform, "example", pillar=opensmtpd_pillar("example"))
+
+
+def test_without_dkim_submission_runs_chatmail_out_only(render):
+    pillar = opensmtpd_pillar("example")
+    pillar["chatmail"]["dkim"] = {"enabled": False}
+    rendered = render("debian13", "example-nodkim", pillar=pillar)
+    conf = smtpd_conf(rendered)
+    assert "dkimsign" not in conf and "chain" not in conf
+    by_tag = listeners(conf)
+    assert all('filter "chatmail-out"' in line for line in by_tag["submission"].splitlines())
+    assert by_tag["own"] == 'listen on socket tag "own"'

@@ -1,28 +1,33 @@
 """OpenSMTPD for real: Debian 13's smtpd (7.6.0p1) runs the smtpd.conf this formula renders,
-with chatmail-smtpd-table from this repository as its account table and filtermail from
-this repository as the filter, and delivers over LMTP to a recording sink.
+with chatmail-smtpd-table from this repository as its account table and
+chatmail-smtpd-filter (filtermail's rules as smtpd-filters(7) filters) as its filters, and
+delivers over LMTP to a recording sink.
 
-smtpd, filter-dkimsign, doas and the account table run in a Debian 13 chroot (an overlay
-on a cached root, so nothing persists between runs); filtermail and the LMTP sink run on
-the host, on loopback ports, like Dovecot would. Listeners use ephemeral ports on
-127.0.0.1 only. What this proves:
+smtpd, its filters, filter-dkimsign, doas and the account table run in a Debian 13 chroot
+(an overlay on a cached root, so nothing persists between runs); the LMTP sink and an
+authoritative DNS server (NSD, for DKIM keys of a remote domain) run on the host, on
+loopback ports. Listeners use ephemeral ports on 127.0.0.1 only. What this proves:
 
 - an account created by the first IMAP login (doveauth's rules, as the vmail user) logs
   in over SMTP with its mixed-case password (the table serves smtpd ``credentials``:
   smtpd lowercases ``auth`` keys, which would break such passwords); its lowercased or a
-  wrong password fail, and an SMTP login never creates an account;
+  wrong password fail;
+- the first login may be an SMTP ``AUTH PLAIN`` one: the outgoing filter sees the
+  initial response in smtpd's ``auth`` phase and creates the account by doveauth's rules
+  (as vmail) before smtpd looks up the credentials; ``AUTH LOGIN`` creates nothing;
 - MAIL FROM must be the login (``senders <chatmail>``);
-- encrypted mail passes filtermail, is DKIM-signed by filter-dkimsign on reinjection
-  (the signature verifies against our key) and is delivered by LMTP;
-- cleartext to another domain is refused by filtermail with 523. OpenSMTPD has no
-  before-queue proxy, so the refusal reaches the sender as a bounce (DSN) in their
-  mailbox, not as the SMTP reply;
-- port 25 requires STARTTLS and delivers incoming encrypted mail through filtermail.
+- encrypted mail passes the outgoing filter, is DKIM-signed by filter-dkimsign after it
+  (the signature verifies against our key) and is delivered by LMTP, once;
+- cleartext is refused with filtermail's 523 as the SMTP reply at the end of DATA, on
+  submission and on port 25 (no bounce): the filters answer before smtpd does;
+- port 25 requires STARTTLS, verifies DKIM with strict alignment (an unsigned message is
+  refused with 554) and delivers signed encrypted mail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import hashlib
@@ -44,7 +49,10 @@ from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chroots import debian_chroot
+from dnsserver import txt_strings
 from opensmtpd_support import REPO, TRIXIE_RUNTIME, Renderer, unmount
+
+from chatmaild.accounts import verify_password
 
 pytestmark = [
     pytest.mark.timeout(1800),
@@ -59,6 +67,7 @@ HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 MAIL_DATA = REPO / "tests" / "chatmaild" / "mail-data"
 # Account creation checks the load and free memory/disk: never let a busy CI host refuse.
 RELAXED = {"max_load_1m": 99999, "min_available_memory": "0", "min_free_disk_space": "0"}
+REMOTE = "remote.example"
 
 
 def free_ports(n: int) -> list[int]:
@@ -154,17 +163,15 @@ class LmtpSink:
         self.thread.join(10)
 
 
-def write_ini(path: Path, mailboxes: str, counters: str, ports: dict[str, int]) -> None:
+def write_ini(path: Path, mailboxes: str, counters: str, dns_resolver: str) -> None:
     params = {
         "mail_domain": DOMAIN,
         "mailboxes_dir": mailboxes,
         "counters_dir": counters,
         "nocreate_file": "/nonexistent/chatmail-nocreate",
         "passdb_path": "/nonexistent/passdb.sqlite",
-        "filtermail_smtp_port": ports["filter_out"],
-        "filtermail_smtp_port_incoming": ports["filter_in"],
-        "postfix_reinject_port": ports["reinject_out"],
-        "postfix_reinject_port_incoming": ports["reinject_in"],
+        # the incoming filter looks up DKIM keys in the host's NSD (same network namespace)
+        "dns_resolver": dns_resolver,
         **RELAXED,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,20 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory):
+def remote_key(dns_server) -> bytes:
+    """A DKIM key of the remote domain, its public half published in NSD; the private PEM."""
+    private = run(["openssl", "genrsa", "2048"]).stdout.encode()
+    public = subprocess.run(
+        ["openssl", "rsa", "-pubout", "-outform", "DER"],
+        input=private, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    record = txt_strings(f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}")
+    dns_server.set_zone(REMOTE, [f"sel._domainkey TXT {record}"])
+    return private
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, dns_server, remote_key):
     lower = debian_chroot("trixie", TRIXIE_RUNTIME)
     ensure_venv(lower)
     work = tmp_path_factory.mktemp("opensmtpd")
@@ -205,7 +225,7 @@ def relay(tmp_path_factory):
     procs: list[subprocess.Popen] = []
     sink = LmtpSink()
     try:
-        yield start_relay(root, work, sink, procs)
+        yield {**start_relay(root, work, sink, procs, dns_server.address), "remote_key": remote_key}
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -218,20 +238,16 @@ def state_arg(states: dict, sid: str, key: str):
     return next(arg[key] for arg in states[sid]["file"] if isinstance(arg, dict) and key in arg)
 
 
-def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list) -> dict:
-    names = ["smtp", "submission", "submissions", "filter_out", "filter_in", "reinject_out",
-             "reinject_in"]  # fmt: skip
+def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list, dns_resolver: str) -> dict:
+    names = ["smtp", "submission", "submissions"]
     ports = dict(zip(names, free_ports(len(names))))
 
     chroot(root, "useradd", "--system", "--home-dir", "/home/vmail", "--create-home", "vmail")
     mailboxes = f"/home/vmail/mail/{DOMAIN}"
     chroot(root, "install", "-d", "-o", "vmail", "-g", "vmail", "-m", "0700", mailboxes,
            "/var/lib/chatmail/counters")  # fmt: skip
-    write_ini(root / INI.lstrip("/"), mailboxes, "/var/lib/chatmail/counters", ports)
+    write_ini(root / INI.lstrip("/"), mailboxes, "/var/lib/chatmail/counters", dns_resolver)
     (root / INI.lstrip("/")).chmod(0o644)
-    # filtermail runs on the host, looking at the same mailboxes through the overlay.
-    host_ini = work / "filtermail.ini"
-    write_ini(host_ini, str(root / mailboxes.lstrip("/")), str(work / "counters"), ports)
 
     cert, key = "/etc/ssl/certs/mailserver.pem", "/etc/ssl/private/mailserver.key"
     chroot(root, "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
@@ -250,13 +266,7 @@ def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list) -> dict:
             "mta": "opensmtpd",
             "ipv6": False,
             "tls": {"mode": "external", "cert": cert, "key": key},
-            "ports": {k: ports[k] for k in ("smtp", "submission", "submissions")},
-            "settings": {
-                "filtermail_smtp_port": ports["filter_out"],
-                "filtermail_smtp_port_incoming": ports["filter_in"],
-                "postfix_reinject_port": ports["reinject_out"],
-                "postfix_reinject_port_incoming": ports["reinject_in"],
-            },
+            "ports": ports,
             "paths": {"venv": VENV, "ini": INI},
             "dkim": {"key_dir": "/etc/dkimkeys"},
             "opensmtpd": {
@@ -278,20 +288,6 @@ def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list) -> dict:
     table.chmod(0o755)
     chroot(root, "smtpd", "-n", "-f", "/etc/smtpd.conf")
 
-    env = {**os.environ, "FILTERMAIL_SKIP_DKIM": "1"}
-    filtermail = (
-        str(REPO / ".venv/bin/filtermail")
-        if (REPO / ".venv/bin/filtermail").exists()
-        else "filtermail"
-    )
-    for mode, port in (("outgoing", ports["filter_out"]), ("incoming", ports["filter_in"])):
-        log = work / f"filtermail-{mode}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen([filtermail, str(host_ini), mode], stdout=out, stderr=out,
-                                    env=env, start_new_session=True)  # fmt: skip
-        procs.append(proc)
-        wait_port(port, proc, log)
-
     smtpd_log = work / "smtpd.log"
     with smtpd_log.open("w") as out:
         smtpd = subprocess.Popen(
@@ -300,7 +296,7 @@ def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list) -> dict:
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
         )  # fmt: skip
     procs.append(smtpd)
-    for name in ("submission", "submissions", "smtp", "reinject_out", "reinject_in"):
+    for name in names:
         wait_port(ports[name], smtpd, smtpd_log)
     return {
         "root": root,
@@ -369,8 +365,11 @@ def dkim_dns(relay):
 
 
 def test_rendered_config_is_what_runs(relay):
-    assert "senders <chatmail>" in relay["smtpd_conf"]
-    assert 'filter "dkimsign"' in relay["smtpd_conf"]
+    conf = relay["smtpd_conf"]
+    assert "senders <chatmail>" in conf
+    assert 'filter "submission" chain { "chatmail-out", "dkimsign" }' in conf
+    assert f"{VENV}/bin/chatmail-smtpd-filter {INI} incoming" in conf
+    assert "smtp+notls" not in conf  # no relay hop to a filtermail daemon
 
 
 def test_account_logs_in_over_smtp_with_mixed_case_password(relay):
@@ -392,8 +391,37 @@ def test_wrong_password_fails(relay, wrong):
     login(relay, addr).quit()  # the right one still works
 
 
-def test_smtp_login_never_creates_an_account(relay):
-    addr = new_address("unknown")
+def test_smtp_first_login_creates_the_account(relay):
+    """AUTH PLAIN with an initial response (smtplib's and Delta Chat's way): the outgoing
+    filter creates the account in smtpd's auth phase, smtpd then checks the hash."""
+    addr = new_address("smtpfirst")
+    password_file = relay["mailboxes"] / addr / "password"
+    with submission(relay) as client:
+        assert client.login(addr, PASSWORD)[0] == 235
+        client.sendmail(addr, [addr], mail("encrypted", addr, addr))
+    assert verify_password(PASSWORD, password_file.read_text().strip())
+    vmail_uid = int(chroot(relay["root"], "id", "-u", "vmail").stdout)
+    assert password_file.stat().st_uid == vmail_uid
+    assert relay["sink"].wait_for(addr)
+    # the mixed-case password was stored as typed: lowercased it fails
+    with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError):
+        client.login(addr, PASSWORD.lower())
+    login(relay, addr).quit()
+
+
+def test_auth_login_creates_nothing(relay):
+    """AUTH LOGIN shows a filter no password: a first login that way fails, as before."""
+    addr = new_address("authlogin")
+    with submission(relay) as client:
+        client.ehlo()
+        assert client.docmd("AUTH", "LOGIN")[0] == 334
+        assert client.docmd(base64.b64encode(addr.encode()).decode())[0] == 334
+        assert client.docmd(base64.b64encode(PASSWORD.encode()).decode())[0] == 535
+    assert not (relay["mailboxes"] / addr).exists()
+
+
+def test_smtp_login_respects_the_account_rules(relay):
+    addr = f"postmaster@{DOMAIN}"  # reserved
     with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError):
         client.login(addr, PASSWORD)
     assert not (relay["mailboxes"] / addr).exists()
@@ -422,32 +450,42 @@ def test_encrypted_mail_is_signed_and_delivered(relay):
     sender, rcpt = new_address("alice"), new_address("bob")
     login(relay, rcpt).quit()
     with login(relay, sender) as client:
-        client.sendmail(sender, [rcpt], mail("encrypted", sender, rcpt))
+        client.sendmail(sender, [rcpt], mail("encrypted", sender, rcpt, subject="secret"))
     delivered = relay["sink"].wait_for(rcpt)
     message = email.message_from_bytes(delivered)
     signature = message["DKIM-Signature"]
     assert signature and f"d={DOMAIN}" in signature.replace(" ", "") and "s=opendkim" in signature
-
     assert dkim.verify(delivered, dnsfunc=dkim_dns(relay))
+    # Postfix's submission cleanup: no trace of the client, Subject hidden
+    assert message["Subject"] == "[...]"
+    assert message["Received"] is None
+    # one hop only: delivered once, with one Delivered-To
+    assert len(message.get_all("Delivered-To") or []) == 1
+    assert len([r for r in relay["sink"].received if rcpt in r[1]]) == 1
 
 
 def test_cleartext_to_outside_is_refused_with_523(relay):
     sender = new_address("clear")
-    with login(relay, sender) as client:
-        # accepted into the queue: OpenSMTPD asks filtermail only afterwards
+    with login(relay, sender) as client, pytest.raises(smtplib.SMTPDataError) as err:
         client.sendmail(
             sender, ["someone@example.org"], mail("plain", sender, "someone@example.org")
         )
-    delivered = relay["sink"].wait_for(sender)
-    bounce = delivered.decode(errors="replace")
-    assert "523 Encryption Needed: Invalid Unencrypted Mail" in bounce
-    # the bounce is ours: from our domain and DKIM-signed for it (upstream signs bounces too)
-    message = email.message_from_bytes(delivered)
-    assert message["From"].lower().endswith(f"@{DOMAIN}>") or message["From"].lower().endswith(
-        f"@{DOMAIN}"
+    # the SMTP reply at the end of DATA, filtermail's exact text: no queue, no bounce
+    assert (err.value.smtp_code, err.value.smtp_error) == (
+        523,
+        b"Encryption Needed: Invalid Unencrypted Mail",
     )
-    assert dkim.verify(delivered, dnsfunc=dkim_dns(relay))
+    time.sleep(1)
+    assert not [r for r in relay["sink"].received if sender in r[1]]
     assert not [r for r in relay["sink"].received if "someone@example.org" in r[1]]
+
+
+def test_from_header_must_be_the_sender(relay):
+    sender = new_address("forger")
+    with login(relay, sender) as client, pytest.raises(smtplib.SMTPDataError) as err:
+        client.sendmail(sender, [sender], mail("encrypted", "boss@example.org", sender))
+    assert err.value.smtp_code == 500
+    assert err.value.smtp_error == f"Invalid FROM <boss@example.org> for <{sender}>".encode()
 
 
 def test_port_25_requires_starttls(relay):
@@ -457,22 +495,53 @@ def test_port_25_requires_starttls(relay):
         assert code == 530
 
 
-def test_incoming_encrypted_mail_through_filtermail(relay):
+def remote_mail(relay, name: str, rcpt: str, signed: bool = True) -> bytes:
+    data = mail(name, f"carol@{REMOTE}", rcpt)
+    if not signed:
+        return data
+    return dkim.sign(data, b"sel", REMOTE.encode(), relay["remote_key"],
+                     include_headers=[b"from", b"to", b"subject", b"date", b"message-id"]) + data  # fmt: skip
+
+
+def port25(relay) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", relay["ports"]["smtp"], timeout=60)
+    client.starttls(context=tls_context())
+    return client
+
+
+def test_incoming_signed_encrypted_mail_is_delivered(relay):
     rcpt = new_address("inbox")
     login(relay, rcpt).quit()
-    with smtplib.SMTP("127.0.0.1", relay["ports"]["smtp"], timeout=60) as client:
-        client.starttls(context=tls_context())
-        client.sendmail("carol@remote.example", [rcpt],
-                        mail("encrypted", "carol@remote.example", rcpt))  # fmt: skip
+    with port25(relay) as client:
+        client.sendmail(f"carol@{REMOTE}", [rcpt], remote_mail(relay, "encrypted", rcpt))
     delivered = relay["sink"].wait_for(rcpt)
     assert b"-----BEGIN PGP MESSAGE-----" in delivered
-    # signed by us only on the way out, never on the way in
-    assert email.message_from_bytes(delivered)["DKIM-Signature"] is None
+    message = email.message_from_bytes(delivered)
+    # verified, then dropped like Postfix's lmtp_header_cleanup; never signed by us
+    assert message["DKIM-Signature"] is None and message["Received"] is None
+    assert len(message.get_all("Delivered-To") or []) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "signed", "code", "text"),
+    [
+        ("plain", True, 523, b"Encryption Needed: Invalid Unencrypted Mail"),
+        ("encrypted", False, 554, b"5.7.1 No DKIM signature found"),
+    ],
+    ids=["cleartext", "unsigned"],
+)
+def test_incoming_refusals_are_smtp_replies(relay, name, signed, code, text):
+    rcpt = new_address("refuse")
+    login(relay, rcpt).quit()
+    with port25(relay) as client, pytest.raises(smtplib.SMTPDataError) as err:
+        client.sendmail(f"carol@{REMOTE}", [rcpt], remote_mail(relay, name, rcpt, signed))
+    assert (err.value.smtp_code, err.value.smtp_error) == (code, text)
+    time.sleep(1)
+    assert not [r for r in relay["sink"].received if rcpt in r[1]]
 
 
 def test_incoming_for_other_domains_is_refused(relay):
-    with smtplib.SMTP("127.0.0.1", relay["ports"]["smtp"], timeout=60) as client:
-        client.starttls(context=tls_context())
+    with port25(relay) as client:
         client.ehlo("remote.example")
         assert client.mail("carol@remote.example")[0] == 250
         code, _ = client.rcpt("victim@elsewhere.example")
@@ -494,3 +563,20 @@ def test_table_failure_is_temporary_and_smtpd_lives_on(relay):
         password_file.chmod(0o600)
     with login(relay, new_address("after")) as client:
         assert client.noop()[0] == 250
+
+
+def test_oversize_message_is_refused_with_552(relay):
+    """Larger than max_message_size: refused at the end of DATA, nothing delivered (the
+    filter keeps at most max_message_size bytes of a message)."""
+    sender, rcpt = new_address("big"), new_address("bigrcpt")
+    login(relay, rcpt).quit()
+    body = mail("encrypted", sender, rcpt) + b"x" * 998 + b"\r\n"
+    big = body + (b"y" * 998 + b"\r\n") * (31_457_280 // 1000 + 10)
+    with login(relay, sender) as client:
+        client.ehlo()
+        client.esmtp_features.pop("size", None)  # no SIZE= on MAIL FROM: get to DATA
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail(sender, [rcpt], big)
+    # filtermail's reply, from the filter (smtpd's own check would say otherwise)
+    assert (err.value.smtp_code, err.value.smtp_error) == (552, b"Message exceeds maximum size")
+    assert not [r for r in relay["sink"].received if rcpt in r[1]]

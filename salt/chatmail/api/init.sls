@@ -16,7 +16,9 @@
     - Tokens never sit in api.json: api.tokens_file (root, 0600) holds the pillar's tokens
       or, if the pillar has none, tokens generated here once; systemd hands the file to the
       service (LoadCredential) and the API reads it from $CREDENTIALS_DIRECTORY.
-    - Postfix: `postqueue -j` needs the postdrop group (NoNewPrivileges stops its setgid). #}
+    - Postfix: `postqueue -j` needs the postdrop group (NoNewPrivileges stops its setgid).
+      OpenSMTPD lists its queue to root only: a root oneshot (timer or cron) writes
+      `smtpctl show queue` every minute into a root:<api group> 2750 directory. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- set api = chatmail.api %}
 {%- set paths = chatmail.paths %}
@@ -26,6 +28,11 @@
 {%- set systemd = chatmail.init == "systemd" %}
 {%- set pinned = api.account_creation_pin is not none %}
 {%- set stats_file = api.stats_dir ~ "/stats.json" %}
+{%- set smtpd_queue = chatmail.mta == "opensmtpd" %}
+{%- set queue_dir = salt["file.dirname"](api.stats_dir) ~ "/smtpd-queue" %}
+{%- set queue_snapshot = queue_dir ~ "/queue.txt" %}
+{#- written whole, then renamed: the API never reads half a listing #}
+{%- set queue_writer = "smtpctl show queue > " ~ queue_snapshot ~ ".tmp && mv " ~ queue_snapshot ~ ".tmp " ~ queue_snapshot %}
 {%- set pillar_tokens = (api.tokens.monitor or {}) | length + (api.tokens.admin or {}) | length %}
 
 include:
@@ -91,7 +98,7 @@ chatmail-api-tokens-group:
 {%- if chatmail.dkim.enabled and chatmail.dkim.signer == "opendkim" %}
 {%-   do services.append(chatmail.service.opendkim) %}
 {%- endif %}
-{%- for daemon in ["doveauth", "chatmail-metadata", "lastlogin", "filtermail", "filtermail-incoming"] %}
+{%- for daemon in ["doveauth", "chatmail-metadata", "lastlogin", "filtermail", "filtermail-incoming"] if chatmail.daemons[daemon] %}
 {%-   do services.append(daemon | replace("-", chatmail.init_files[chatmail.init].name_separator)) %}
 {%- endfor %}
 {%- set service_specs = [] %}
@@ -109,8 +116,10 @@ chatmail-api-tokens-group:
       "version_file": paths.version_file,
       "tls_cert": chatmail.tls.cert,
       "service_manager": "systemd" if systemd else "rcctl",
+      "mta": chatmail.mta,
       "services": service_specs,
       "queue_command": ["postqueue", "-j"] if chatmail.mta == "postfix" else ["smtpctl", "show", "queue"],
+      "queue_snapshot": queue_snapshot if smtpd_queue else none,
       "account_stats_file": stats_file,
       "account_scan_interval_s": 60,
       "dns": {"dkim_selector": chatmail.dkim.selector, "dkim_txt": api.dkim_public},
@@ -238,6 +247,67 @@ chatmail-api-stats-timer:
       - module: chatmail-api-units-reload
     - watch:
       - file: chatmail-api-stats-timer-unit
+
+{#- ---- OpenSMTPD's queue listing (as root) ---------------------------------------- #}
+{%- if smtpd_queue %}
+
+chatmail-api-smtpd-queue-dir:
+  file.directory:
+    - name: {{ queue_dir }}
+    - user: root
+    - group: {{ u.api_group }}
+    # setgid: the listing is written with smtpctl's group and must stay the API's
+    - mode: "2750"
+    - makedirs: True
+    - require:
+      - group: chatmail-users-api-group
+{%-   if systemd %}
+
+chatmail-api-smtpd-queue-unit:
+  file.managed:
+    - name: {{ units }}/chatmail-smtpd-queue.service
+    - source: salt://chatmail/api/files/chatmail-smtpd-queue.service.jinja
+    - template: jinja
+    - context:
+        command: {{ queue_writer | yaml_dquote }}
+        queue_dir: {{ queue_dir }}
+    - mode: "0644"
+    - check_cmd: {{ paths.check_config }} unit chatmail-smtpd-queue.service
+    - require:
+      - file: chatmail-checks-script
+
+chatmail-api-smtpd-queue-timer-unit:
+  file.managed:
+    - name: {{ units }}/chatmail-smtpd-queue.timer
+    - source: salt://chatmail/api/files/chatmail-smtpd-queue.timer
+    - mode: "0644"
+
+chatmail-api-smtpd-queue-units-reload:
+  module.run:
+    - service.systemctl_reload: []
+    - onchanges:
+      - file: chatmail-api-smtpd-queue-unit
+      - file: chatmail-api-smtpd-queue-timer-unit
+
+chatmail-api-smtpd-queue-timer:
+  service.running:
+    - name: chatmail-smtpd-queue.timer
+    - enable: True
+    - require:
+      - file: chatmail-api-smtpd-queue-dir
+      - module: chatmail-api-smtpd-queue-units-reload
+    - watch:
+      - file: chatmail-api-smtpd-queue-timer-unit
+{%-   else %}
+
+chatmail-api-smtpd-queue-cron:
+  cron.present:
+    - name: {{ queue_writer | yaml_dquote }}
+    - user: root
+    - require:
+      - file: chatmail-api-smtpd-queue-dir
+{%-   endif %}
+{%- endif %}
 
 {#- ---- the API service ----------------------------------------------------------- #}
 

@@ -164,7 +164,7 @@ chatmail-chatmaild-version:
 {#- The service file per init system comes from the map (chatmail.init_files): a systemd
     unit, or an rc.d script on OpenBSD (whose service names cannot contain "-"). #}
 {%- set init = chatmail.init_files[chatmail.init] %}
-{%- for name, unit in daemons | dictsort %}
+{%- for name, unit in daemons | dictsort if chatmail.daemons[name] %}
 {%-   set service = name | replace("-", init.name_separator) %}
 
 chatmail-chatmaild-{{ name }}-unit:
@@ -199,4 +199,20 @@ chatmail-chatmaild-{{ name }}-service:
       - file: chatmail-chatmaild-{{ name }}-unit
       - file: chatmail-chatmaild-ini
       - cmd: chatmail-chatmaild-venv
+{%- endfor %}
+{#- Daemons the map turns off (filtermail under OpenSMTPD): stopped and removed if an
+    earlier apply installed them; nothing to do on a fresh host. #}
+{%- for name, unit in daemons | dictsort if not chatmail.daemons[name] %}
+{%-   set service = name | replace("-", init.name_separator) %}
+
+chatmail-chatmaild-{{ name }}-service:
+  service.dead:
+    - name: {{ service }}
+    - enable: False
+
+chatmail-chatmaild-{{ name }}-unit:
+  file.absent:
+    - name: {{ init.dir }}/{{ service }}{{ init.suffix }}
+    - require:
+      - service: chatmail-chatmaild-{{ name }}-service
 {%- endfor %}

@@ -1,7 +1,8 @@
-{#- OpenSMTPD (mta: opensmtpd): ports 25/587/465, filtermail relays, reinjection with
-    DKIM signing (filter-dkimsign) and LMTP to Dovecot. smtpd has no reload: any change to
-    smtpd.conf or the doas rule restarts it (queued mail survives in the spool). smtpd.conf
-    is checked with `smtpd -n -f` before it goes live. -#}
+{#- OpenSMTPD (mta: opensmtpd): ports 25/587/465, filtermail's rules as smtpd filters
+    (chatmail-smtpd-filter), DKIM signing (filter-dkimsign) and LMTP to Dovecot. smtpd has
+    no reload: any change to smtpd.conf, the doas rule, the relay's code or chatmail.ini
+    restarts it (queued mail survives in the spool). smtpd.conf is checked with
+    `smtpd -n -f` before it goes live. -#}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- set o = chatmail.opensmtpd %}
 {%- if not o.supported %}
@@ -77,10 +78,11 @@ chatmail-mta-service:
   service.running:
     - name: {{ chatmail.service.opensmtpd }}
     - enable: True
-    - require:
-      - chatmail-chatmaild-venv
     - watch:
       - file: chatmail-mta-config
+      {#- smtpd runs the filters and the table: new code or settings need a restart #}
+      - cmd: chatmail-chatmaild-venv
+      - file: chatmail-chatmaild-ini
       - file: chatmail-mta-doas
       - file: chatmail-mta-table
       - file: chatmail-mta-mailname

@@ -1,0 +1,532 @@
+"""chatmail-smtpd-filter: filtermail's rules inside OpenSMTPD, as an smtpd-filters(7) filter.
+
+OpenSMTPD has no before-queue proxy like Postfix's ``smtpd_proxy_filter``, but it hands a
+filter every line of a message before it answers the final ``.``. So the refusals of
+:mod:`chatmaild.filtermail` (``523 Encryption Needed``, DKIM failures, ``From:`` not the
+sender) become the SMTP reply to the client, as with Postfix, instead of bounces.
+
+smtpd starts the filter (``filter "chatmail-in" proc-exec "chatmail-smtpd-filter INI
+incoming" user vmail group vmail``) and talks to it on stdin/stdout, one line per event,
+many sessions interleaved::
+
+    smtpd: config|smtpd-version|7.6.0-portable ... config|ready
+    we:    register|report|smtp-in|tx-mail ... register|filter|smtp-in|commit, register|ready
+    smtpd: report|0.7|<time>|smtp-in|tx-rcpt|<session>|<msgid>|ok|bob@example.org
+    smtpd: filter|0.7|<time>|smtp-in|data-line|<session>|<token>|<line, dot-stuffed>
+    we:    filter-dataline|<session>|<token>|<line>     (after the final ".", all of them)
+    smtpd: filter|0.7|<time>|smtp-in|commit|<session>|<token>|
+    we:    filter-result|<session>|<token>|proceed      (or reject|523 Encryption Needed...)
+
+A transaction's lines are buffered (at most ``max_message_size`` bytes; more is refused
+with filtermail's ``552``); at the final ``.`` :class:`chatmaild.filtermail.MessagePolicy`
+decides, the lines go back to smtpd (outgoing: with Postfix's submission header cleanup,
+incoming: with its final-delivery cleanup) and ``commit`` gets the verdict.
+
+``outgoing`` (587/465) also registers ``mail-from`` (filtermail's sender checks and rate
+limit) and ``auth``: smtpd passes the AUTH command's argument, which for ``AUTH PLAIN
+<initial response>`` holds the password (smtpd 7.6, verified). An unknown address is then
+created by doveauth's rules (:func:`chatmaild.accounts.get_or_create`) before smtpd looks
+up its credentials, so the first login may be an SMTP one. The filter always answers
+``proceed``: smtpd checks the password against the stored hash itself. ``AUTH LOGIN``
+and ``AUTH PLAIN`` without an initial response carry no password (the filter sees only
+the mechanism): such a first login fails as before.
+
+One process per direction (two ``filter`` lines in smtpd.conf): smtpd tells a filter
+nothing about the listener a session came in on, and the direction decides everything.
+
+Usage: ``chatmail-smtpd-filter INI {incoming,outgoing}``. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import re
+import socket
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .accounts import get_or_create
+from .config import Config, ConfigError, read_config
+from .filtermail import MODES, TOO_BIG, MessagePolicy, Verdict
+from .smtpclient import LOCAL_ERROR
+
+log = logging.getLogger("smtpdfilter")
+
+SUBSYSTEM = "smtp-in"
+REPORTS = ("link-auth", "link-disconnect", "tx-begin", "tx-mail", "tx-rcpt", "tx-reset")
+FILTERS = {
+    "incoming": ("data-line", "commit"),
+    "outgoing": ("auth", "mail-from", "data-line", "commit"),
+}
+# A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
+MAX_LINE = 1 << 20
+OUTPUT_CHUNK = 1 << 16
+
+# Postfix's header_checks (salt/chatmail/mta/postfix/files): submission_header_cleanup on
+# the way out, lmtp_header_cleanup at final delivery. Top-level header section only.
+OUTGOING_DROP = frozenset({"received", "x-originating-ip", "x-mailer", "user-agent"})
+OUTGOING_REPLACE = {"subject": b"Subject: [...]"}
+INCOMING_DROP = frozenset({"dkim-signature", "authentication-results", "received"})
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+class FilterProtocolError(ValueError):
+    """A line from smtpd that is not an event we can read."""
+
+
+@dataclass(frozen=True)
+class ConfigLine:
+    """``config|<key>|<value>``; ``config|ready`` has value None."""
+
+    key: str
+    value: str | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """``report|<version>|<time>|<subsystem>|<event>|<session>[|<params>]``."""
+
+    version: str
+    subsystem: str
+    event: str
+    session: str
+    params: str
+
+
+@dataclass(frozen=True)
+class FilterRequest:
+    """``filter|<version>|<time>|<subsystem>|<phase>|<session>|<token>[|<params>]``."""
+
+    version: str
+    subsystem: str
+    phase: str
+    session: str
+    token: str
+    params: str
+
+
+def parse_line(line: str) -> ConfigLine | Report | FilterRequest:
+    """One line from smtpd (without its newline). Only the last field may hold ``|``."""
+    kind = line.split("|", 1)[0]
+    if kind == "config":
+        fields = line.split("|", 2)
+        if fields[1:] == ["ready"]:
+            return ConfigLine("ready", None)
+        if len(fields) != 3 or not fields[1]:
+            raise FilterProtocolError(f"malformed config line {line[:80]!r}")
+        return ConfigLine(fields[1], fields[2])
+    if kind == "report":
+        fields = line.split("|", 6)
+        if len(fields) < 6 or not fields[5]:
+            raise FilterProtocolError(f"report with too few fields: {line[:80]!r}")
+        params = fields[6] if len(fields) == 7 else ""
+        return Report(fields[1], fields[3], fields[4], fields[5], params)
+    if kind == "filter":
+        fields = line.split("|", 7)
+        if len(fields) < 7 or not fields[5] or not fields[6]:
+            raise FilterProtocolError(f"filter request with too few fields: {line[:80]!r}")
+        params = fields[7] if len(fields) == 8 else ""
+        return FilterRequest(fields[1], fields[3], fields[4], fields[5], fields[6], params)
+    raise FilterProtocolError(f"unknown line type {kind[:40]!r}")
+
+
+def registrations(mode: str) -> list[str]:
+    """The handshake answer to ``config|ready`` for one direction."""
+    lines = [f"register|report|{SUBSYSTEM}|{event}" for event in REPORTS]
+    lines += [f"register|filter|{SUBSYSTEM}|{phase}" for phase in FILTERS[mode]]
+    return [*lines, "register|ready"]
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def format_result(session: str, token: str, reply: str | None) -> str:
+    """``filter-result``: proceed for None, else reject with the SMTP reply."""
+    decision = "proceed" if reply is None else f"reject|{_one_line(reply)}"
+    return f"filter-result|{session}|{token}|{decision}\n"
+
+
+def format_dataline(session: str, token: str, line: str) -> str:
+    return f"filter-dataline|{session}|{token}|{line}\n"
+
+
+def split_report_params(event: str, params: str) -> list[str]:
+    """Event parameters; the last one (an address or user name) may contain ``|``."""
+    counts = {"link-auth": 2, "tx-mail": 3, "tx-rcpt": 3}
+    return params.split("|", counts.get(event, 1) - 1)
+
+
+def plain_credentials(auth_param: str) -> tuple[str, str] | None:
+    """(user, password) from the ``auth`` phase's ``PLAIN <initial response>``, else None.
+
+    RFC 4616: base64 of ``authzid NUL authcid NUL passwd``. ``LOGIN`` and ``PLAIN``
+    without an initial response never show the password to a filter.
+    """
+    mechanism, _, response = auth_param.strip().partition(" ")
+    if mechanism.upper() != "PLAIN" or not response or response == "=":
+        return None
+    try:
+        decoded = base64.b64decode(response.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    parts = decoded.split("\0")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def unstuff(line: str) -> str:
+    """A data line as the message holds it (RFC 5321 §4.5.2)."""
+    return line.removeprefix(".")
+
+
+def stuff(line: str) -> str:
+    return "." + line if line.startswith(".") else line
+
+
+def iter_lines(data: bytes | bytearray) -> Iterator[bytes]:
+    """The CRLF-terminated lines of ``data``, one copy at a time (not a list of them)."""
+    start = 0
+    while (end := data.find(b"\r\n", start)) >= 0:
+        yield bytes(data[start:end])
+        start = end + 2
+
+
+def clean_header_lines(
+    lines: Iterable[bytes], drop: frozenset[str], replace: dict[str, bytes]
+) -> Iterable[bytes]:
+    """The message's lines with header fields (and their continuations) dropped/replaced.
+
+    Only the top-level header section (up to the first empty line) is touched.
+    """
+    in_header = True
+    skipping = False
+    for line in lines:
+        if in_header:
+            if not line:
+                in_header = False
+            elif line[:1] in (b" ", b"\t"):
+                if skipping:
+                    continue
+            else:
+                skipping = False
+                match = _FIELD_NAME.match(line)
+                name = match.group(1).decode("ascii").lower() if match else ""
+                if name in drop:
+                    skipping = True
+                    continue
+                if name in replace:
+                    skipping = True
+                    yield replace[name]
+                    continue
+        yield line
+
+
+@dataclass
+class Session:
+    """What the report stream told us about one SMTP session, and its transaction."""
+
+    user: str | None = None
+    mail_from: str | None = None
+    rcpts: list[str] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+    oversize: bool = False
+    verdict: asyncio.Future | None = None
+
+    def reset(self) -> None:
+        self.mail_from = None
+        self.rcpts = []
+        self.data = bytearray()
+        self.oversize = False
+        self.verdict = None
+
+
+class SmtpdFilter:
+    """The protocol state machine for one direction; ``write`` sends a line to smtpd."""
+
+    def __init__(
+        self,
+        config: Config,
+        mode: str,
+        write: Callable[[str], None],
+        skip_dkim: bool = False,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.config = config
+        self.mode = mode
+        self.outgoing = mode == "outgoing"
+        self.write = write
+        self.policy = MessagePolicy(config, mode, skip_dkim=skip_dkim)
+        self.smtpd_config: dict[str, str] = {}
+        self.registered = False
+        self.sessions: dict[str, Session] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def close(self) -> None:
+        self.policy.counters.flush()
+
+    def handle_line(self, line: str) -> None:
+        """Act on one line; never raises for bad input (it is logged and dropped)."""
+        try:
+            event = parse_line(line)
+        except FilterProtocolError as exc:
+            log.warning("ignoring line from smtpd: %s", exc)
+            return
+        if isinstance(event, ConfigLine):
+            self._config(event)
+        elif isinstance(event, Report):
+            self._report(event)
+        else:
+            self._filter(event)
+
+    def _config(self, entry: ConfigLine) -> None:
+        if entry.key != "ready":
+            self.smtpd_config[entry.key] = entry.value or ""
+            return
+        if self.registered:
+            log.warning("ignoring a second config|ready")
+            return
+        self.registered = True
+        for line in registrations(self.mode):
+            self.write(line + "\n")
+        log.info(
+            "%s filter for smtpd %s (protocol %s)",
+            self.mode,
+            self.smtpd_config.get("smtpd-version", "?"),
+            self.smtpd_config.get("protocol", "?"),
+        )
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- report stream: our copy of smtpd's session state --------------------------------
+
+    def _report(self, report: Report) -> None:
+        if report.subsystem != SUBSYSTEM:
+            return
+        if report.event == "link-disconnect":
+            session = self.sessions.pop(report.session, None)
+            if session is not None and session.verdict is not None:
+                session.verdict.cancel()
+            return
+        session = self.sessions.setdefault(report.session, Session())
+        params = split_report_params(report.event, report.params)
+        if report.event == "link-auth" and len(params) == 2:
+            result, user = params
+            session.user = user if result == "pass" else None
+        elif report.event in ("tx-begin", "tx-reset"):
+            session.reset()
+        elif report.event == "tx-mail" and len(params) == 3 and params[1] == "ok":
+            session.mail_from = params[2]
+        elif report.event == "tx-rcpt" and len(params) == 3 and params[1] == "ok":
+            session.rcpts.append(params[2])
+
+    # -- filter stream: decisions ------------------------------------------------------
+
+    def _filter(self, request: FilterRequest) -> None:
+        session = self.sessions.setdefault(request.session, Session())
+        phase = request.phase
+        if phase == "data-line":
+            self._data_line(session, request)
+        elif phase == "commit":
+            self._spawn(self._commit(session, request))
+        elif phase == "mail-from":
+            reply = self.policy.check_sender(request.params)
+            self.write(format_result(request.session, request.token, reply))
+        elif phase == "auth" and self.outgoing:
+            self._spawn(self._auth(request))
+        else:
+            self.write(format_result(request.session, request.token, None))
+
+    def _data_line(self, session: Session, request: FilterRequest) -> None:
+        line = request.params
+        if line == ".":
+            session.verdict = self._spawn(self._decide(session, request))
+            return
+        if session.oversize:
+            return
+        raw = unstuff(line).encode("utf-8", "surrogateescape")
+        if len(session.data) + len(raw) + 2 > self.config.max_message_size:
+            log.info("message exceeds max_message_size %d", self.config.max_message_size)
+            session.oversize = True
+            session.data = bytearray()
+            return
+        session.data += raw
+        session.data += b"\r\n"
+
+    async def _decide(self, session: Session, request: FilterRequest) -> str | None:
+        """Judge the buffered message, give its lines back to smtpd; the commit reply."""
+        data, session.data = session.data, bytearray()
+        if session.oversize:
+            reply: str | None = TOO_BIG
+        else:
+            try:
+                verdict = await self.policy.check(session.mail_from, session.rcpts, data)
+            except Exception:
+                log.exception("filtering failed")
+                verdict = Verdict(LOCAL_ERROR, None)
+            reply = verdict.reply
+            self.policy.count(verdict.encrypted, accepted=reply is None)
+        self._emit(request.session, request.token, data, cleanup=reply is None)
+        return reply
+
+    def _emit(self, session_id: str, token: str, data: bytearray, cleanup: bool) -> None:
+        lines: Iterable[bytes] = iter_lines(data)
+        if cleanup:
+            if self.outgoing:
+                lines = clean_header_lines(lines, OUTGOING_DROP, OUTGOING_REPLACE)
+            else:
+                lines = clean_header_lines(lines, INCOMING_DROP, {})
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            text = format_dataline(
+                session_id, token, stuff(line.decode("utf-8", "surrogateescape"))
+            )
+            chunk.append(text)
+            size += len(text)
+            if size >= OUTPUT_CHUNK:
+                self.write("".join(chunk))
+                chunk, size = [], 0
+        chunk.append(format_dataline(session_id, token, "."))
+        self.write("".join(chunk))
+
+    async def _commit(self, session: Session, request: FilterRequest) -> None:
+        reply: str | None
+        if session.verdict is None:
+            log.warning("commit without a message in session %s", request.session)
+            reply = LOCAL_ERROR
+        else:
+            try:
+                reply = await session.verdict
+            except asyncio.CancelledError:
+                return
+        session.reset()
+        self.write(format_result(request.session, request.token, reply))
+
+    async def _auth(self, request: FilterRequest) -> None:
+        """Create the account of a first ``AUTH PLAIN`` login; smtpd checks the password."""
+        credentials = plain_credentials(request.params)
+        if credentials is not None:
+            user, password = credentials
+            try:
+                await asyncio.to_thread(
+                    get_or_create, self.config, user.lower(), password, self.policy.counters
+                )
+            except Exception:
+                log.exception("account lookup/creation failed")
+        self.write(format_result(request.session, request.token, None))
+
+
+async def open_stdio(
+    stdin=None, stdout=None
+) -> tuple[asyncio.StreamReader, Callable[[str], None], Callable[[], None]]:
+    """Non-blocking line reader on stdin, a writer to stdout, and a closer.
+
+    smtpd gives a filter one socket as stdin and stdout (a socketpair): that is one
+    bidirectional stream. asyncio's write-pipe transport must not be used on it: it
+    watches its fd for readability to notice a closed peer, so the first request smtpd
+    sends would make it close our output. Pipes (tests, ``sh -c`` plumbing) get the
+    read and write pipe transports.
+    """
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    loop = asyncio.get_running_loop()
+    in_stat, out_stat = os.fstat(stdin.fileno()), os.fstat(stdout.fileno())
+    if stat.S_ISSOCK(in_stat.st_mode) and os.path.samestat(in_stat, out_stat):
+        sock = socket.socket(fileno=os.dup(stdin.fileno()))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
+
+        def write(text: str) -> None:
+            writer.write(text.encode("utf-8", "surrogateescape"))
+
+        return reader, write, writer.close
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
+
+    def write_pipe(text: str) -> None:
+        transport.write(text.encode("utf-8", "surrogateescape"))
+
+    return reader, write_pipe, transport.close
+
+
+async def run(
+    smtpd_filter_factory: Callable[[Callable[[str], None]], SmtpdFilter],
+    stdin=None,
+    stdout=None,
+) -> None:
+    """Read smtpd's lines from stdin until it closes it, writing answers to stdout."""
+    reader, write, close = await open_stdio(stdin, stdout)
+    smtpd_filter = smtpd_filter_factory(write)
+    try:
+        while True:
+            try:
+                raw = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    log.warning("ignoring an unterminated last line")
+                break
+            except asyncio.LimitOverrunError as exc:
+                log.warning("ignoring a line longer than %d bytes", MAX_LINE)
+                await reader.read(exc.consumed)
+                while True:  # the rest of that line
+                    try:
+                        await reader.readuntil(b"\n")
+                        break
+                    except asyncio.LimitOverrunError as more:
+                        await reader.read(more.consumed)
+                continue
+            line = raw[:-1].decode("utf-8", "surrogateescape").rstrip("\r")
+            if line:
+                smtpd_filter.handle_line(line)
+    finally:
+        if smtpd_filter.tasks:
+            await asyncio.wait(set(smtpd_filter.tasks), timeout=10)
+        smtpd_filter.close()
+        close()
+    log.info("smtpd closed the filter's input, exiting")
+
+
+def main(argv: list[str] | None = None) -> int:
+    # stdout is the protocol channel: logs go to stderr, which smtpd passes to its log.
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    parser = argparse.ArgumentParser(
+        prog="chatmail-smtpd-filter", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("ini", type=Path, help="path to chatmail.ini")
+    parser.add_argument("mode", choices=MODES)
+    args = parser.parse_args(argv)
+    try:
+        config = read_config(args.ini)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    skip_dkim = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
+    if skip_dkim and args.mode == "incoming":
+        log.warning("DKIM verification DISABLED!")
+    try:
+        asyncio.run(run(lambda write: SmtpdFilter(config, args.mode, write, skip_dkim)))
+    except Exception as exc:  # noqa: BLE001 - a bad dns_resolver and the like: one line
+        log.error("cannot run the %s filter: %s", args.mode, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
