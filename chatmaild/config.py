@@ -238,6 +238,23 @@ def read_config(path: str | Path) -> Config:
     return loaded.config
 
 
+#: Exit status of a command whose chatmail.ini cannot be used (as for argparse's usage errors).
+EXIT_CONFIG = 2
+
+
+def config_for_main(path: str | Path) -> Config | None:
+    """chatmail.ini for a command's ``main()``; None, after logging why, if it is unusable.
+
+    Every console script then exits with :data:`EXIT_CONFIG`, so units and smtpd see one
+    status for "fix the configuration".
+    """
+    try:
+        return read_config(path)
+    except ConfigError as exc:
+        logging.getLogger("chatmaild.config").error("%s", exc)
+        return None
+
+
 def render_ini(params: dict[str, object]) -> str:
     """Render a ``[params]`` section; the inverse of :func:`load_config` for tests and tools."""
     lines = ["[params]"]

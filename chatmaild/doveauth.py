@@ -30,7 +30,7 @@ from contextlib import closing
 from pathlib import Path
 
 from .accounts import get_or_create
-from .config import Config, ConfigError, read_config
+from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .dictproxy import DictProxy, ProtocolError
 from .user import InvalidAddress, User, check_address
@@ -267,11 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("usage: doveauth SOCKET INI")
         return 2
     socket_path, ini = Path(argv[0]), Path(argv[1])
-    try:
-        config = read_config(ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 1
+    config = config_for_main(ini)
+    if config is None:
+        return EXIT_CONFIG
     try:
         migrate_passdb(config)
     except (sqlite3.Error, OSError) as exc:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_INI_PATH, Config, ConfigError, read_config
+from .config import DEFAULT_INI_PATH, EXIT_CONFIG, Config, config_for_main
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,9 @@ def daily_expire_main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
     mailboxes_dir = config.mailboxes_path
     if not mailboxes_dir.is_dir():
         log.error("mailboxes directory %s does not exist", mailboxes_dir)
@@ -316,11 +314,9 @@ def quota_expire_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ini", default=str(DEFAULT_INI_PATH), help="chatmail.ini")
     args = parser.parse_args(argv)
     _setup_logging(verbose=True)
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
     mailbox: Path = args.mailbox
     try:
         inside = mailbox.parent.resolve() == config.mailboxes_path.resolve()

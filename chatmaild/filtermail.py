@@ -30,7 +30,7 @@ from pathlib import Path
 import dns.exception
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from .config import Config, ConfigError, read_config
+from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .dkimverify import DKIMVerifier, TxtLookup
 from .mailcheck import (
@@ -487,6 +487,14 @@ async def serve(config: Config, mode: str, skip_dkim: bool) -> int:
     return 0
 
 
+def skip_dkim_requested(mode: str) -> bool:
+    """FILTERMAIL_SKIP_DKIM=1|true turns off incoming DKIM checks (tests, never a relay)."""
+    skip = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
+    if skip and mode == "incoming":
+        log.warning("DKIM verification DISABLED!")
+    return skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="filtermail", description=__doc__.split("\n")[0])
     parser.add_argument("ini", type=Path, help="path to chatmail.ini")
@@ -494,15 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    skip_dkim = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
-    if skip_dkim and args.mode == "incoming":
-        log.warning("DKIM verification DISABLED!")
-    return asyncio.run(serve(config, args.mode, skip_dkim))
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
+    return asyncio.run(serve(config, args.mode, skip_dkim_requested(args.mode)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, read_config
+from .config import EXIT_CONFIG, Config, config_for_main
 from .dictproxy import DictProxy
 from .user import InvalidAddress, User
 
@@ -60,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2:
         log.error("usage: lastlogin SOCKET INI")
         return 2
-    try:
-        config = read_config(Path(argv[1]))
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 1
+    config = config_for_main(argv[1])
+    if config is None:
+        return EXIT_CONFIG
     LastLoginDictProxy(config).serve_forever(Path(argv[0]))
     return 0
 

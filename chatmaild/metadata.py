@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .config import DEFAULT_INI_PATH, Config, ConfigError, read_config
+from .config import DEFAULT_INI_PATH, EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .dictproxy import DictProxy
 from .filedict import FileDict
@@ -251,11 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ini", nargs="?", default=str(DEFAULT_INI_PATH), help="chatmail.ini")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
     mailboxes = config.mailboxes_path
     if not mailboxes.is_dir():
         log.error("mailboxes directory %s does not exist", mailboxes)

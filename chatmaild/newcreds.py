@@ -8,6 +8,7 @@ accept their certificate (``ic=3``) through such a URL.
 from __future__ import annotations
 
 import argparse
+import logging
 import secrets
 import string
 import sys
@@ -15,7 +16,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel
 
-from .config import DEFAULT_INI_PATH, Config, ConfigError, read_config
+from .config import DEFAULT_INI_PATH, EXIT_CONFIG, Config, config_for_main
 
 LOCALPART_ALPHABET = string.ascii_lowercase + string.digits
 PASSWORD_ALPHABET = string.ascii_letters + string.digits + string.punctuation
@@ -58,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("ini", nargs="?", default=str(DEFAULT_INI_PATH), help="chatmail.ini")
     args = parser.parse_args(argv)
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    # stdout is the credentials' JSON: anything else goes to stderr
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
     print(create_credentials(config).model_dump_json(exclude_none=True))
     return 0
 

@@ -49,14 +49,16 @@ import re
 import socket
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .accounts import get_or_create
-from .config import Config, ConfigError, read_config
-from .filtermail import MODES, TOO_BIG, MessagePolicy, Verdict
+from .config import EXIT_CONFIG, Config, config_for_main
+from .filtermail import MODES, TOO_BIG, MessagePolicy, Verdict, skip_dkim_requested
 from .smtpclient import LOCAL_ERROR
+from .smtpdproto import ConfigEntry, parse_config_line
 
 log = logging.getLogger("smtpdfilter")
 
@@ -73,25 +75,17 @@ OUTPUT_CHUNK = 1 << 16
 # Postfix's header_checks (salt/chatmail/mta/postfix/files): submission_header_cleanup on
 # the way out, lmtp_header_cleanup at final delivery. Top-level header section only.
 OUTGOING_DROP = frozenset({"received", "x-originating-ip", "x-mailer", "user-agent"})
-OUTGOING_REPLACE = {"subject": b"Subject: [...]"}
+OUTGOING_REPLACE = {"subject": "Subject: [...]"}
 INCOMING_DROP = frozenset({"dkim-signature", "authentication-results", "received"})
-_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_FIELD_NAME = re.compile(r"^([!-9;-~]+)[ \t]*:")
 
 
 class FilterProtocolError(ValueError):
     """A line from smtpd that is not an event we can read."""
 
 
-@dataclass(frozen=True)
-class ConfigLine:
-    """``config|<key>|<value>``; ``config|ready`` has value None."""
-
-    key: str
-    value: str | None
-
-
-@dataclass(frozen=True)
-class Report:
+# NamedTuples, not dataclasses: one is built for every line of every message.
+class Report(NamedTuple):
     """``report|<version>|<time>|<subsystem>|<event>|<session>[|<params>]``."""
 
     version: str
@@ -101,8 +95,7 @@ class Report:
     params: str
 
 
-@dataclass(frozen=True)
-class FilterRequest:
+class FilterRequest(NamedTuple):
     """``filter|<version>|<time>|<subsystem>|<phase>|<session>|<token>[|<params>]``."""
 
     version: str
@@ -113,29 +106,27 @@ class FilterRequest:
     params: str
 
 
-def parse_line(line: str) -> ConfigLine | Report | FilterRequest:
+def parse_line(line: str) -> ConfigEntry | Report | FilterRequest:
     """One line from smtpd (without its newline). Only the last field may hold ``|``."""
-    kind = line.split("|", 1)[0]
-    if kind == "config":
-        fields = line.split("|", 2)
-        if fields[1:] == ["ready"]:
-            return ConfigLine("ready", None)
-        if len(fields) != 3 or not fields[1]:
-            raise FilterProtocolError(f"malformed config line {line[:80]!r}")
-        return ConfigLine(fields[1], fields[2])
-    if kind == "report":
-        fields = line.split("|", 6)
-        if len(fields) < 6 or not fields[5]:
-            raise FilterProtocolError(f"report with too few fields: {line[:80]!r}")
-        params = fields[6] if len(fields) == 7 else ""
-        return Report(fields[1], fields[3], fields[4], fields[5], params)
-    if kind == "filter":
+    # data lines first: they are nearly all the traffic
+    if line.startswith("filter|"):
         fields = line.split("|", 7)
         if len(fields) < 7 or not fields[5] or not fields[6]:
             raise FilterProtocolError(f"filter request with too few fields: {line[:80]!r}")
         params = fields[7] if len(fields) == 8 else ""
         return FilterRequest(fields[1], fields[3], fields[4], fields[5], fields[6], params)
-    raise FilterProtocolError(f"unknown line type {kind[:40]!r}")
+    if line.startswith("report|"):
+        fields = line.split("|", 6)
+        if len(fields) < 6 or not fields[5]:
+            raise FilterProtocolError(f"report with too few fields: {line[:80]!r}")
+        params = fields[6] if len(fields) == 7 else ""
+        return Report(fields[1], fields[3], fields[4], fields[5], params)
+    if line.startswith("config|"):
+        entry = parse_config_line(line)
+        if entry is None:
+            raise FilterProtocolError(f"malformed config line {line[:80]!r}")
+        return entry
+    raise FilterProtocolError(f"unknown line type {line.split('|', 1)[0][:40]!r}")
 
 
 def registrations(mode: str) -> list[str]:
@@ -193,17 +184,9 @@ def stuff(line: str) -> str:
     return "." + line if line.startswith(".") else line
 
 
-def iter_lines(data: bytes | bytearray) -> Iterator[bytes]:
-    """The CRLF-terminated lines of ``data``, one copy at a time (not a list of them)."""
-    start = 0
-    while (end := data.find(b"\r\n", start)) >= 0:
-        yield bytes(data[start:end])
-        start = end + 2
-
-
 def clean_header_lines(
-    lines: Iterable[bytes], drop: frozenset[str], replace: dict[str, bytes]
-) -> Iterable[bytes]:
+    lines: Iterable[str], drop: frozenset[str], replace: dict[str, str]
+) -> Iterable[str]:
     """The message's lines with header fields (and their continuations) dropped/replaced.
 
     Only the top-level header section (up to the first empty line) is touched.
@@ -214,13 +197,13 @@ def clean_header_lines(
         if in_header:
             if not line:
                 in_header = False
-            elif line[:1] in (b" ", b"\t"):
+            elif line[:1] in (" ", "\t"):
                 if skipping:
                     continue
             else:
                 skipping = False
                 match = _FIELD_NAME.match(line)
-                name = match.group(1).decode("ascii").lower() if match else ""
+                name = match.group(1).lower() if match else ""
                 if name in drop:
                     skipping = True
                     continue
@@ -238,14 +221,17 @@ class Session:
     user: str | None = None
     mail_from: str | None = None
     rcpts: list[str] = field(default_factory=list)
-    data: bytearray = field(default_factory=bytearray)
+    #: the message's lines, unstuffed, without line ends (joined once, at the final dot)
+    lines: list[str] = field(default_factory=list)
+    size: int = 0
     oversize: bool = False
     verdict: asyncio.Future | None = None
 
     def reset(self) -> None:
         self.mail_from = None
         self.rcpts = []
-        self.data = bytearray()
+        self.lines = []
+        self.size = 0
         self.oversize = False
         self.verdict = None
 
@@ -282,14 +268,14 @@ class SmtpdFilter:
         except FilterProtocolError as exc:
             log.warning("ignoring line from smtpd: %s", exc)
             return
-        if isinstance(event, ConfigLine):
+        if isinstance(event, ConfigEntry):
             self._config(event)
         elif isinstance(event, Report):
             self._report(event)
         else:
             self._filter(event)
 
-    def _config(self, entry: ConfigLine) -> None:
+    def _config(self, entry: ConfigEntry) -> None:
         if entry.key != "ready":
             self.smtpd_config[entry.key] = entry.value or ""
             return
@@ -358,21 +344,24 @@ class SmtpdFilter:
             return
         if session.oversize:
             return
-        raw = unstuff(line).encode("utf-8", "surrogateescape")
-        if len(session.data) + len(raw) + 2 > self.config.max_message_size:
+        line = unstuff(line)
+        # characters, not bytes: a bound on memory (smtpd enforces the byte limit itself,
+        # `smtp max-message-size`, with the same value)
+        session.size += len(line) + 2
+        if session.size > self.config.max_message_size:
             log.info("message exceeds max_message_size %d", self.config.max_message_size)
             session.oversize = True
-            session.data = bytearray()
+            session.lines = []
             return
-        session.data += raw
-        session.data += b"\r\n"
+        session.lines.append(line)
 
     async def _decide(self, session: Session, request: FilterRequest) -> str | None:
         """Judge the buffered message, give its lines back to smtpd; the commit reply."""
-        data, session.data = session.data, bytearray()
+        lines, session.lines = session.lines, []
         if session.oversize:
             reply: str | None = TOO_BIG
         else:
+            data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n"
             try:
                 verdict = await self.policy.check(session.mail_from, session.rcpts, data)
             except Exception:
@@ -380,28 +369,26 @@ class SmtpdFilter:
                 verdict = Verdict(LOCAL_ERROR, None)
             reply = verdict.reply
             self.policy.count(verdict.encrypted, accepted=reply is None)
-        self._emit(request.session, request.token, data, cleanup=reply is None)
+        self._emit(request.session, request.token, lines, cleanup=reply is None)
         return reply
 
-    def _emit(self, session_id: str, token: str, data: bytearray, cleanup: bool) -> None:
-        lines: Iterable[bytes] = iter_lines(data)
+    def _emit(self, session_id: str, token: str, lines: Iterable[str], cleanup: bool) -> None:
         if cleanup:
             if self.outgoing:
                 lines = clean_header_lines(lines, OUTGOING_DROP, OUTGOING_REPLACE)
             else:
                 lines = clean_header_lines(lines, INCOMING_DROP, {})
+        prefix = format_dataline(session_id, token, "")[:-1]
         chunk: list[str] = []
         size = 0
         for line in lines:
-            text = format_dataline(
-                session_id, token, stuff(line.decode("utf-8", "surrogateescape"))
-            )
+            text = f"{prefix}{stuff(line)}\n"
             chunk.append(text)
             size += len(text)
             if size >= OUTPUT_CHUNK:
                 self.write("".join(chunk))
                 chunk, size = [], 0
-        chunk.append(format_dataline(session_id, token, "."))
+        chunk.append(f"{prefix}.\n")
         self.write("".join(chunk))
 
     async def _commit(self, session: Session, request: FilterRequest) -> None:
@@ -512,14 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ini", type=Path, help="path to chatmail.ini")
     parser.add_argument("mode", choices=MODES)
     args = parser.parse_args(argv)
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    skip_dkim = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
-    if skip_dkim and args.mode == "incoming":
-        log.warning("DKIM verification DISABLED!")
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
+    skip_dkim = skip_dkim_requested(args.mode)
     try:
         asyncio.run(run(lambda write: SmtpdFilter(config, args.mode, write, skip_dkim)))
     except Exception as exc:  # noqa: BLE001 - a bad dns_resolver and the like: one line

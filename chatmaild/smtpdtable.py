@@ -59,8 +59,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .accounts import authenticate_or_create, strip_scheme
-from .config import Config, ConfigError, read_config
+from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
+from .smtpdproto import ConfigEntry, parse_config_line
 from .user import InvalidAddress, User
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,6 @@ class TableProtocolError(ValueError):
 
 
 @dataclass(frozen=True)
-class ConfigEntry:
-    """``config|<key>|<value>``; ``config|ready`` has key ``ready`` and value None."""
-
-    key: str
-    value: str | None
-
-
-@dataclass(frozen=True)
 class Query:
     table: str
     op: str  # check, lookup or fetch
@@ -108,12 +101,10 @@ class Update:
 def parse_line(line: str) -> ConfigEntry | Query | Update:
     """Parse one line from smtpd (without the newline)."""
     if line.startswith("config|"):
-        _, key, *rest = line.split("|", 2)
-        if key == "ready" and not rest:
-            return ConfigEntry("ready", None)
-        if not key or not rest:
+        entry = parse_config_line(line)
+        if entry is None:
             raise TableProtocolError(f"malformed config line {line!r}")
-        return ConfigEntry(key, rest[0])
+        return entry
     if not line.startswith("table|"):
         raise TableProtocolError(f"unknown event {line.split('|', 1)[0]!r}")
     fields = line.split("|", 7)
@@ -289,16 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         f"(default: {','.join(DEFAULT_SERVICES)})",
     )
     args = parser.parse_args(argv)
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
     try:
-        config = read_config(args.ini)
         table = ChatmailTable(
             config,
             tuple(s.strip() for s in args.services.split(",") if s.strip()),
             Counters(config.counters_dir, "smtpdtable"),
         )
-    except (ConfigError, ValueError) as exc:
+    except ValueError as exc:
         log.error("%s", exc)
-        return 1
+        return 2
     table.run(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 

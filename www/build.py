@@ -25,11 +25,11 @@ from pathlib import Path
 
 import jinja2
 import markdown
+from chatmail_www.qr import qr_svg
 from markupsafe import Markup, escape
 
 from chatmaild.config import DEFAULT_INI_PATH, Config, ConfigError, read_config
 from chatmaild.fileio import write_bytes_atomic
-from chatmail_www.qr import qr_svg
 
 log = logging.getLogger("chatmail_www")
 

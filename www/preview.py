@@ -16,8 +16,6 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from chatmaild.config import ConfigError, read_config
-from chatmaild.newcreds import create_credentials
 from chatmail_www.build import (
     NEW_ACCOUNT_PATH,
     TEMPLATE_DIR,
@@ -25,6 +23,9 @@ from chatmail_www.build import (
     build,
     source_dir,
 )
+
+from chatmaild.config import ConfigError, read_config
+from chatmaild.newcreds import create_credentials
 
 log = logging.getLogger("chatmail_www.preview")
 

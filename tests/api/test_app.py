@@ -154,7 +154,9 @@ def test_queue_snapshot_of_opensmtpd(api_settings, tmp_path):
     """OpenSMTPD: the queue listing comes from a file a root timer writes; a stale or
     missing file is ``unknown``, never a count."""
     snapshot = tmp_path / "smtpd-queue.txt"
-    envelope = "{:016x}|inet4|mta|auth|a@x.test|b@y.test|b@y.test|1795771209|1795771209|0|2|pending|3|"
+    envelope = (
+        "{:016x}|inet4|mta|auth|a@x.test|b@y.test|b@y.test|1795771209|1795771209|0|2|pending|3|"
+    )
     snapshot.write_text("".join(envelope.format(i) + "\n" for i in range(5)))
     settings, config = api_settings(queue_snapshot=str(snapshot), queue_warn=5)
     with TestClient(create_app(settings, config)) as client:

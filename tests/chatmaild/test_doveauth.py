@@ -605,7 +605,7 @@ def test_console_script_usage_error(tmp_path):
         timeout=30,
         check=False,
     )
-    assert result.returncode == 1 and "cannot read" in result.stderr
+    assert result.returncode == 2 and "cannot read" in result.stderr
 
 
 DOVEADM = shutil.which("doveadm")

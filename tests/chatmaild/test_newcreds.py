@@ -77,9 +77,10 @@ def test_password_is_percent_encoded(make_config):
     )
 
 
-def test_unreadable_ini_is_a_clear_error(capsys):
+def test_unreadable_ini_is_a_clear_error(caplog, capsys):
     assert main(["/nonexistent/chatmail.ini"]) == 2
-    assert "cannot read /nonexistent/chatmail.ini" in capsys.readouterr().err
+    assert "cannot read /nonexistent/chatmail.ini" in caplog.text
+    assert capsys.readouterr().out == ""
 
 
 def test_unknown_option_is_a_usage_error():

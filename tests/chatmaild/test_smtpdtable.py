@@ -348,7 +348,7 @@ def test_handshake_with_services(table_process):
 
 def test_bad_services_option_exits(table_process):
     proc = table_process("--services", "alias")
-    assert proc.proc.wait(timeout=20) == 1
+    assert proc.proc.wait(timeout=20) == 2
 
 
 def test_check_found_not_found_and_garbage(table_process, example_config):

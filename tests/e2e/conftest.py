@@ -97,7 +97,9 @@ def selected_platforms() -> tuple:
     known = {p.id: p for p in PLATFORMS}
     unknown = set(wanted.split(",")) - set(known)
     if unknown:
-        raise pytest.UsageError(f"CHATMAIL_E2E_PLATFORMS: unknown {sorted(unknown)}; know {sorted(known)}")
+        raise pytest.UsageError(
+            f"CHATMAIL_E2E_PLATFORMS: unknown {sorted(unknown)}; know {sorted(known)}"
+        )
     return tuple(known[name] for name in wanted.split(","))
 
 

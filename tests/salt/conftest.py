@@ -171,7 +171,6 @@ def render(salt_python, tmp_path_factory):
     return do_render
 
 
-
 @pytest.fixture(scope="session")
 def test_cert(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate and key standing in for the relay's TLS files."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from saltsupport import PILLARS, PLATFORMS, RenderError
 from opensmtpd_support import smtpd_check
+from saltsupport import PILLARS, PLATFORMS, RenderError
 from test_openbsd import OPENBSD_GRAINS
 
 pytestmark = pytest.mark.skipif(

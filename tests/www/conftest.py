@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from chatmaild.config import Config
 from chatmail_www.build import build
 from www_helpers import CONTACTS, SETTINGS
+
+from chatmaild.config import Config
 
 RELAYS = {
     "public": ("chat.example.org", CONTACTS),

@@ -20,6 +20,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from chatmail_www.build import TEMPLATE_DIR, build
+from chatmail_www.preview import PreviewSite, make_server
 from PIL import Image
 from www_helpers import (
     DESKTOP,
@@ -32,8 +34,6 @@ from www_helpers import (
 )
 
 from chatmaild.config import ConfigError
-from chatmail_www.build import TEMPLATE_DIR, build
-from chatmail_www.preview import PreviewSite, make_server
 
 VIEWS = {"phone": (PHONE, False), "desktop": (DESKTOP, False), "phone-dark": (PHONE, True)}
 
@@ -281,10 +281,9 @@ def test_preview_command_serves_and_rebuilds(tmp_path, make_config):
 def test_self_signed_flow_against_the_real_api(tmp_path, make_config):
     """Built pages and the control API's POST /new in one server, as nginx combines them."""
     import uvicorn
-    from fastapi.staticfiles import StaticFiles
-
     from chatmail_api.app import create_app
     from chatmail_api.settings import Settings
+    from fastapi.staticfiles import StaticFiles
 
     # A busy test host must not trip the API's load check.
     config = make_config("_relay.test", **SETTINGS, max_load_1m=10000)

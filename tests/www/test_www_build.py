@@ -10,9 +10,8 @@ from pathlib import Path
 
 import html5lib
 import pytest
-from www_helpers import CONTACTS, SETTINGS, decode_qr, parse_page, svg_to_image, unresolved_links
-
 from chatmail_www.build import MANIFEST, BuildError, build, clean_site, main, render_site
+from www_helpers import CONTACTS, SETTINGS, decode_qr, parse_page, svg_to_image, unresolved_links
 
 PAGES = ("index.html", "info.html", "privacy.html")
 

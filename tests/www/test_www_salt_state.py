@@ -16,7 +16,6 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
-
 from chatmail_www.build import MANIFEST
 
 REPO = Path(__file__).resolve().parents[2]
