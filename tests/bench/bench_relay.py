@@ -11,6 +11,7 @@ Needs root and free relay ports (25, 80, 143, 443, 465, 587, 993, ...). The cont
 removed at the end (also on Ctrl-C).
 
 Usage: .venv/bin/python tests/bench/bench_relay.py [--rounds 5] [--logins 10]
+       [--platform debian12-postfix|debian13-opensmtpd]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
 
 import relayctl
 from relayclient import (
+    PLATFORMS,
     RelayClient,
     encrypted_mail,
     message_id,
@@ -42,6 +44,7 @@ DOMAIN = "_chatmail.test"
 SESSIONS_DIR = Path("/var/tmp/chatmail-test")
 SERVICES = (
     "postfix@-.service",
+    "opensmtpd.service",
     "dovecot.service",
     "nginx.service",
     "unbound.service",
@@ -161,7 +164,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--logins", type=int, default=10)
+    platforms = {p.id: p for p in PLATFORMS}
+    parser.add_argument("--platform", choices=list(platforms), default=PLATFORMS[0].id)
     args = parser.parse_args()
+    platform = platforms[args.platform]
+    print(f"platform: {platform.id}")
 
     relayctl.require_tools()
     relayctl.require_free_ports()
@@ -170,13 +177,17 @@ def main() -> int:
     source = SESSIONS_DIR / f"{name}.src"
     # The pid file lets the next test session stop this container if we get killed.
     container = relayctl.Relay(
-        SESSIONS_DIR / name, name=name, repo=source, pidfile=SESSIONS_DIR / f"{name}.pid"
+        SESSIONS_DIR / name,
+        name=name,
+        repo=source,
+        pidfile=SESSIONS_DIR / f"{name}.pid",
+        suite=platform.suite,
     )
     try:
         relayctl.snapshot_repo(REPO_ROOT, source)
         container.unpack()
         container.boot()
-        container.configure_salt(relayctl.local_relay_pillar(DOMAIN))
+        container.configure_salt(relayctl.local_relay_pillar(DOMAIN, mta=platform.mta))
         first = container.apply()
         if not first.ok:
             print(first.summary())
@@ -191,7 +202,7 @@ def main() -> int:
             f"second apply (nothing to do):       {second.seconds:6.1f} s  "
             f"({len(second.changed)} changed)   ratio {second.seconds / first.seconds:.2f}"
         )
-        relay = RelayClient(container, DOMAIN)
+        relay = RelayClient(container, DOMAIN, platform)
         bench_logins(relay, args.logins)
         bench_ping_pong(relay, args.rounds)
         print_rss(container)
