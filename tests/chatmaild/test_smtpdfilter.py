@@ -3,6 +3,7 @@ protocol 0.7 on its stdin/stdout, many sessions interleaved on one pipe."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import queue
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from filtermail_support import encrypted_mail, load_mail
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chatmaild.accounts import verify_password
 from chatmaild.smtpdfilter import (
@@ -21,6 +24,7 @@ from chatmaild.smtpdfilter import (
     FilterProtocolError,
     FilterRequest,
     Report,
+    SmtpdFilter,
     clean_header_lines,
     parse_line,
     plain_credentials,
@@ -590,3 +594,48 @@ def test_bad_config_exits(tmp_path):
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert res.returncode == 2 and res.stdout == ""
+
+
+PROTOCOL_LINE = st.builds(
+    lambda kind, event, sid, rest: f"{kind}|0.7|{TS}|smtp-in|{event}|{sid}|{rest}",
+    st.sampled_from(["filter", "report", "config"]),
+    st.sampled_from(["data-line", "commit", "auth", "mail-from", "tx-mail", "tx-rcpt",
+                     "link-auth", "link-disconnect", "tx-reset", "x"]),
+    st.sampled_from(["s1", "s2", ""]),
+    st.text(max_size=60),
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.one_of(st.text(max_size=80), PROTOCOL_LINE), max_size=25))
+def test_random_lines_never_raise_and_answer_whole_lines(example_config, lines):
+    """Whatever smtpd (or noise) sends, in any order: no exception escapes, and every
+    answer is whole protocol lines (one newline each, a known verb first)."""
+    written: list[str] = []
+
+    async def feed() -> None:
+        smtpd_filter = SmtpdFilter(example_config, "outgoing", written.append, skip_dkim=True)
+        spawned: list[asyncio.Task] = []
+        spawn = smtpd_filter._spawn
+
+        def spawn_and_keep(coro) -> asyncio.Task:
+            spawned.append(spawn(coro))
+            return spawned[-1]
+
+        smtpd_filter._spawn = spawn_and_keep
+        smtpd_filter.handle_line("config|ready")
+        for line in lines:
+            smtpd_filter.handle_line(line.replace("\n", " "))
+        if spawned:
+            await asyncio.wait(spawned, timeout=10)
+        for task in spawned:
+            assert task.done(), task
+            assert task.cancelled() or task.exception() is None, task.exception()
+
+    asyncio.run(feed())
+    for text in written:
+        assert text.endswith("\n"), text
+        for line in text[:-1].split("\n"):
+            assert line.split("|", 1)[0] in ("register", "filter-result", "filter-dataline"), line
