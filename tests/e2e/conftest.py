@@ -1,14 +1,15 @@
 """The applied-container fixtures: one relay per platform for the tests in this folder.
 
-Every test runs once per platform (``relayclient.PLATFORMS``): Debian 12 with Postfix, and
-Debian 13 with OpenSMTPD (``mta: opensmtpd``). For each, a systemd-nspawn container boots
+Every test runs once per platform (``relayclient.PLATFORMS``): Debian 12 with Postfix,
+Debian 13 with Postfix (Dovecot 2.4) and Debian 13 with OpenSMTPD (``mta: opensmtpd``).
+For each, a systemd-nspawn container boots
 from the release's cached base rootfs, the repository is bind-mounted read-only at
 /srv/chatmail, and `salt-call --local state.apply chatmail` applies the formula with a
 pillar for a self-signed ``_``-domain relay. Containers share the host's network (tests
 talk to 127.0.0.1), so pytest runs one platform's tests, stops that container, then boots
 the next. Every test here is marked ``container``.
 
-    .venv/bin/python -m pytest tests/e2e        # ~8 min with cached base rootfs tarballs
+    .venv/bin/python -m pytest tests/e2e        # ~9 min with cached base rootfs tarballs
     CHATMAIL_E2E_PLATFORMS=debian13-opensmtpd ... pytest tests/e2e   # one platform only
     CHATMAIL_TEST_REUSE=1 ... pytest tests/e2e   # against the relay `scripts/deploy` runs
 

@@ -64,6 +64,15 @@ PLATFORMS = (
         dkim_signature_delivered=False,
     ),
     Platform(
+        id="debian13-postfix",
+        suite="trixie",
+        mta="postfix",
+        mta_unit="postfix",
+        filter_unit="filtermail.service",
+        sender_mismatch_code=553,
+        dkim_signature_delivered=False,
+    ),
+    Platform(
         id="debian13-opensmtpd",
         suite="trixie",
         mta="opensmtpd",
