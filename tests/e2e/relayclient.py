@@ -40,47 +40,35 @@ class Platform:
     id: str
     suite: str
     mta: str
-    #: the MTA's systemd unit, as the control API names its check (service.<unit>)
-    mta_unit: str
-    #: the unit that reads chatmail.ini for mail filtering (filtermail runs inside smtpd
-    #: under OpenSMTPD, as its filter)
-    filter_unit: str
-    #: reply to MAIL FROM other than the login: Postfix refuses the recipient (553),
-    #: OpenSMTPD's `senders` check the sender (530)
-    sender_mismatch_code: int
-    #: Postfix removes our DKIM signature at final delivery; filter-dkimsign signs on the
-    #: listener, before smtpd knows whether the recipient is local
-    dkim_signature_delivered: bool
+
+    @property
+    def mta_unit(self) -> str:
+        """The MTA's systemd unit, as the control API names its check (service.<unit>)."""
+        return self.mta
+
+    @property
+    def filter_unit(self) -> str:
+        """The unit that reads chatmail.ini for mail filtering: OpenSMTPD runs filtermail's
+        rules as its own filter process."""
+        return "filtermail.service" if self.mta == "postfix" else "opensmtpd.service"
+
+    @property
+    def sender_mismatch_code(self) -> int:
+        """MAIL FROM other than the login: Postfix refuses the recipient (553), OpenSMTPD's
+        `senders` check the sender (530)."""
+        return 553 if self.mta == "postfix" else 530
+
+    @property
+    def dkim_signature_delivered(self) -> bool:
+        """Postfix removes our DKIM signature at final delivery; filter-dkimsign signs on the
+        listener, before smtpd knows whether the recipient is local."""
+        return self.mta == "opensmtpd"
 
 
 PLATFORMS = (
-    Platform(
-        id="debian12-postfix",
-        suite="bookworm",
-        mta="postfix",
-        mta_unit="postfix",
-        filter_unit="filtermail.service",
-        sender_mismatch_code=553,
-        dkim_signature_delivered=False,
-    ),
-    Platform(
-        id="debian13-postfix",
-        suite="trixie",
-        mta="postfix",
-        mta_unit="postfix",
-        filter_unit="filtermail.service",
-        sender_mismatch_code=553,
-        dkim_signature_delivered=False,
-    ),
-    Platform(
-        id="debian13-opensmtpd",
-        suite="trixie",
-        mta="opensmtpd",
-        mta_unit="opensmtpd",
-        filter_unit="opensmtpd.service",
-        sender_mismatch_code=530,
-        dkim_signature_delivered=True,
-    ),
+    Platform(id="debian12-postfix", suite="bookworm", mta="postfix"),
+    Platform(id="debian13-postfix", suite="trixie", mta="postfix"),
+    Platform(id="debian13-opensmtpd", suite="trixie", mta="opensmtpd"),
 )
 
 
