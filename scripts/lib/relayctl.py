@@ -55,6 +55,9 @@ RECIPE_VERSION = "4"
 PUBLIC_PORTS = (25, 80, 143, 443, 465, 587, 993)
 LOOPBACK_PORTS = (53, 8077, 8443, 10025, 10026, 10080, 10081, 10082, 10083)
 
+#: Where the formula keeps the mailboxes (vmail's home), for a separate mail filesystem.
+MAILBOXES_PARENT = "/home/vmail/mail"
+
 PERSISTENT_ROOT = Path("/var/lib/machines/chatmail-relay")
 PERSISTENT_STATE = Path("/var/lib/machines/chatmail-relay.json")
 DEFAULT_DOMAIN = "_chatmail.test"
@@ -349,8 +352,14 @@ class Relay:
         repo: Path = REPO_ROOT,
         pidfile: Path | None = None,
         suite: str = DEFAULT_SUITE,
+        mail_fs_mb: int = 0,
     ):
         self.root = Path(root)
+        #: With mail_fs_mb, the mailboxes live on a loop-mounted ext4 of that size, mounted on
+        #: the host at ``mail_fs`` (it survives a crash of the container; tests fill it up).
+        self.mail_fs_mb = mail_fs_mb
+        self.mail_fs = self.root.parent / f"{self.root.name}.mail"
+        self._mail_image = self.root.parent / f"{self.root.name}.mail.img"
         self.suite = suite
         self.name = name
         self.repo = Path(repo)
@@ -383,6 +392,17 @@ class Relay:
             ]
         )
         log(f"unpacked {tarball.name} to {self.root} in {time.monotonic() - started:.1f} s")
+        if self.mail_fs_mb:
+            self._make_mail_fs()
+
+    def _make_mail_fs(self) -> None:
+        # -m 0: no blocks reserved for root, so a full filesystem is full for every writer.
+        with open(self._mail_image, "wb") as image:
+            image.truncate(self.mail_fs_mb << 20)
+        run_host(["mkfs.ext4", "-q", "-m", "0", str(self._mail_image)])
+        self.mail_fs.mkdir()
+        run_host(["mount", "-o", "loop", str(self._mail_image), str(self.mail_fs)])
+        os.chmod(self.mail_fs, 0o755)
 
     def boot(self, timeout: float = 120) -> None:
         require_tools()
@@ -395,6 +415,8 @@ class Relay:
             f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
+        if self.mail_fs.is_mount():
+            cmd.append(f"--bind={self.mail_fs}:{MAILBOXES_PARENT}")
         with open(self.log_path, "ab") as console:
             proc = subprocess.Popen(
                 cmd,
@@ -467,6 +489,21 @@ class Relay:
             self._wait_exit(pid, 30)
         self.nspawn_pid = self.init_pid = None
 
+    def crash(self) -> None:
+        """SIGKILL the container as a power cut would (no shutdown); its files stay for boot()."""
+        pid, init = self.nspawn_pid, self.init_pid
+        if pid is None:
+            raise RelayError("container is not running")
+        for target in (init, pid):
+            if target:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(target, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if not self._wait_exit(pid, 30):
+            raise RelayError(f"container {self.name} survived SIGKILL")
+        self.nspawn_pid = self.init_pid = None
+
     def _wait_exit(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -485,6 +522,11 @@ class Relay:
         started = time.monotonic()
         self.shutdown()
         stopped = time.monotonic()
+        if self.mail_fs.is_mount():
+            run_host(["umount", str(self.mail_fs)])
+        with contextlib.suppress(FileNotFoundError):
+            self.mail_fs.rmdir()
+        self._mail_image.unlink(missing_ok=True)
         remove_tree(self.root)
         if self.pidfile:
             self.pidfile.unlink(missing_ok=True)

@@ -21,17 +21,12 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from statistics import median
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
-sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
-
+from benchsupport import applied_relay, platform_argument
 import relayctl
 from relayclient import (
-    PLATFORMS,
     RelayClient,
     encrypted_mail,
     message_id,
@@ -40,8 +35,6 @@ from relayclient import (
     start_rpc,
 )
 
-DOMAIN = "_chatmail.test"
-SESSIONS_DIR = Path("/var/tmp/chatmail-test")
 SERVICES = (
     "postfix@-.service",
     "opensmtpd.service",
@@ -164,35 +157,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--logins", type=int, default=10)
-    platforms = {p.id: p for p in PLATFORMS}
-    parser.add_argument("--platform", choices=list(platforms), default=PLATFORMS[0].id)
+    platform_argument(parser)
     args = parser.parse_args()
-    platform = platforms[args.platform]
-    print(f"platform: {platform.id}")
+    print(f"platform: {args.platform}")
 
-    relayctl.require_tools()
-    relayctl.require_free_ports()
-    SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"chatmail-bench-{uuid.uuid4().hex[:8]}"
-    source = SESSIONS_DIR / f"{name}.src"
-    # The pid file lets the next test session stop this container if we get killed.
-    container = relayctl.Relay(
-        SESSIONS_DIR / name,
-        name=name,
-        repo=source,
-        pidfile=SESSIONS_DIR / f"{name}.pid",
-        suite=platform.suite,
-    )
-    try:
-        relayctl.snapshot_repo(REPO_ROOT, source)
-        container.unpack()
-        container.boot()
-        container.configure_salt(relayctl.local_relay_pillar(DOMAIN, mta=platform.mta))
-        first = container.apply()
-        if not first.ok:
-            print(first.summary())
-            return 1
-        container.wait_for_services()
+    with applied_relay(args.platform) as (relay, first):
+        container = relay.container
         second = container.apply()
         print(
             f"first apply (packages, venv, keys): {first.seconds:6.1f} s  "
@@ -202,13 +172,9 @@ def main() -> int:
             f"second apply (nothing to do):       {second.seconds:6.1f} s  "
             f"({len(second.changed)} changed)   ratio {second.seconds / first.seconds:.2f}"
         )
-        relay = RelayClient(container, DOMAIN, platform)
         bench_logins(relay, args.logins)
         bench_ping_pong(relay, args.rounds)
         print_rss(container)
-    finally:
-        container.destroy()
-        relayctl.remove_tree(source)
     return 0
 
 

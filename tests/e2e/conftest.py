@@ -145,8 +145,14 @@ def container(platform):
     source = SESSIONS_DIR / f"{name}.src"
     pidfile = SESSIONS_DIR / f"{name}.pid"
     pidfile.write_text(f"0 {os.getpid()}")
+    # The mailboxes on a filesystem of their own, so the campaign can fill it up.
     relay = relayctl.Relay(
-        SESSIONS_DIR / name, name=name, repo=source, pidfile=pidfile, suite=platform.suite
+        SESSIONS_DIR / name,
+        name=name,
+        repo=source,
+        pidfile=pidfile,
+        suite=platform.suite,
+        mail_fs_mb=512,
     )
     with _sigterm_as_interrupt():
         try:
