@@ -312,12 +312,13 @@ class Campaign:
             note_holder[0] = await asyncio.to_thread(fault.apply)
 
         fault_task = asyncio.create_task(run_fault()) if fault else None
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         started = time.monotonic()
         count = int(seconds * self.rate)
         for i in range(count):
             await asyncio.sleep(max(0.0, started + i / self.rate - time.monotonic()))
             recipient = self.receivers[i % len(self.receivers)][0]
-            msgid = f"<{name}.{i}.{secrets.token_hex(4)}@{self.relay.domain}>"
+            msgid = f"<{slug}.{i}.{secrets.token_hex(4)}@{self.relay.domain}>"
             message = Message(msgid, self.senders[i % len(self.senders)], recipient)
             self.messages[msgid] = message
             self.phase_of[msgid] = name

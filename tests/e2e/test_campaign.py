@@ -24,8 +24,13 @@ SECONDS_PER_PHASE = 8.0
 def test_nothing_accepted_is_lost_under_load_and_faults(relay):
     faults = campaign.standard_faults(relay)
     lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
     reports, run = asyncio.run(
-        campaign.run(relay, faults, SECONDS_PER_PHASE, IDLE_SESSIONS, RATE, log=lines.append)
+        campaign.run(relay, faults, SECONDS_PER_PHASE, IDLE_SESSIONS, RATE, log=log)
     )
     lines += [report.line() for report in reports]
     text = "\n".join(lines)
