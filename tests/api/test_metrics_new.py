@@ -121,6 +121,17 @@ def test_new_self_mode_get_answers(api_settings, make_config):
         assert body["dclogin_url"].startswith("dclogin:") and "ic=3" in body["dclogin_url"]
 
 
+def test_new_self_mode_on_an_ordinary_domain_answers(api_settings):
+    """``tls: mode: self`` without a _-domain: nginx passes GET /new on, so the API answers."""
+    settings, config = api_settings({"tls_mode": "self"})
+    with TestClient(create_app(settings, config)) as client:
+        response = client.get("/new", follow_redirects=False)
+        assert response.status_code == 200
+        body = response.json()
+        assert body["email"].endswith("@chat.example.org")
+        assert "ic=3" in body["dclogin_url"]
+
+
 def test_new_refused_while_closed(api_settings):
     settings, config = api_settings()
     with TestClient(create_app(settings, config)) as client:

@@ -161,10 +161,32 @@ def test_chatmail_ini_is_what_chatmaild_reads(rendered):
     assert config.max_smtp_connections == m["settings"]["max_smtp_connections"]
     assert config.disable_ipv6 is (not m["ipv6"])
     assert config.tls_cert_mode == m["tls"]["mode"]
+    # map.jinja derives the mode by upstream's rule, which chatmaild keeps for inis
+    # without tls_mode: both give the same mode.
+    assert config.model_copy(update={"tls_mode": None}).tls_cert_mode == m["tls"]["mode"]
     assert str(config.mailboxes_path) == m["paths"]["mailboxes"]
     assert str(config.nocreate_file) == "/etc/chatmail-nocreate"
     assert str(config.counters_dir) == "/var/lib/chatmail/counters"
     assert config.iroh_relay == ""
+
+
+def test_self_mode_on_an_ordinary_domain_reaches_the_daemons(render):
+    """pillar.example offers ``tls: mode: self`` for any domain: chatmail.ini carries the
+    mode, so the API answers the GET /new nginx passes on instead of redirecting it."""
+    pillar = {"chatmail": {"mail_domain": "chat.example.org", "tls": {"mode": "self"}}}
+    rendered = render("debian12", "self-ordinary", pillar=pillar)
+    ini = rendered.path("/usr/local/lib/chatmaild/chatmail.ini")
+    assert "tls_mode = self" in ini.read_text().splitlines()
+    assert load_config(ini).config.tls_cert_mode == "self"
+    nginx = rendered.text("/etc/nginx/nginx.conf")
+    assert "limit_req zone=newaccount" in nginx and "dcaccount:" not in nginx
+
+
+def test_ipv4_domain_is_self_signed_as_upstream(render):
+    rendered = render("debian12", "ipv4", pillar={"chatmail": {"mail_domain": "203.0.113.5"}})
+    ini = rendered.path("/usr/local/lib/chatmaild/chatmail.ini")
+    assert rendered.map["tls"]["mode"] == "self"
+    assert load_config(ini).config.tls_cert_mode == "self"
 
 
 def test_version_file(render):
@@ -594,6 +616,7 @@ def test_pillar_example_documents_every_ini_setting():
 
     derived = {
         "mail_domain",
+        "tls_mode",
         "disable_ipv6",
         "tls_external_cert_and_key",
         "mailboxes_dir",
