@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import pytest
 from api_support import ADMIN, MONITOR
-from chatmail_api.accountstats import scan_mailboxes
 from chatmail_api.app import create_app
 from chatmail_api.runtime import RateLimiter
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatmaild.accountstats import scan_mailboxes
 from chatmaild.counters import Counters
 from chatmaild.user import User
 
@@ -178,27 +179,22 @@ def test_stats_file_written_by_the_scanner(api_settings, tmp_path):
     with TestClient(app) as client:
         assert asyncio.run(app.state.runtime.scan_accounts()) is None  # nothing yet
         assert "chatmail_accounts{" not in client.get("/metrics", headers=MONITOR).text
+        accountstats = Path(sys.executable).with_name("chatmail-accountstats")
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "chatmail_api.accountstats",
-                str(tmp_path / "chatmail.ini"),
-                str(stats_file),
-            ],
-            check=True,
+            [accountstats, tmp_path / "chatmail.ini", stats_file], check=True, timeout=60
         )
         asyncio.run(app.state.runtime.scan_accounts())
         got = samples(client.get("/metrics", headers=MONITOR).text)
         assert got[("chatmail_accounts", (("kind", "all"),))] == 4
 
 
-def test_tokens_file_adds_tokens(tmp_path):
+def test_tokens_file_adds_tokens(tmp_path, api_settings):
     import json
 
     from chatmail_api.settings import load_settings
 
-    (tmp_path / "api.json").write_text(json.dumps({"tokens": {"monitor": {"a": "m" * 20}}}))
+    settings, _ = api_settings(tokens={"monitor": {"a": "m" * 20}, "admin": {}})
+    (tmp_path / "api.json").write_text(settings.model_dump_json())
     (tmp_path / "tokens.json").write_text(json.dumps({"admin": {"root": "r" * 32}}))
     settings = load_settings(tmp_path / "api.json", tmp_path / "tokens.json")
     assert settings.tokens.monitor == {"a": "m" * 20}

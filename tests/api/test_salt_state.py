@@ -114,7 +114,7 @@ def test_default_pillar(rendered):
         assert line in unit, line
     assert "--tokens-file ${CREDENTIALS_DIRECTORY}/tokens" in unit
     stats = files["/etc/systemd/system/chatmail-account-stats.service"]
-    assert "User=vmail" in stats and "chatmail_api.accountstats" in stats
+    assert "User=vmail" in stats and "/bin/chatmail-accountstats " in stats
     assert "Type=oneshot" in stats
 
     watched = {next(iter(w.values())) for w in state_args(states, "chatmail-api-service")["watch"]}
@@ -149,7 +149,7 @@ def test_units_pass_systemd_analyze(rendered, tmp_path):
     _, files, m = rendered({"chatmail": {"mail_domain": "chat.example.org"}})
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    for script in ("chatmail-api", "python"):
+    for script in ("chatmail-api", "chatmail-accountstats", "python"):
         (venv / "bin" / script).write_text("#!/bin/sh\nexit 0\n")
         (venv / "bin" / script).chmod(0o755)
     check = REPO / "salt" / "chatmail" / "files" / "chatmail-check-config"

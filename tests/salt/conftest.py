@@ -214,6 +214,7 @@ def fake_venv(tmp_path_factory) -> Path:
         "chatmail-quota-expire",
         "chatmail-api",
         "chatmail-www",
+        "chatmail-accountstats",
         "python",
     ):
         path = venv / "bin" / script
