@@ -28,6 +28,7 @@ from statistics import median
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
 sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "chatmaild"))
 
 import relayctl
 from relayclient import (
