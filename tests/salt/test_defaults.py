@@ -11,7 +11,7 @@ import pytest
 import yaml
 from saltsupport import REPO
 
-from chatmaild.config import Config, parse_params
+from chatmaild.config import DEFAULT_INI_PATH, Config, parse_params
 
 DEFAULTS = yaml.safe_load((REPO / "salt/chatmail/parameters/defaults.yaml").read_text())
 
@@ -68,8 +68,9 @@ def test_deliberate_differences_still_differ(key):
 
 
 def test_derived_path_defaults_agree():
-    """map.jinja writes these from paths: its defaults are chatmaild's."""
+    """map.jinja writes these from paths: its defaults are chatmaild's (and upstream's)."""
     paths = DEFAULTS["paths"]
+    assert paths["ini"] == str(DEFAULT_INI_PATH)
     chatmaild = Config(mail_domain="chat.example.org")
     assert paths["nocreate"] == str(chatmaild.nocreate_file)
     assert paths["counters"] == str(chatmaild.counters_dir)
