@@ -83,14 +83,6 @@ def cert_not_after(pem: bytes) -> float:
     return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
 
 
-def default_cert_path(config: Config) -> Path:
-    if config.tls_cert_mode == "external":
-        return Path(config.tls_external_cert_and_key.split()[0])
-    if config.tls_cert_mode == "self":
-        return Path("/etc/ssl/certs/mailserver.pem")
-    return Path(f"/var/lib/acme/live/{config.mail_domain}/fullchain")
-
-
 def default_ports(config: Config, mta: str) -> list[PortSpec]:
     ports = [
         PortSpec(port=25, what=f"SMTP ({'Postfix' if mta == 'postfix' else 'OpenSMTPD'})"),
@@ -151,7 +143,7 @@ class Checker:
         self.creation = creation
         #: The state under the API's creation lock (reading may re-open an expired close).
         self.creation_state = creation_state
-        self.cert_path = settings.tls_cert or default_cert_path(config)
+        self.cert_path = settings.tls_cert
         self.ports = settings.ports or default_ports(config, settings.mta)
         self._cert_cache: tuple[tuple[int, int], float] | None = None
         #: Set by the probe and the DNS task; read by every run.

@@ -112,6 +112,8 @@ def read_dkim_key(settings: DnsSettings) -> str | None:
             return key
     except OSError:
         pass
+    if settings.dkim_private_key is None:
+        return None
     try:
         return dkim_key_from_private(settings.dkim_private_key.read_bytes())
     except (OSError, ValueError, TypeError):

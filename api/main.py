@@ -8,12 +8,12 @@ import sys
 
 from chatmaild.config import ConfigError
 
-from .settings import DEFAULT_SETTINGS_PATH, SettingsError, load_settings
+from .settings import SettingsError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatmail-api", description=__doc__)
-    parser.add_argument("--settings", default=str(DEFAULT_SETTINGS_PATH), help="api.json")
+    parser.add_argument("--settings", required=True, help="api.json, rendered by the formula")
     parser.add_argument("--tokens-file", help="JSON {monitor: {name: token}, admin: {...}}")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)

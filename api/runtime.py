@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from chatmaild.accountstats import AccountStats, read_stats, scan_mailboxes
 from chatmaild.config import Config
 
 from .accountcreation import AccountCreationControl, CreationState
-from .accountstats import AccountStats, read_stats, scan_mailboxes
 from .checks import Checker, CheckResult, CheckStateStore, Facts, overall
 from .dnscheck import check_dns
 from .models import Check, DnsReport, ProbeResult, Status

@@ -1,8 +1,10 @@
-"""The control API's own settings: one JSON file (``/etc/chatmail/api.json``) rendered by Salt.
+"""The control API's own settings: one JSON file (``api.json``) rendered by Salt.
 
 Everything about the relay itself (domain, paths, limits) comes from chatmail.ini via
 ``chatmaild.config``; this file only holds what the API adds: where it listens, who may
-call it, what it checks and how often.
+call it, what it checks and how often. Paths, unit names and ports the formula decides
+(salt/chatmail/api renders them) have no default here: they come from the file only, and
+tests pass them explicitly.
 """
 
 from __future__ import annotations
@@ -13,23 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from chatmaild.config import DEFAULT_INI_PATH
-
-DEFAULT_SETTINGS_PATH = Path("/etc/chatmail/api.json")
-
-DEFAULT_SERVICES = [
-    "postfix",
-    "dovecot",
-    "opendkim",
-    "nginx",
-    "unbound",
-    "doveauth",
-    "chatmail-metadata",
-    "lastlogin",
-    "filtermail",
-    "filtermail-incoming",
-]
 
 
 class SettingsError(ValueError):
@@ -77,9 +62,11 @@ class DnsSettings(_Strict):
     #: Addresses the A/AAAA records must hold; empty means "any address is fine".
     expected_ipv4: list[ipaddress.IPv4Address] = []
     expected_ipv6: list[ipaddress.IPv6Address] = []
-    dkim_selector: str = "opendkim"
-    dkim_txt: Path = Path("/etc/dkimkeys/opendkim.txt")
-    dkim_private_key: Path = Path("/etc/dkimkeys/opendkim.private")
+    dkim_selector: str
+    #: The public half of the DKIM key (opendkim's ``<selector>.txt``).
+    dkim_txt: Path
+    #: Where the TXT is unreadable, the key is derived from the private key if this is set.
+    dkim_private_key: Path | None = None
     acme_account_uri: str = ""
     mta_sts_port: int = Field(443, gt=0, lt=65536)
     #: CA bundle for the MTA-STS policy fetch; empty means the system's CAs.
@@ -91,12 +78,12 @@ class DnsSettings(_Strict):
 class ProbeSettings(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
-    submission_port: int = Field(587, gt=0, lt=65536)
-    imap_port: int = Field(993, gt=0, lt=65536)
+    submission_port: int = Field(gt=0, lt=65536)
+    imap_port: int = Field(gt=0, lt=65536)
     #: The relay's own certificate is checked by the TLS check, not by the probe.
     verify_tls: bool = False
     timeout_s: float = Field(30.0, gt=0)
-    interval_s: float = Field(900.0, ge=0)
+    interval_s: float = Field(ge=0)
 
 
 class NewAccountSettings(_Strict):
@@ -107,11 +94,11 @@ class NewAccountSettings(_Strict):
 
 
 class Settings(_Strict):
-    chatmail_ini: Path = DEFAULT_INI_PATH
-    listen: str = "127.0.0.1"
-    port: int = Field(8077, gt=0, lt=65536)
+    chatmail_ini: Path
+    listen: str
+    port: int = Field(gt=0, lt=65536)
     #: Probe credentials, check states, audit log. Root-only readable parts stay 0600.
-    state_dir: Path = Path("/var/lib/chatmail-api")
+    state_dir: Path
     tokens: Tokens = Tokens()
     #: More tokens, same JSON shape as ``tokens``: on the relay a root-only file that
     #: systemd hands to the service (LoadCredential), so api.json holds no secrets.
@@ -128,19 +115,19 @@ class Settings(_Strict):
     ]
     #: true/false: account creation is pinned open/closed by the pillar; PUT answers 409.
     account_creation_pin: bool | None = None
-    version_file: Path = Path("/etc/chatmail-version")
-    #: Certificate checked for expiry; empty: derived from chatmail.ini's TLS mode.
-    tls_cert: Path | None = None
+    version_file: Path
+    #: Certificate checked for expiry (the one Postfix, Dovecot and nginx serve).
+    tls_cert: Path
     tls_warn_days: int = Field(14, ge=0)
     tls_fail_days: int = Field(3, ge=0)
-    service_manager: Literal["systemd", "rcctl"] = "systemd"
+    service_manager: Literal["systemd", "rcctl"]
     #: The relay's MTA: which ports the checks expect (filtermail's only with Postfix).
-    mta: Literal["postfix", "opensmtpd"] = "postfix"
-    services: list[ServiceSpec] = [ServiceSpec(name=name) for name in DEFAULT_SERVICES]
+    mta: Literal["postfix", "opensmtpd"]
+    services: list[ServiceSpec]
     #: Ports that must accept connections; empty: derived from chatmail.ini.
     ports: list[PortSpec] = []
     #: Prints the queue; ``postqueue -j`` (Postfix JSON) or ``smtpctl show queue``.
-    queue_command: list[str] = ["postqueue", "-j"]
+    queue_command: list[str]
     #: Read ``smtpctl show queue`` output from this file instead of running
     #: queue_command: OpenSMTPD lists its queue to root only, so a root timer writes it.
     queue_snapshot: Path | None = None
@@ -154,14 +141,14 @@ class Settings(_Strict):
     check_timeout_s: float = Field(3.0, gt=0)
     status_cache_s: float = Field(5.0, ge=0)
     #: How often accounts and storage are counted for /metrics (a directory walk).
-    account_scan_interval_s: float = Field(300.0, ge=0)
-    #: Read the counts from this file (written by ``python -m chatmail_api.accountstats``
-    #: as the mailbox owner) instead of walking mailboxes the API user cannot read.
-    account_stats_file: Path | None = None
+    account_scan_interval_s: float = Field(ge=0)
+    #: Read the counts from this file (written by ``chatmail-accountstats`` as the mailbox
+    #: owner) instead of walking mailboxes the API user cannot read; None: walk them.
+    account_stats_file: Path | None
     #: How often an expired ``until`` re-opens account creation without a request.
     reopen_interval_s: float = Field(30.0, gt=0)
-    dns: DnsSettings = DnsSettings()
-    probe: ProbeSettings = ProbeSettings()
+    dns: DnsSettings
+    probe: ProbeSettings
     new_account: NewAccountSettings = NewAccountSettings()
 
     @property

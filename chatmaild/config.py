@@ -88,7 +88,9 @@ class Config(BaseModel):
     turn_socket_path: Path = Path("/run/chatmail-turn/turn.socket")
     mailboxes_dir: Path | None = None
     passdb_path: Path = Path("/home/vmail/passdb.sqlite")
-    # Keys of ours (upstream hard-codes these); an upstream ini simply omits them.
+    # Keys of ours (upstream hard-codes or derives these); an upstream ini omits them.
+    #: The TLS mode the formula chose (pillar tls:mode); None: derived as upstream does.
+    tls_mode: Literal["acme", "self", "external"] | None = None
     filtermail_host: str = "127.0.0.1"
     postfix_host: str = "127.0.0.1"
     nocreate_file: Path = Path("/etc/chatmail-nocreate")
@@ -131,6 +133,17 @@ class Config(BaseModel):
             raise ValueError("username_min_length is larger than username_max_length")
         return self
 
+    @model_validator(mode="after")
+    def _tls_files_match_mode(self) -> Config:
+        if self.tls_mode is None:
+            return self
+        if (self.tls_mode == "external") != bool(self.tls_external_cert_and_key):
+            raise ValueError(
+                "tls_mode is external exactly when tls_external_cert_and_key is set,"
+                f" but tls_mode = {self.tls_mode}"
+            )
+        return self
+
     # -- derived values --------------------------------------------------------------
 
     @property
@@ -152,6 +165,9 @@ class Config(BaseModel):
 
     @property
     def tls_cert_mode(self) -> Literal["acme", "self", "external"]:
+        """``tls_mode`` as written by the formula; upstream's rule for an ini without it."""
+        if self.tls_mode:
+            return self.tls_mode
         if self.tls_external_cert_and_key:
             return "external"
         if self.ipv4_relay or self.mail_domain.startswith("_"):

@@ -12,6 +12,9 @@ from chatmaild.config import Config, load_config, render_ini
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+#: The Salt render harness (fixtures salt_python, render, trixie_root, ...), for every folder.
+pytest_plugins = ["saltsupport"]
+
 
 @pytest.fixture
 def make_config(tmp_path: Path):

@@ -50,3 +50,8 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def checks_by_id(status: dict) -> dict:
+    """The checks of a /status body, by check id."""
+    return {c["id"]: c for c in status["checks"]}

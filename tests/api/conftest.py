@@ -56,20 +56,30 @@ def api_settings(tmp_path: Path, make_config, listening_port, fake_postqueue):
             make_cert(cert, 60, ["chat.example.org"])
         version = tmp_path / "chatmail-version"
         version.write_text("abc1234\n")
+        # What salt/chatmail/api renders into api.json, pointed at tmp_path.
         data = {
             "chatmail_ini": str(tmp_path / "chatmail.ini"),
+            "listen": "127.0.0.1",
+            "port": 8077,
             "state_dir": str(tmp_path / "api-state"),
             "tokens": {"monitor": {"grafana": MONITOR_TOKEN}, "admin": {"alice": ADMIN_TOKEN}},
             "version_file": str(version),
             "tls_cert": str(cert),
+            "service_manager": "systemd",
+            "mta": "postfix",
             "services": [],
             "ports": [{"port": listening_port, "what": "test service"}],
             "queue_command": fake_postqueue([]),
             "disk_warn_mb": 0,
             "status_cache_s": 5,
             "account_scan_interval_s": 0,
-            "dns": {"check_interval_s": 0},
-            "probe": {"enabled": False},
+            "account_stats_file": None,
+            "dns": {
+                "check_interval_s": 0,
+                "dkim_selector": "opendkim",
+                "dkim_txt": str(tmp_path / "dkim-public.txt"),
+            },
+            "probe": {"enabled": False, "interval_s": 0, "submission_port": 587, "imap_port": 993},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):

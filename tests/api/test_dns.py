@@ -136,7 +136,7 @@ def nsd(tmp_path_factory, dkim_keys):
 
 @pytest.fixture
 def dns_app(api_settings, make_config, nsd, policy_server, dkim_keys):
-    def build(domain: str, **dns_overrides) -> TestClient:
+    def build(domain: str, ini: dict | None = None, **dns_overrides) -> TestClient:
         port, cafile = policy_server
         dns_settings = {
             "resolver": nsd.address,
@@ -149,7 +149,7 @@ def dns_app(api_settings, make_config, nsd, policy_server, dkim_keys):
             **dns_overrides,
         }
         settings, _ = api_settings(dns=dns_settings)
-        config = make_config(domain)
+        config = make_config(domain, **(ini or {}))
         return TestClient(create_app(settings, config))
 
     return build
@@ -196,6 +196,18 @@ def test_missing_records_all_reported(dns_app):
     kinds = [p.split(":")[0] for p in problems]
     assert kinds == sorted(kinds, key=lambda k: k != "required")
     assert any(p.startswith("required: MX missing.example. is missing") for p in problems)
+
+
+def test_self_signed_ordinary_domain_needs_no_mta_sts_or_caa(dns_app):
+    """``tls: mode: self`` on a normal domain: no policy is served, no CA issues."""
+    report = dns_app("missing.example", ini={"tls_mode": "self"}).get("/dns", headers=MONITOR)
+    report = report.json()
+    types = {(r["type"], r["name"]) for r in report["records"]}
+    assert ("CNAME", "mta-sts.missing.example.") not in types
+    assert ("TXT", "_mta-sts.missing.example.") not in types
+    assert not any(rtype == "CAA" for rtype, _ in types)
+    assert report["mta_sts"] is None
+    assert ("MX", "missing.example.") in types  # the rest is still checked
 
 
 def test_wrong_records(dns_app):

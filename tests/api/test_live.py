@@ -90,12 +90,16 @@ def test_live_toggle(live_api, tmp_path):
         ("{not json", "cannot read"),
         ('{"port": 0}', "port: Input should be greater than 0"),
         ('{"unknown_key": 1}', "unknown_key: Extra inputs are not permitted"),
-        ('{"chatmail_ini": "/nonexistent/chatmail.ini"}', "cannot read /nonexistent"),
+        ("{}", "chatmail_ini: Field required"),
+        (None, "cannot read /nonexistent"),
     ],
-    ids=["not-json", "bad-port", "unknown-key", "missing-ini"],
+    ids=["not-json", "bad-port", "unknown-key", "no-defaults", "missing-ini"],
 )
-def test_cli_refuses_bad_settings(tmp_path, settings_text, message):
+def test_cli_refuses_bad_settings(tmp_path, api_settings, settings_text, message):
     path = tmp_path / "api.json"
+    if settings_text is None:  # complete settings, but their chatmail.ini is missing
+        settings, _ = api_settings(chatmail_ini="/nonexistent/chatmail.ini")
+        settings_text = settings.model_dump_json()
     path.write_text(settings_text)
     result = subprocess.run(
         [sys.executable, "-m", "chatmail_api.main", "--settings", str(path)],

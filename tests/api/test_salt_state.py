@@ -2,73 +2,25 @@
 
 from __future__ import annotations
 
-import fcntl
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 from chatmail_api.settings import parse_settings
-
-REPO = Path(__file__).resolve().parents[2]
-SALT_TESTS = REPO / "tests" / "salt"
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("salt_harness", SALT_TESTS / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from saltsupport import OPENBSD_GRAINS, PLATFORMS, REPO
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
+def rendered(render):
     """``rendered(pillar, grains=None) -> (states, files, map)``; Debian 12 by default."""
-    harness = _harness()
-    python = harness.SALT_VENV / "bin" / "python"
-    harness.CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(harness.CACHE_DIR / ".salt-venv.lock", "w") as lock:  # the salt tests' lock
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (harness.SALT_VENV / "bin" / "salt-call").exists():
-            subprocess.run(["/usr/bin/python3", "-m", "venv", str(harness.SALT_VENV)], check=True)
-            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "salt"], check=True)
 
-    cache = {}
+    def render_api(pillar: dict, grains: dict | None = None):
+        result = render("debian12", "api", pillar=pillar, grains=grains or PLATFORMS["debian12"])
+        files = {name: result.text(name) for name in result.files}
+        return result.states, files, result.map
 
-    def render(pillar: dict, grains: dict | None = None):
-        key = json.dumps([pillar, grains], sort_keys=True)
-        if key not in cache:
-            cache[key] = render_once(pillar, grains or harness.PLATFORMS["debian12"])
-        return cache[key]
-
-    def render_once(pillar: dict, grains: dict):
-        root = tmp_path_factory.mktemp("salt-api")
-        config_dir = harness.write_minion_config(root, grains, pillar)
-        out = root / "out"
-        result = subprocess.run(
-            [
-                str(python),
-                str(SALT_TESTS / "saltrender.py"),
-                "--config-dir",
-                str(config_dir),
-                "--out",
-                str(out),
-                "--map-template-dir",
-                str(root / "extra"),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        index = json.loads((out / "index.json").read_text())
-        assert not index["errors"], index["errors"]
-        files = {name: Path(f["rendered"]).read_text() for name, f in index["files"].items()}
-        return index["states"], files, index["map"]
-
-    return render
+    return render_api
 
 
 def state_args(states: dict, state_id: str) -> dict:
@@ -114,7 +66,7 @@ def test_default_pillar(rendered):
         assert line in unit, line
     assert "--tokens-file ${CREDENTIALS_DIRECTORY}/tokens" in unit
     stats = files["/etc/systemd/system/chatmail-account-stats.service"]
-    assert "User=vmail" in stats and "chatmail_api.accountstats" in stats
+    assert "User=vmail" in stats and "/bin/chatmail-accountstats " in stats
     assert "Type=oneshot" in stats
 
     watched = {next(iter(w.values())) for w in state_args(states, "chatmail-api-service")["watch"]}
@@ -144,14 +96,9 @@ def test_pillar_tokens_and_pin(rendered):
     assert [str(n) for n in settings.allow] == ["127.0.0.0/8"]
 
 
-def test_units_pass_systemd_analyze(rendered, tmp_path):
+def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
     """The formula's own unit check (systemd-analyze verify), as on the relay."""
     _, files, m = rendered({"chatmail": {"mail_domain": "chat.example.org"}})
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    for script in ("chatmail-api", "python"):
-        (venv / "bin" / script).write_text("#!/bin/sh\nexit 0\n")
-        (venv / "bin" / script).chmod(0o755)
     check = REPO / "salt" / "chatmail" / "files" / "chatmail-check-config"
     for unit in (
         "chatmail-api.service",
@@ -160,7 +107,7 @@ def test_units_pass_systemd_analyze(rendered, tmp_path):
     ):
         candidate = tmp_path / unit
         candidate.write_text(
-            files[f"/etc/systemd/system/{unit}"].replace(m["paths"]["venv"], str(venv))
+            files[f"/etc/systemd/system/{unit}"].replace(m["paths"]["venv"], str(fake_venv))
         )
         result = subprocess.run(
             ["sh", str(check), "unit", unit, str(candidate)],
@@ -183,12 +130,6 @@ def test_units_pass_systemd_analyze(rendered, tmp_path):
         text=True,
     )
     assert result.returncode == 1  # the check can fail
-
-
-OPENBSD_GRAINS = {  # as in tests/salt/test_openbsd.py
-    "os_family": "OpenBSD", "os": "OpenBSD", "osfinger": "OpenBSD-7", "osrelease": "7.6",
-    "osmajorrelease": 7, "kernel": "OpenBSD", "oscodename": "",
-}  # fmt: skip
 
 
 def test_openbsd_rc_script_and_service_names(rendered):

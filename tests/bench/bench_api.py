@@ -102,17 +102,21 @@ def start_api(
     port = free_port()
     settings = {
         "chatmail_ini": str(ini),
+        "listen": "127.0.0.1",
         "port": port,
         "state_dir": str(work / "state"),
         "tokens": {"monitor": {"bench": MONITOR_TOKEN}},
         "version_file": str(work / "version"),
         "tls_cert": str(cert),
+        "service_manager": "systemd",
+        "mta": "postfix",
         "services": [],
         "ports": [{"port": listen_port}],
         "queue_command": ["true"],
         "account_scan_interval_s": scan_interval,
-        "dns": {"check_interval_s": 0},
-        "probe": {"enabled": False},
+        "account_stats_file": None,
+        "dns": {"check_interval_s": 0, "dkim_selector": "opendkim", "dkim_txt": str(work / "dkim")},
+        "probe": {"enabled": False, "interval_s": 0, "submission_port": 587, "imap_port": 993},
     }
     (work / "api.json").write_text(json.dumps(settings))
     proc = subprocess.Popen(

@@ -47,6 +47,31 @@ def test_external_tls_takes_precedence(make_config):
     assert config.tls_cert_mode == "external"
 
 
+@pytest.mark.parametrize("mode", ["acme", "self", "external"])
+def test_tls_mode_key_wins_over_the_domain(mode):
+    """The formula writes its mode (pillar tls:mode) as our own key ``tls_mode``."""
+    params = {"mail_domain": "chat.example.org", "tls_mode": mode}
+    if mode == "external":
+        params["tls_external_cert_and_key"] = "/c.pem /k.pem"
+    loaded = parse_params(params)
+    assert loaded.config.tls_cert_mode == mode
+    assert loaded.unused_keys == ()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"tls_mode": "external"},
+        {"tls_mode": "self", "tls_external_cert_and_key": "/c.pem /k.pem"},
+        {"tls_mode": "letsencrypt"},
+    ],
+    ids=["external-without-files", "files-without-external", "unknown-mode"],
+)
+def test_tls_mode_contradictions_name_the_key(params):
+    with pytest.raises(ConfigError, match="tls_mode"):
+        parse_params({"mail_domain": "x.org", **params})
+
+
 def test_unknown_keys_are_reported_not_fatal():
     loaded = parse_params({"mail_domain": "x.org", "passthrough_senders": "a@b"})
     assert loaded.unused_keys == ("passthrough_senders",)

@@ -412,7 +412,7 @@ def standard_faults(relay: RelayClient, outage: float = 8.0) -> list[Fault]:
         return apply
 
     def kill9(unit):
-        return systemctl("kill", "--signal=KILL", unit)
+        return command(f"kill -KILL $(systemctl show --property=MainPID --value {unit})")
 
     daemons = ["doveauth.service", "chatmail-metadata.service", "lastlogin.service", "chatmail-api.service"]
     if platform.mta == "postfix":

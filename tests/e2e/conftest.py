@@ -21,17 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
-
 import relayctl
 from relayclient import PLATFORMS, RelayClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SESSIONS_DIR = Path("/var/tmp/chatmail-test")
 DOMAIN = "_chatmail.test"

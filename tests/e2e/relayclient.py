@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chatmaild"))
-
 from filtermail_support import armor, encrypted_payload
 
 HOST = "127.0.0.1"

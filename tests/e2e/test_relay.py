@@ -367,6 +367,30 @@ def test_pillar_change_restarts_what_uses_it(relay, relay_pillar):
     assert advertised_size() == "31457280"
 
 
+def test_self_mode_on_an_ordinary_domain_hands_out_accounts(relay, relay_pillar):
+    """``tls: mode: self`` on a domain without ``_`` (pillar.example offers it): nginx passes
+    GET /new on and the API, told the mode by chatmail.ini, answers with credentials
+    instead of the ``dcaccount:`` redirect meant for acme relays."""
+    container = relay.container
+    domain = "chat.e2e.test"
+    pillar = relay_pillar()
+    pillar["chatmail"]["mail_domain"] = domain
+    container.configure_salt(pillar)
+    try:
+        result = container.apply()
+        assert result.ok, result.summary()
+        ini = container.read_file("/usr/local/lib/chatmaild/chatmail.ini").splitlines()
+        assert "tls_mode = self" in ini
+        status, _, body = relay.https_get("/new", host=domain)
+        assert status == 200, body
+        creds = json.loads(body)
+        assert creds["email"].endswith(f"@{domain}") and "ic=3" in creds["dclogin_url"]
+    finally:
+        container.configure_salt(relay_pillar())
+        result = container.apply()
+    assert result.ok, result.summary()
+
+
 # --- idempotence (last: it must see the state every test above left) -----------------------
 
 

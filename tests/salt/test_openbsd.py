@@ -2,7 +2,7 @@
 per-OS map data only, OpenSMTPD instead of Postfix, rc.d scripts instead of systemd
 units, and no Debian path, package or tool anywhere in what a minion would apply.
 
-Rendered on this Debian host with OpenBSD's grains pinned (see conftest.render); the
+Rendered on this Debian host with OpenBSD's grains pinned (see saltsupport.render); the
 configs are checked with Debian's builds of the same programs: smtpd -n from Debian 13's
 OpenSMTPD 7.6 (chroot), doveconf from Debian 12's Dovecot 2.3 (OpenBSD ships 2.3.21),
 sh -n for the rc.d scripts.
@@ -14,20 +14,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from saltsupport import PILLARS
+from saltsupport import OPENBSD_GRAINS, PILLARS
 from test_render import GOLDEN_DIR, doveconf_check
 
-# What Salt's grains/core.py reports on OpenBSD 7.6 (osfinger is "<os>-<major>").
-OPENBSD_GRAINS = {
-    "os_family": "OpenBSD", "os": "OpenBSD", "osfinger": "OpenBSD-7", "osrelease": "7.6",
-    "osmajorrelease": 7, "kernel": "OpenBSD", "oscodename": "",
-}  # fmt: skip
 OPENBSD_PILLARS = ["example", "underscore"]
 
 # Things that exist only on Debian (or Linux with systemd): none may reach an OpenBSD
@@ -51,9 +43,8 @@ def openbsd(request, render):
     return render("openbsd7", request.param, pillar=PILLARS[request.param](), grains=OPENBSD_GRAINS)
 
 
-def test_salt_reports_openbsd_as_expected():
+def test_salt_reports_openbsd_as_expected(salt_python):
     """The grains we pin are what Salt derives on OpenBSD (grains/core.py)."""
-    salt_python = Path("/var/cache/chatmail-test/salt-venv/bin/python")
     code = (
         "from salt.grains.core import _osrelease_data as f;"
         "import json; print(json.dumps(f('OpenBSD', 'OpenBSD 7.6', '7.6')))"

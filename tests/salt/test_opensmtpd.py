@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from opensmtpd_support import smtpd_check
-from saltsupport import PILLARS, PLATFORMS, RenderError
-from test_openbsd import OPENBSD_GRAINS
+from saltsupport import OPENBSD_GRAINS, PILLARS, PLATFORMS, RenderError
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["id", "-u"], check=False, capture_output=True, text=True).stdout.strip() != "0",

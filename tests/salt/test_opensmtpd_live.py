@@ -37,7 +37,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -45,12 +44,11 @@ from pathlib import Path
 import dkim
 import pytest
 from aiosmtpd.lmtp import LMTP
-from filelock import FileLock
-
-sys.path.insert(0, str(Path(__file__).parent))
 from chroots import debian_chroot
 from dnsserver import txt_strings
-from opensmtpd_support import REPO, TRIXIE_RUNTIME, Renderer, unmount
+from filelock import FileLock
+from opensmtpd_support import REPO, TRIXIE_RUNTIME, unmount
+from saltsupport import PLATFORMS
 
 from chatmaild.accounts import verify_password
 
@@ -213,7 +211,7 @@ def remote_key(dns_server) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory, dns_server, remote_key):
+def relay(tmp_path_factory, render, dns_server, remote_key):
     lower = debian_chroot("trixie", TRIXIE_RUNTIME)
     ensure_venv(lower)
     work = tmp_path_factory.mktemp("opensmtpd")
@@ -225,7 +223,8 @@ def relay(tmp_path_factory, dns_server, remote_key):
     procs: list[subprocess.Popen] = []
     sink = LmtpSink()
     try:
-        yield {**start_relay(root, work, sink, procs, dns_server.address), "remote_key": remote_key}
+        started = start_relay(root, work, render, sink, procs, dns_server.address)
+        yield {**started, "remote_key": remote_key}
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -238,7 +237,9 @@ def state_arg(states: dict, sid: str, key: str):
     return next(arg[key] for arg in states[sid]["file"] if isinstance(arg, dict) and key in arg)
 
 
-def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list, dns_resolver: str) -> dict:
+def start_relay(
+    root: Path, work: Path, render, sink: LmtpSink, procs: list, dns_resolver: str
+) -> dict:
     names = ["smtp", "submission", "submissions"]
     ports = dict(zip(names, free_ports(len(names))))
 
@@ -275,16 +276,16 @@ def start_relay(root: Path, work: Path, sink: LmtpSink, procs: list, dns_resolve
             },
         }
     }
-    renderer = Renderer(work / "salt", "Debian-13", pillar)
-    smtpd_conf = renderer.template("salt://chatmail/mta/opensmtpd/files/smtpd.conf.jinja")
+    rendered = render("debian13", "opensmtpd-live", pillar=pillar, grains=PLATFORMS["debian13"])
+    smtpd_conf = rendered.text("/etc/smtpd.conf")
     (root / "etc/smtpd.conf").write_text(smtpd_conf)
-    states = renderer.highstate("chatmail.mta.opensmtpd")
+    states = rendered.states
     (root / "etc/mailname").write_text(state_arg(states, "chatmail-mta-mailname", "contents"))
     doas_conf = root / "etc/doas.conf"
     doas_conf.write_text(state_arg(states, "chatmail-mta-doas", "content"))
     doas_conf.chmod(0o600)
     table = root / state_arg(states, "chatmail-mta-table", "name").lstrip("/")
-    table.write_text(renderer.template(state_arg(states, "chatmail-mta-table", "source")))
+    table.write_text(rendered.text(state_arg(states, "chatmail-mta-table", "name")))
     table.chmod(0o755)
     chroot(root, "smtpd", "-n", "-f", "/etc/smtpd.conf")
 

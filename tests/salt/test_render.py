@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 from saltsupport import PILLARS, PLATFORMS, REPO, RenderError, _example_pillar, run
+from test_defaults import DERIVED
 
-from chatmaild.config import load_config
+from chatmaild.config import Config, load_config
 
 CHECK_SCRIPT = REPO / "salt" / "chatmail" / "files" / "chatmail-check-config"
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -161,10 +162,32 @@ def test_chatmail_ini_is_what_chatmaild_reads(rendered):
     assert config.max_smtp_connections == m["settings"]["max_smtp_connections"]
     assert config.disable_ipv6 is (not m["ipv6"])
     assert config.tls_cert_mode == m["tls"]["mode"]
+    # map.jinja derives the mode by upstream's rule, which chatmaild keeps for inis
+    # without tls_mode: both give the same mode.
+    assert config.model_copy(update={"tls_mode": None}).tls_cert_mode == m["tls"]["mode"]
     assert str(config.mailboxes_path) == m["paths"]["mailboxes"]
     assert str(config.nocreate_file) == "/etc/chatmail-nocreate"
     assert str(config.counters_dir) == "/var/lib/chatmail/counters"
     assert config.iroh_relay == ""
+
+
+def test_self_mode_on_an_ordinary_domain_reaches_the_daemons(render):
+    """pillar.example offers ``tls: mode: self`` for any domain: chatmail.ini carries the
+    mode, so the API answers the GET /new nginx passes on instead of redirecting it."""
+    pillar = {"chatmail": {"mail_domain": "chat.example.org", "tls": {"mode": "self"}}}
+    rendered = render("debian12", "self-ordinary", pillar=pillar)
+    ini = rendered.path("/usr/local/lib/chatmaild/chatmail.ini")
+    assert "tls_mode = self" in ini.read_text().splitlines()
+    assert load_config(ini).config.tls_cert_mode == "self"
+    nginx = rendered.text("/etc/nginx/nginx.conf")
+    assert "limit_req zone=newaccount" in nginx and "dcaccount:" not in nginx
+
+
+def test_ipv4_domain_is_self_signed_as_upstream(render):
+    rendered = render("debian12", "ipv4", pillar={"chatmail": {"mail_domain": "203.0.113.5"}})
+    ini = rendered.path("/usr/local/lib/chatmaild/chatmail.ini")
+    assert rendered.map["tls"]["mode"] == "self"
+    assert load_config(ini).config.tls_cert_mode == "self"
 
 
 def test_version_file(render):
@@ -589,22 +612,11 @@ def test_pillar_example_restates_the_defaults(render, platform):
 
 
 def test_pillar_example_documents_every_ini_setting():
-
-    from chatmaild.config import Config
-
-    derived = {
-        "mail_domain",
-        "disable_ipv6",
-        "tls_external_cert_and_key",
-        "mailboxes_dir",
-        "nocreate_file",
-        "counters_dir",
-    }
     active = set(_example_pillar()["chatmail"]["settings"])
     text = (REPO / "pillar.example").read_text()
     commented = {k for k in Config.model_fields if re.search(rf"^\s+# {k}: ", text, re.MULTILINE)}
-    assert set(Config.model_fields) - derived == active | commented
-    assert not active & derived
+    assert set(Config.model_fields) - DERIVED == active | commented
+    assert not active & DERIVED
 
 
 # -- Debian 13's own validators -------------------------------------------------------------

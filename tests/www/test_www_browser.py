@@ -291,11 +291,19 @@ def test_self_signed_flow_against_the_real_api(tmp_path, make_config):
     build(tmp_path / "chatmail.ini", out)
     settings = Settings(
         chatmail_ini=tmp_path / "chatmail.ini",
+        listen="127.0.0.1",
+        port=8077,
         state_dir=tmp_path / "api-state",
         version_file=tmp_path / "version",
+        tls_cert=tmp_path / "cert.pem",
+        service_manager="systemd",
+        mta="postfix",
+        services=[],
+        queue_command=["postqueue", "-j"],
         account_scan_interval_s=0,
-        dns={"check_interval_s": 0},
-        probe={"enabled": False},
+        account_stats_file=None,
+        dns={"check_interval_s": 0, "dkim_selector": "opendkim", "dkim_txt": tmp_path / "dkim"},
+        probe={"enabled": False, "interval_s": 0, "submission_port": 587, "imap_port": 993},
     )
     app = create_app(settings, config)
     app.mount("/", StaticFiles(directory=out, html=True), name="www")

@@ -150,6 +150,15 @@ def test_self_signed_relay_page_has_no_static_credentials(self_site):
     assert {"type": "button", "id": "account-again", "hidden": None} in index.attrs("button")
 
 
+def test_self_signed_ordinary_domain_page_fetches_credentials(tmp_path, make_config):
+    """``tls: mode: self`` on a normal domain: the mode, not the domain, picks the page."""
+    make_config("relay.example.org", tls_mode="self", **SETTINGS)
+    build(tmp_path / "chatmail.ini", tmp_path / "www")
+    index = parse_page(tmp_path / "www" / "index.html")
+    assert "DCACCOUNT" not in (tmp_path / "www" / "index.html").read_text()
+    assert {"src": "account.js"} in index.attrs("script")
+
+
 def test_second_build_changes_nothing(site):
     before = {p: p.stat().st_mtime_ns for p in site.out.iterdir()}
     result = build(site.ini, site.out)

@@ -1,8 +1,8 @@
-"""salt/chatmail/www/init.sls: rendered with Jinja like Salt does, and its commands run.
+"""salt/chatmail/www/init.sls: compiled by real Salt (saltsupport's ``render``), its commands run.
 
-The container tests apply the whole formula with Salt; this checks the state's own logic
-quickly: which states exist for which keys, and that the rendered command builds, is
-idempotent under Salt's stateful protocol, and cleans up when the pages are disabled.
+The container tests apply the whole formula; this checks the state's own logic quickly:
+which states exist for which keys, and that the rendered command builds, is idempotent
+under Salt's stateful protocol, and cleans up when the pages are disabled.
 """
 
 from __future__ import annotations
@@ -13,42 +13,38 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jinja2
 import pytest
-import yaml
 from chatmail_www.build import MANIFEST
 
-REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
 
 
-def render_state(chatmail: dict) -> dict:
-    """The state's YAML, with map.jinja replaced by the given merged map."""
-    loader = jinja2.ChoiceLoader(
-        [
-            jinja2.DictLoader({"chatmail/map.jinja": "{%- set chatmail = merged_map %}"}),
-            jinja2.FileSystemLoader(REPO / "salt"),
-        ]
-    )
-    # Salt's defaults: no trim_blocks, no lstrip_blocks.
-    environment = jinja2.Environment(loader=loader, undefined=jinja2.StrictUndefined)
-    text = environment.get_template("chatmail/www/init.sls").render(merged_map=chatmail)
-    states = yaml.safe_load(text) or {}
-    assert states.pop("include") == ["chatmail.chatmaild"]  # so it can be applied alone
-    return states
+@pytest.fixture
+def www_pillar(tmp_path, make_config) -> dict:
+    """A pillar whose venv is this test venv and whose ini and web root are under tmp_path."""
+    make_config("chat.example.org")
+    return {
+        "chatmail": {
+            "mail_domain": "chat.example.org",
+            "paths": {
+                "venv": str(VENV),
+                "ini": str(tmp_path / "chatmail.ini"),
+                "www_root": str(tmp_path / "html"),
+            },
+            "www": {"enabled": True, "source": "", "source_dir": str(tmp_path / "www-src")},
+        }
+    }
 
 
 @pytest.fixture
-def merged_map(tmp_path, make_config):
-    make_config("chat.example.org")
-    return {
-        "paths": {
-            "venv": str(VENV),
-            "ini": str(tmp_path / "chatmail.ini"),
-            "www_root": str(tmp_path / "html"),
-        },
-        "www": {"enabled": True, "source": "", "source_dir": str(tmp_path / "www-src")},
-    }
+def www_states(render):
+    """``www_states(pillar)``: the compiled chatmail-www-* states, by state id."""
+
+    def compile_www(pillar: dict) -> dict:
+        states = render("debian12", "www", pillar=pillar).states
+        return {sid: body for sid, body in states.items() if sid.startswith("chatmail-www-")}
+
+    return compile_www
 
 
 def run_stateful(command: str) -> dict:
@@ -57,14 +53,18 @@ def run_stateful(command: str) -> dict:
 
 
 def state_args(state: dict, function: str) -> dict:
+    """The arguments of a compiled state, e.g. ``state_args(state, "cmd.run")``."""
+    module, name = function.split(".")
+    assert name in state[module], state
     merged = {}
-    for item in state[function]:
-        merged.update(item)
+    for item in state[module]:
+        if isinstance(item, dict):
+            merged.update(item)
     return merged
 
 
-def test_default_build_state_is_idempotent(merged_map, tmp_path):
-    states = render_state(merged_map)
+def test_default_build_state_is_idempotent(www_pillar, www_states, tmp_path):
+    states = www_states(www_pillar)
     assert list(states) == ["chatmail-www-build"]
     build = state_args(states["chatmail-www-build"], "cmd.run")
     assert build["stateful"] is True
@@ -85,33 +85,34 @@ def test_default_build_state_is_idempotent(merged_map, tmp_path):
     }
 
 
-def test_local_source_folder(merged_map, tmp_path):
+def test_local_source_folder(www_pillar, www_states, tmp_path):
     source = tmp_path / "mine"
     source.mkdir()
     (source / "index.md").write_text("# Our relay {{ domain }}\n")
-    merged_map["www"]["source"] = str(source)
-    build = state_args(render_state(merged_map)["chatmail-www-build"], "cmd.run")
+    www_pillar["chatmail"]["www"]["source"] = str(source)
+    build = state_args(www_states(www_pillar)["chatmail-www-build"], "cmd.run")
     assert f"--src {source} " in build["name"]
     run_stateful(build["name"])
     assert "Our relay chat.example.org" in (tmp_path / "html" / "index.html").read_text()
 
 
-def test_salt_url_source_is_copied_first(merged_map):
-    merged_map["www"]["source"] = "salt://site/www"
-    states = render_state(merged_map)
+def test_salt_url_source_is_copied_first(www_pillar, www_states):
+    www = www_pillar["chatmail"]["www"]
+    www["source"] = "salt://site/www"
+    states = www_states(www_pillar)
     copy = state_args(states["chatmail-www-source"], "file.recurse")
-    assert copy["name"] == merged_map["www"]["source_dir"]
+    assert copy["name"] == www["source_dir"]
     assert copy["source"] == "salt://site/www" and copy["clean"] is True
     assert copy["require_in"] == [{"cmd": "chatmail-www-build"}]
     build = state_args(states["chatmail-www-build"], "cmd.run")
-    assert f"--src {merged_map['www']['source_dir']} " in build["name"]
+    assert f"--src {www['source_dir']} " in build["name"]
 
 
-def test_disabled_pages_are_removed(merged_map, tmp_path):
-    run_stateful(state_args(render_state(merged_map)["chatmail-www-build"], "cmd.run")["name"])
+def test_disabled_pages_are_removed(www_pillar, www_states, tmp_path):
+    run_stateful(state_args(www_states(www_pillar)["chatmail-www-build"], "cmd.run")["name"])
     (tmp_path / "html" / "operator-note.txt").write_text("not ours")
-    merged_map["www"]["enabled"] = False
-    states = render_state(merged_map)
+    www_pillar["chatmail"]["www"]["enabled"] = False
+    states = www_states(www_pillar)
     assert list(states) == ["chatmail-www-clean"]
     clean = state_args(states["chatmail-www-clean"], "cmd.run")
     assert clean["onlyif"] == f"test -x {VENV}/bin/chatmail-www"

@@ -209,7 +209,7 @@ chatmail-api-stats-unit:
     - template: jinja
     - context:
         description: "chatmail account statistics for the control API's /metrics"
-        exec_start: {{ venv }}/bin/python -m chatmail_api.accountstats {{ paths.ini }} {{ stats_file }}
+        exec_start: {{ venv }}/bin/chatmail-accountstats {{ paths.ini }} {{ stats_file }}
         type: oneshot
         restart: false
         timer: true

@@ -1,8 +1,10 @@
-"""Account counts and storage, with fsreport's metric meanings, from one walk of the mailboxes.
+"""``chatmail-accountstats``: account counts and storage, with fsreport's metric meanings,
+from one walk of the mailboxes.
 
-The walk costs one stat per file, so it runs in a background thread every
-``account_scan_interval_s`` and /metrics serves the last result: scrape cost does not grow
-with the number of accounts.
+The walk costs one stat per file. On a relay a timer runs it as the mailbox owner and the
+control API's /metrics serves the file it writes (the API user cannot read mailboxes);
+without that file the API walks in a background thread every ``account_scan_interval_s``.
+Either way, scrape cost does not grow with the number of accounts.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatmaild.config import ConfigError, read_config
-from chatmaild.fileio import write_text_atomic
+from .config import DEFAULT_INI_PATH, EXIT_CONFIG, config_for_main
+from .fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +106,17 @@ def read_stats(path: Path) -> AccountStats | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m chatmail_api.accountstats INI OUT``: scan as the mailbox owner (a timer)."""
-    parser = argparse.ArgumentParser(prog="python -m chatmail_api.accountstats")
-    parser.add_argument("ini")
-    parser.add_argument("out", type=Path)
+    """Scan the mailboxes and write the stats to OUT for the control API."""
+    parser = argparse.ArgumentParser(
+        prog="chatmail-accountstats", description="Count accounts and storage for /metrics."
+    )
+    parser.add_argument("ini", nargs="?", default=str(DEFAULT_INI_PATH), help="chatmail.ini")
+    parser.add_argument("out", type=Path, help="the stats file the control API reads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("chatmail_api.accountstats")
-    try:
-        config = read_config(args.ini)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 1
+    config = config_for_main(args.ini)
+    if config is None:
+        return EXIT_CONFIG
     stats = scan_mailboxes(config.mailboxes_path)
     write_stats(stats, args.out)
     log.info("%d accounts, %d bytes", stats.accounts["all"], stats.storage["total"])
