@@ -39,7 +39,7 @@ from chatmaild.doveauth import (
     unescape,
 )
 from chatmaild.syslimits import SystemReadings
-from chatmaild.user import User
+from chatmaild.user import STORED_HASH_FORMATS, UnusablePasswordFile, User, is_stored_hash
 
 DOMAIN = "chat.example.org"
 IDLE_HOST = SystemReadings(load_1m=0.1, available_memory_mb=10_000, free_disk_mb=100_000)
@@ -159,6 +159,7 @@ def test_username_length(make_relaxed_config, localpart, allowed):
         ("abc\\defgh", "username_invalid"),
         ("abc..defg", "username_invalid"),
         (".abcdefgh", "username_invalid"),
+        ("abcdefgh\n", "username_invalid"),
     ],
     ids=[
         "dot-dash",
@@ -173,6 +174,7 @@ def test_username_length(make_relaxed_config, localpart, allowed):
         "backslash",
         "dotdot",
         "leading-dot",
+        "trailing-newline",
     ],
 )
 def test_localpart_charset(example_config, localpart, reason):
@@ -500,6 +502,7 @@ def test_concurrent_first_logins(doveauth):
     assert len(shared_hashes) == 1
     (stored,) = shared_hashes
     assert User(doveauth.config.mailboxes_path, shared).get_password() == stored
+    assert is_stored_hash(stored)  # no racer ever read a half-written file as "unusable"
     assert sum(verify_password(results[i][1], stored) for i in range(25)) == 1
     for i in range(25, 50):
         addr, password, password_hash = results[i]
@@ -874,3 +877,97 @@ def test_failed_lookup_never_logs_the_password(doveauth, caplog):
     assert "lookup of" in caplog.text  # the failure is logged ...
     assert addr in caplog.text
     assert "Secret" not in caplog.text and "Pass99" not in caplog.text  # ... without the password
+
+
+def test_trailing_newline_localpart_never_becomes_a_directory(doveauth):
+    """``$`` matched before a final newline: ``abcdefgh\\n`` passed as a 9-character name."""
+    addr = f"abcdefgh\n@{DOMAIN}"
+    with DictClient(doveauth.socket_path) as client:
+        assert client.lookup(passdb_key(addr, "password123"), addr) is None
+    assert os.listdir(doveauth.config.mailboxes_path) == []
+
+
+# -- unusable password files: a temporary failure, never a new account -----------------
+
+VALID_SHA512 = hash_password("password123")
+UNUSABLE_PASSWORD_FILES = {
+    "empty": b"",
+    "whitespace": b" \n\t\n",
+    "non-ascii": "{SHA512-CRYPT}$6$säalt$".encode(),
+    "binary": b"\xff\xfe\x00garbage",
+    "truncated": VALID_SHA512[:40].encode(),
+    "plaintext": b"password123",
+    "plain-scheme": b"{PLAIN}password123",
+    "no-scheme": VALID_SHA512.removeprefix("{SHA512-CRYPT}").encode(),
+    "bad-salt": b"{SHA512-CRYPT}$6$$" + b"a" * 86,
+    "wrong-scheme-body": b"{BLF-CRYPT}" + VALID_SHA512.removeprefix("{SHA512-CRYPT}").encode(),
+    "two-lines": (VALID_SHA512 + "\n" + VALID_SHA512).encode(),
+    "huge": VALID_SHA512.encode() + b"x" * 5000,
+}
+
+
+def write_password_file(config, addr: str, content: bytes) -> Path:
+    maildir = config.mailboxes_path / addr
+    maildir.mkdir(parents=True, exist_ok=True)
+    (maildir / "password").write_bytes(content)
+    return maildir / "password"
+
+
+@pytest.mark.parametrize(
+    "content", UNUSABLE_PASSWORD_FILES.values(), ids=UNUSABLE_PASSWORD_FILES.keys()
+)
+def test_unusable_password_file_is_a_temporary_failure(doveauth, caplog, content):
+    """An existing but unusable password file must never hand the account to the next
+    login: doveauth answers F (Dovecot: temporary failure), logs it, leaves the file."""
+    addr = f"corrupted@{DOMAIN}"
+    path = write_password_file(doveauth.config, addr, content)
+    with DictClient(doveauth.socket_path) as client:
+        for key in (passdb_key(addr, "attacker123"), f"shared/userdb/{addr}"):
+            with pytest.raises(DictError):
+                client.lookup(key, addr)
+        assert client.lookup(f"shared/userdb/other0000@{DOMAIN}") is None  # still serving
+    assert path.read_bytes() == content
+    assert doveauth.counters.value("accounts_created_total") == 0
+    assert f"unusable password file of {addr}" in caplog.text
+    assert "attacker123" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content", UNUSABLE_PASSWORD_FILES.values(), ids=UNUSABLE_PASSWORD_FILES.keys()
+)
+def test_get_or_create_never_overwrites_an_unusable_file(example_config, content):
+    addr = f"corrupted@{DOMAIN}"
+    path = write_password_file(example_config, addr, content)
+    with pytest.raises(UnusablePasswordFile):
+        get_or_create(example_config, addr, "attacker123")
+    with pytest.raises(UnusablePasswordFile):
+        authenticate_or_create(example_config, addr, "attacker123")
+    assert path.read_bytes() == content
+
+
+def test_unreadable_password_file_is_a_temporary_failure(example_config):
+    addr = f"unreadab1@{DOMAIN}"
+    path = write_password_file(example_config, addr, VALID_SHA512.encode())
+    path.unlink()
+    path.mkdir()  # EISDIR on read: exists, cannot be read
+    with pytest.raises(UnusablePasswordFile):
+        get_or_create(example_config, addr, "attacker123")
+
+
+@pytest.mark.parametrize("scheme", sorted(accounts.CRYPT_METHODS))
+def test_every_hash_the_relay_writes_is_a_valid_stored_hash(example_config, scheme):
+    assert set(STORED_HASH_FORMATS) == set(accounts.CRYPT_METHODS)
+    stored = hash_password("password123", scheme)
+    assert is_stored_hash(stored)
+    user = User(example_config.mailboxes_path, f"hashcheck@{DOMAIN}")
+    user.set_password(stored)
+    user.password_path.write_text(stored + "\n")  # an operator's `echo HASH > password`
+    assert user.get_password() == stored
+
+
+def test_migration_keeps_an_unusable_password_file(example_config):
+    addr = f"corrupted@{DOMAIN}"
+    path = write_password_file(example_config, addr, b"")
+    make_passdb(example_config.passdb_path, [(addr, hash_password("password123"), 1)])
+    assert migrate_passdb(example_config) == 0
+    assert path.read_bytes() == b""
