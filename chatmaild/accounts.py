@@ -195,12 +195,13 @@ def get_or_create(
     if refusal is not None:
         return _refuse(addr, refusal, counters)
 
+    # Hashed first: a password crypt(3) refuses (NUL) leaves no directory behind.
+    password_hash = hash_password(password, config.password_scheme)
     user.maildir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with filelock.FileLock(user.lock_path, timeout=LOCK_TIMEOUT_S):
         existing = user.get_password()
         if existing is not None:
             return Account(addr, existing)
-        password_hash = hash_password(password, config.password_scheme)
         user.set_password(password_hash)
     log.info("Created address: %s", addr)
     if counters is not None:
