@@ -644,6 +644,21 @@ def test_dovecot_dict_client_creates_and_looks_up(doveauth_process, example_conf
     assert f"shared/userdb/{addr}" in listed.stdout.split()
 
 
+@needs_doveadm
+@pytest.mark.parametrize(
+    "password",
+    ["tab\tpass\nline\r1", "soh\x01t\x010\x011q\"u'o\\te"],
+    ids=["tab-lf-cr", "soh-quotes"],
+)
+def test_dovecot_dict_client_carries_control_characters(doveauth_process, password):
+    """Dovecot 2.3's own dict client tab-escapes the key (what the 2.4 Lua passdb
+    imitates): doveauth creates the account with exactly this password."""
+    addr = f"ctrlchars@{DOMAIN}"
+    got = doveadm_dict("get", f"proxy:{doveauth_process}:auth", passdb_key(addr, password))
+    assert got.returncode == 0, got.stderr
+    assert verify_password(password, json.loads(got.stdout)["password"])
+
+
 def test_accounts_module_exports_reasons():
     assert set(accounts.REJECTION_REASONS) == {
         "nocreate",
