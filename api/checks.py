@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+from chatmaild.accountstats import AccountStats
 from chatmaild.config import Config
 from chatmaild.fileio import write_text_atomic
 
@@ -146,9 +147,10 @@ class Checker:
         self.cert_path = settings.tls_cert
         self.ports = settings.ports or default_ports(config, settings.mta)
         self._cert_cache: tuple[tuple[int, int], float] | None = None
-        #: Set by the probe and the DNS task; read by every run.
+        #: Set by the probe, the DNS task and the account scan; read by every run.
         self.probe_result: ProbeResult | None = None
         self.dns_report: DnsReport | None = None
+        self.account_stats: AccountStats | None = None
 
     async def run(self) -> tuple[list[CheckResult], Facts]:
         facts = Facts()
@@ -165,6 +167,7 @@ class Checker:
             (["disk.mailboxes"], "critical", self.check_disk),
             (["registration.open"], "warning", partial(self.check_registration, facts)),
             (["version"], "info", partial(self.check_version, facts)),
+            (["accounts.password_files"], "warning", self.check_password_files),
         ]
         runs = [_guarded(ids, severity, fn, timeout) for ids, severity, fn in groups]
         results = [r for group in await asyncio.gather(*runs) for r in group]
@@ -401,6 +404,38 @@ class Checker:
             ]
         facts.version = version[0][:100] if version else ""
         return [CheckResult("version", "info", "ok", facts.version or "(empty)")]
+
+    async def check_password_files(self) -> list[CheckResult]:
+        """Accounts whose password file exists but is unusable: their logins fail
+        temporarily (never re-created with the next password) until someone repairs them."""
+        stats = self.account_stats
+        if stats is None:
+            return [
+                CheckResult(
+                    "accounts.password_files",
+                    "warning",
+                    "unknown",
+                    "no account scan yet",
+                    "the account-stats timer (python -m chatmail_api.accountstats) counts them",
+                )
+            ]
+        count = stats.unusable_password_files
+        if not count:
+            return [
+                CheckResult("accounts.password_files", "warning", "ok", "all password files usable")
+            ]
+        named = ", ".join(stats.unusable_password_examples)
+        return [
+            CheckResult(
+                "accounts.password_files",
+                "warning",
+                "fail",
+                f"{count} unusable password file{'s' if count > 1 else ''}: {named}"[:300],
+                f"their logins fail temporarily: restore {self.config.mailboxes_path}"
+                "/<address>/password from a backup or write a new hash into it "
+                "(doveadm pw -s SHA512-CRYPT)",
+            )
+        ]
 
     def check_probe(self) -> CheckResult:
         result = self.probe_result

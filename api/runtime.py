@@ -142,8 +142,10 @@ class Runtime:
         stats_file = self.settings.account_stats_file
         if stats_file is not None:
             self.account_stats = await asyncio.to_thread(read_stats, stats_file)
+            self.checker.account_stats = self.account_stats
             return self.account_stats
         self.account_stats = await asyncio.to_thread(scan_mailboxes, self.config.mailboxes_path)
+        self.checker.account_stats = self.account_stats
         log.info(
             "counted %d accounts in %.2f s",
             self.account_stats.accounts["all"],

@@ -44,8 +44,10 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 #: Dovecot scheme prefix -> crypt(3) method; SHA512-CRYPT is upstream's and the default.
+#: The same schemes as :data:`chatmaild.user.STORED_HASH_FORMATS` (what a file may hold).
 CRYPT_METHODS = {"SHA512-CRYPT": METHOD_SHA512, "BLF-CRYPT": METHOD_BLOWFISH}
-LOCALPART_RE = re.compile(r"^[a-z0-9._-]+$")
+#: The whole localpart (``fullmatch``: ``$`` would also accept a trailing newline).
+LOCALPART_RE = re.compile(r"[a-z0-9._-]+")
 LOCK_TIMEOUT_S = 5.0
 
 #: Localparts nobody may register: RFC 2142 role mailboxes (postmaster, abuse, ...) that
@@ -116,7 +118,7 @@ def check_creation(
             f"localpart length {len(localpart)} outside "
             f"{config.username_min_length}..{config.username_max_length}",
         )
-    if not LOCALPART_RE.match(localpart):
+    if not LOCALPART_RE.fullmatch(localpart):
         return Refusal("username_invalid", f"localpart {localpart!r} not [a-z0-9._-]+")
     if localpart in RESERVED_LOCALPARTS:
         return Refusal("reserved", f"localpart {localpart!r} is reserved")
@@ -179,7 +181,9 @@ def get_or_create(
 
     The password of an existing account is *not* checked here (Dovecot compares it with
     the returned hash). Concurrent first logins store exactly one hash: the account's
-    file lock serialises them and the loser sees the winner's hash.
+    file lock serialises them and the loser sees the winner's hash. A password file
+    that exists but is unusable raises :class:`~chatmaild.user.UnusablePasswordFile`:
+    the account is never re-created over it.
     """
     user = _user_or_refusal(config, addr)
     if isinstance(user, Refusal):
@@ -191,12 +195,13 @@ def get_or_create(
     if refusal is not None:
         return _refuse(addr, refusal, counters)
 
+    # Hashed first: a password crypt(3) refuses (NUL) leaves no directory behind.
+    password_hash = hash_password(password, config.password_scheme)
     user.maildir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with filelock.FileLock(user.lock_path, timeout=LOCK_TIMEOUT_S):
         existing = user.get_password()
         if existing is not None:
             return Account(addr, existing)
-        password_hash = hash_password(password, config.password_scheme)
         user.set_password(password_hash)
     log.info("Created address: %s", addr)
     if counters is not None:

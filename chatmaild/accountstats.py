@@ -4,7 +4,9 @@ from one walk of the mailboxes.
 The walk costs one stat per file. On a relay a timer runs it as the mailbox owner and the
 control API's /metrics serves the file it writes (the API user cannot read mailboxes);
 without that file the API walks in a background thread every ``account_scan_interval_s``.
-Either way, scrape cost does not grow with the number of accounts.
+Either way, scrape cost does not grow with the number of accounts. The walk also reads
+every password file: one that exists but holds no valid hash makes its account's logins
+fail temporarily (chatmaild.user), which /status reports as ``accounts.password_files``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from pathlib import Path
 
 from .config import DEFAULT_INI_PATH, EXIT_CONFIG, config_for_main
 from .fileio import write_text_atomic
+from .user import MAX_PASSWORD_FILE, is_stored_hash
 
 log = logging.getLogger(__name__)
 
 #: fsreport's activity windows (days since the last login).
 ACTIVE_DAYS = (1, 10, 30, 40, 80, 100, 150)
 MAILDIR_LEAVES = frozenset({"cur", "new", "tmp"})
+#: Addresses named in the stats (and /status) besides the count: enough to start repairs.
+UNUSABLE_EXAMPLES = 10
 
 
 @dataclass
@@ -33,6 +38,9 @@ class AccountStats:
     accounts: dict[str, int] = field(default_factory=lambda: {"all": 0, "ci": 0, "user": 0})
     active: dict[int, int] = field(default_factory=lambda: dict.fromkeys(ACTIVE_DAYS, 0))
     storage: dict[str, int] = field(default_factory=lambda: {"messages": 0, "extra": 0, "total": 0})
+    #: Accounts whose password file exists but is unusable (empty, corrupt, unreadable).
+    unusable_password_files: int = 0
+    unusable_password_examples: list[str] = field(default_factory=list)
     scanned_at: float = 0.0
     duration_s: float = 0.0
 
@@ -53,6 +61,18 @@ def _walk_sizes(path: str, in_maildir_leaf: bool, storage: dict[str, int]) -> No
             continue
 
 
+def password_file_usable(path: str) -> bool | None:
+    """None: no password file; False: one that exists but holds no valid hash."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_PASSWORD_FILE + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return False
+    return is_stored_hash(raw.decode("ascii", errors="replace").strip())
+
+
 def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
     """Count accounts (directories with ``@``), recent logins and bytes stored."""
     now = time.time() if now is None else now
@@ -71,6 +91,10 @@ def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
             last_login = os.stat(os.path.join(entry.path, "password")).st_mtime
         except OSError:
             last_login = None
+        if password_file_usable(os.path.join(entry.path, "password")) is False:
+            stats.unusable_password_files += 1
+            if len(stats.unusable_password_examples) < UNUSABLE_EXAMPLES:
+                stats.unusable_password_examples.append(entry.name)
         if last_login is not None:
             age_days = (now - last_login) / 86400
             for days in ACTIVE_DAYS:
@@ -78,6 +102,7 @@ def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
                     stats.active[days] += 1
         _walk_sizes(entry.path, False, stats.storage)
     stats.storage["total"] = stats.storage["messages"] + stats.storage["extra"]
+    stats.unusable_password_examples.sort()
     stats.scanned_at = now
     stats.duration_s = time.monotonic() - started
     return stats
@@ -95,6 +120,11 @@ def read_stats(path: Path) -> AccountStats | None:
             accounts={str(k): int(v) for k, v in data["accounts"].items()},
             active={int(k): int(v) for k, v in data["active"].items()},
             storage={str(k): int(v) for k, v in data["storage"].items()},
+            # absent in files written before the count existed
+            unusable_password_files=int(data.get("unusable_password_files", 0)),
+            unusable_password_examples=[
+                str(a) for a in data.get("unusable_password_examples", [])[:UNUSABLE_EXAMPLES]
+            ],
             scanned_at=float(data["scanned_at"]),
             duration_s=float(data["duration_s"]),
         )
@@ -120,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     stats = scan_mailboxes(config.mailboxes_path)
     write_stats(stats, args.out)
     log.info("%d accounts, %d bytes", stats.accounts["all"], stats.storage["total"])
+    if stats.unusable_password_files:
+        log.error(
+            "%d accounts have an unusable password file (logins fail temporarily): %s",
+            stats.unusable_password_files,
+            ", ".join(stats.unusable_password_examples),
+        )
     return 0
 
 

@@ -22,20 +22,29 @@ from typing import BinaryIO, Self
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
+_TAB_UNESCAPES = {"0": "\0", "1": "\x01", "t": "\t", "r": "\r", "n": "\n"}
 
 
 def _unescape_tab(value: str) -> str:
-    """Undo Dovecot's tab-escaping (``\\x01`` + one character)."""
+    """Undo Dovecot's tab-escaping (``str_tabunescape``: ``\\x01`` + one character).
+
+    ``0 1 t r n`` stand for NUL, ``\\x01``, TAB, CR and LF; any other character stands for
+    itself, and a trailing lone ``\\x01`` is dropped, as in Dovecot.
+    """
     if "\x01" not in value:
         return value
-    table = {"0": "\0", "1": "\x01", "t": "\t", "r": "\r", "n": "\n"}
     out, chars = [], iter(value)
     for ch in chars:
-        out.append(table.get(next(chars, ""), "") if ch == "\x01" else ch)
+        if ch == "\x01":
+            escaped = next(chars, "")
+            out.append(_TAB_UNESCAPES.get(escaped, escaped))
+        else:
+            out.append(ch)
     return "".join(out)
 
 
 def _escape_tab(value: str) -> str:
+    """Dovecot's ``str_append_tabescaped_n``: no TAB, CR or LF is left in a field."""
     return (
         value.replace("\x01", "\x011")
         .replace("\0", "\x010")
@@ -104,6 +113,10 @@ class Ignored:
 
 class ProtocolError(ValueError):
     """A line that is not a dict-protocol request."""
+
+
+class LookupFailed(Exception):
+    """A lookup that must fail (reply ``F``: Dovecot's temporary failure), already logged."""
 
 
 Request = Hello | Lookup | Iterate | Begin | Set | Unset | Commit | Rollback | Ignored
@@ -183,6 +196,8 @@ class DictProxy:
         if isinstance(request, Lookup):
             try:
                 value = self.lookup(request.key, request.user)
+            except LookupFailed as exc:
+                return f"F{_escape_tab(str(exc))}\n"
             except Exception as exc:  # every failure becomes an F reply
                 log.exception("lookup of %r failed", self.loggable_key(request.key))
                 return f"F{_escape_tab(str(exc))}\n"

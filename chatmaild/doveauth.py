@@ -32,8 +32,8 @@ from pathlib import Path
 from .accounts import get_or_create
 from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
-from .dictproxy import DictProxy, ProtocolError
-from .user import InvalidAddress, User, check_address
+from .dictproxy import DictProxy, LookupFailed, ProtocolError
+from .user import InvalidAddress, UnusablePasswordFile, User, check_address
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,14 @@ class AuthDictProxy(DictProxy):
         self._replies: dict[str, tuple[tuple[int, int, int], str]] = {}
 
     def lookup(self, key: str, user: str) -> str | None:
+        try:
+            return self._lookup(key)
+        except UnusablePasswordFile as exc:
+            # Dovecot answers "temporary failure"; the account is left as it is.
+            log.error("%s: failing the lookup until it is repaired", exc)
+            raise LookupFailed("unusable password file") from exc
+
+    def _lookup(self, key: str) -> str | None:
         if key.startswith(PASSDB_PREFIX):
             try:
                 password, addr = parse_passdb_key(key[len(PASSDB_PREFIX) :])
@@ -247,7 +255,11 @@ def migrate_passdb(config: Config, progress_every: int = 10000) -> int:
             except InvalidAddress as exc:
                 log.warning("not migrating %r: %s", addr, exc)
                 continue
-            if user.get_password() is not None:
+            try:
+                if user.get_password() is not None:
+                    continue
+            except UnusablePasswordFile as exc:
+                log.warning("not migrating over %s", exc)
                 continue
             user.set_password(password_hash)
             if last_login:

@@ -62,7 +62,7 @@ from .accounts import authenticate_or_create, strip_scheme
 from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .smtpdproto import ConfigEntry, parse_config_line
-from .user import InvalidAddress, User
+from .user import InvalidAddress, UnusablePasswordFile, User
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,9 @@ class ChatmailTable:
             return format_reply("update", request.query_id, "ok")
         try:
             result = self.answer(request)
+        except UnusablePasswordFile as exc:  # smtpd: temporary failure; the file stays
+            log.error("%s: failing the lookup until it is repaired", exc)
+            result = "error|unusable password file"
         except Exception as exc:  # smtpd gets a temporary failure, we live on
             log.exception("table %s %s failed", request.op, request.service)
             result = f"error|{type(exc).__name__}"

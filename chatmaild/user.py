@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -18,9 +19,36 @@ log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86400
 
+#: What a password file must hold, per Dovecot scheme prefix: the crypt(3) string of that
+#: scheme. Anything else (empty, truncated, plaintext, another scheme) is never a
+#: password: Dovecot would compare it as PLAIN, and "no account" would hand the address
+#: to the next login.
+STORED_HASH_FORMATS = {
+    "SHA512-CRYPT": re.compile(r"\$6\$(rounds=[0-9]+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}"),
+    "BLF-CRYPT": re.compile(r"\$2[abxy]\$[0-9]{2}\$[./0-9A-Za-z]{53}"),
+}
+_STORED_HASH_RE = re.compile(
+    "|".join(
+        rf"\{{{re.escape(scheme)}\}}(?:{pattern.pattern})"
+        for scheme, pattern in STORED_HASH_FORMATS.items()
+    )
+)
+#: Longer than any valid hash: one read decides.
+MAX_PASSWORD_FILE = 4096
+
 
 class InvalidAddress(ValueError):
     """An address that must never become a path."""
+
+
+class UnusablePasswordFile(OSError):
+    """A password file that exists but holds no usable hash: a temporary failure of the
+    relay (the account exists; neither "no such account" nor "wrong password")."""
+
+
+def is_stored_hash(text: str) -> bool:
+    """True if ``text`` is ``{SCHEME}<crypt string>`` of a scheme the relay knows."""
+    return _STORED_HASH_RE.fullmatch(text) is not None
 
 
 def check_address(addr: str) -> str:
@@ -64,25 +92,30 @@ class User:
     def get_password(self) -> str | None:
         """The stored hash, or None for an account that does not exist (yet).
 
-        A password file that exists but cannot be read raises OSError: that is a
-        temporary failure of the relay, never "no such account" (which would invite a
-        creation attempt or a misleading "wrong password").
+        A password file that exists but cannot be read, or holds no valid hash (empty,
+        whitespace, non-ASCII, truncated, another scheme), raises
+        :class:`UnusablePasswordFile` (an OSError): a temporary failure of the relay,
+        never "no such account", which would let the next login's password take over
+        the account.
         """
+        path = os.path.join(self._maildir_str, "password")
         try:
-            fd = os.open(os.path.join(self._maildir_str, "password"), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            raise UnusablePasswordFile(f"cannot open password file of {self.addr}: {exc}") from exc
         try:
-            data = os.read(fd, 4096).decode("ascii").strip()
-        except UnicodeDecodeError as exc:
-            log.error("unreadable password file for %s: %s", self.addr, exc)
-            return None
+            raw = os.read(fd, MAX_PASSWORD_FILE + 1)
+        except OSError as exc:
+            raise UnusablePasswordFile(f"cannot read password file of {self.addr}: {exc}") from exc
         finally:
             os.close(fd)
-        if not data:
-            log.error("empty password file for %s", self.addr)
-            return None
-        return data
+        text = raw.decode("ascii", errors="replace").strip()
+        if not is_stored_hash(text):
+            what = "empty" if not text else f"{len(raw)} bytes, not a known crypt hash"
+            raise UnusablePasswordFile(f"unusable password file of {self.addr} ({what})")
+        return text
 
     def set_password(self, password_hash: str) -> None:
         """Store the hash atomically and mark the account as refusing cleartext.

@@ -14,6 +14,7 @@ from chatmail_api.app import create_app
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatmaild.accounts import hash_password
 from chatmaild.accountstats import scan_mailboxes
 from chatmaild.counters import Counters
 from chatmaild.user import User
@@ -27,10 +28,13 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
+STORED_HASH = hash_password("password123")
+
+
 def make_accounts(config, count: int, prefix: str = "user", login_age_days: float = 0):
     for i in range(count):
         user = User(config.mailboxes_path, f"{prefix}{i:05d}@{config.mail_domain}")
-        user.set_password("{SHA512-CRYPT}$6$x$y")
+        user.set_password(STORED_HASH)
         (user.maildir / "cur").mkdir()
         (user.maildir / "new").mkdir()
         (user.maildir / "cur" / "1.msg").write_bytes(b"x" * 1000)

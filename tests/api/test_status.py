@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from api_support import MONITOR, checks_by_id, make_cert
@@ -16,6 +20,8 @@ from chatmail_api.checks import (
     parse_systemctl_is_active,
 )
 from fastapi.testclient import TestClient
+
+from chatmaild.accounts import hash_password
 
 
 def test_status_reports_every_check(client, listening_port):
@@ -31,6 +37,7 @@ def test_status_reports_every_check(client, listening_port):
         "registration.open",
         "version",
         "probe.e2e",
+        "accounts.password_files",
     }
     assert checks["version"]["summary"] == "abc1234"
     assert checks["tls.expiry"]["state"] == "ok"
@@ -165,6 +172,57 @@ def test_disk_and_system_limit(api_settings):
         state = client.get("/account-creation", headers=MONITOR).json()
         assert state["enabled"] is False and state["closed_by_file"] is False
         assert "free disk space" in state["system_limit"]
+
+
+def write_account(config, addr: str, password_file: bytes | None) -> None:
+    maildir = config.mailboxes_path / addr
+    maildir.mkdir(parents=True)
+    if password_file is not None:
+        (maildir / "password").write_bytes(password_file)
+
+
+@pytest.mark.parametrize("via_stats_file", [False, True], ids=["in-process", "timer-file"])
+def test_unusable_password_files_are_reported(api_settings, tmp_path, via_stats_file):
+    """Accounts whose password file exists but is unusable fail their logins temporarily;
+    /status names them with a hint, /status stays 200 and the relay "degraded"."""
+    stats_file = tmp_path / "account-stats.json"
+    overrides = {"account_stats_file": str(stats_file)} if via_stats_file else {}
+    settings, config = api_settings(**overrides)
+    domain = config.mail_domain
+    write_account(config, f"fine00000@{domain}", hash_password("password123").encode())
+    write_account(config, f"creating0@{domain}", None)  # mid-creation: no file yet, fine
+    for i, content in enumerate([b"", b"garbage", b"{PLAIN}secret99", "ü".encode()]):
+        write_account(config, f"broken{i:03d}@{domain}", content)
+    if via_stats_file:
+        accountstats = Path(sys.executable).with_name("chatmail-accountstats")
+        subprocess.run([accountstats, tmp_path / "chatmail.ini", stats_file], check=True)
+    app = create_app(settings, config)
+    with TestClient(app) as client:
+        before = checks_by_id(client.get("/status", headers=MONITOR).json())
+        assert before["accounts.password_files"]["state"] == "unknown"  # no scan yet, no 500
+        asyncio.run(app.state.runtime.scan_accounts())
+        app.state.runtime.invalidate_status()
+        response = client.get("/status", headers=MONITOR)
+        assert response.status_code == 200
+        check = checks_by_id(response.json())["accounts.password_files"]
+        assert check["state"] == "fail" and check["severity"] == "warning"
+        assert check["summary"].startswith("4 unusable password files: broken000@")
+        assert "fine00000" not in check["summary"] and "creating0" not in check["summary"]
+        assert "password from a backup" in check["hint"]
+        assert response.json()["status"] == "degraded"
+
+
+def test_garbage_stats_file_leaves_the_check_unknown(api_settings, tmp_path):
+    stats_file = tmp_path / "account-stats.json"
+    stats_file.write_text('{"accounts": 3, "unusable_password_files": "x"}')
+    settings, config = api_settings(account_stats_file=str(stats_file))
+    app = create_app(settings, config)
+    with TestClient(app) as client:
+        asyncio.run(app.state.runtime.scan_accounts())
+        app.state.runtime.invalidate_status()
+        response = client.get("/status", headers=MONITOR)
+        assert response.status_code == 200
+        assert checks_by_id(response.json())["accounts.password_files"]["state"] == "unknown"
 
 
 def test_status_is_cached_and_since_persists(api_settings):

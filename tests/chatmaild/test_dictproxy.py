@@ -237,3 +237,13 @@ def test_unparsable_write_fails_its_transaction():
     out = io.BytesIO()
     Store().handle_connection(io.BytesIO(b"B1\tu@x\nS1\tpriv/k\nC1\nB2\tu@x\nS2\tk\tv\nC2\n"), out)
     assert out.getvalue() == b"F1\nO2\n"
+
+
+@pytest.mark.parametrize(
+    ("escaped", "value"),
+    [("a\x01xb", "axb"), ("a\x01", "a"), ("\x01\x01", "\x01"), ("\x010\x011", "\0\x01")],
+    ids=["unknown-is-literal", "trailing-lone", "escaped-escape", "nul-and-soh"],
+)
+def test_tab_unescaping_is_dovecots(escaped, value):
+    """Like Dovecot's str_tabunescape: an unknown escape stands for its character."""
+    assert _unescape_tab(escaped) == value

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +40,7 @@ from chatmaild.doveauth import (
     unescape,
 )
 from chatmaild.syslimits import SystemReadings
-from chatmaild.user import User
+from chatmaild.user import STORED_HASH_FORMATS, UnusablePasswordFile, User, is_stored_hash
 
 DOMAIN = "chat.example.org"
 IDLE_HOST = SystemReadings(load_1m=0.1, available_memory_mb=10_000, free_disk_mb=100_000)
@@ -159,6 +160,7 @@ def test_username_length(make_relaxed_config, localpart, allowed):
         ("abc\\defgh", "username_invalid"),
         ("abc..defg", "username_invalid"),
         (".abcdefgh", "username_invalid"),
+        ("abcdefgh\n", "username_invalid"),
     ],
     ids=[
         "dot-dash",
@@ -173,6 +175,7 @@ def test_username_length(make_relaxed_config, localpart, allowed):
         "backslash",
         "dotdot",
         "leading-dot",
+        "trailing-newline",
     ],
 )
 def test_localpart_charset(example_config, localpart, reason):
@@ -500,6 +503,7 @@ def test_concurrent_first_logins(doveauth):
     assert len(shared_hashes) == 1
     (stored,) = shared_hashes
     assert User(doveauth.config.mailboxes_path, shared).get_password() == stored
+    assert is_stored_hash(stored)  # no racer ever read a half-written file as "unusable"
     assert sum(verify_password(results[i][1], stored) for i in range(25)) == 1
     for i in range(25, 50):
         addr, password, password_hash = results[i]
@@ -640,6 +644,21 @@ def test_dovecot_dict_client_creates_and_looks_up(doveauth_process, example_conf
     assert f"shared/userdb/{addr}" in listed.stdout.split()
 
 
+@needs_doveadm
+@pytest.mark.parametrize(
+    "password",
+    ["tab\tpass\nline\r1", "soh\x01t\x010\x011q\"u'o\\te"],
+    ids=["tab-lf-cr", "soh-quotes"],
+)
+def test_dovecot_dict_client_carries_control_characters(doveauth_process, password):
+    """Dovecot 2.3's own dict client tab-escapes the key (what the 2.4 Lua passdb
+    imitates): doveauth creates the account with exactly this password."""
+    addr = f"ctrlchars@{DOMAIN}"
+    got = doveadm_dict("get", f"proxy:{doveauth_process}:auth", passdb_key(addr, password))
+    assert got.returncode == 0, got.stderr
+    assert verify_password(password, json.loads(got.stdout)["password"])
+
+
 def test_accounts_module_exports_reasons():
     assert set(accounts.REJECTION_REASONS) == {
         "nocreate",
@@ -695,7 +714,8 @@ protocols =
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain
-auth_failure_delay = 0
+auth_failure_delay = {failure_delay}
+{penalty}
 passdb {{
   driver = dict
   args = {base}/auth-dict.conf.ext
@@ -713,6 +733,14 @@ service auth-worker {{
 """
 
 
+#: The formula's throttle settings (salt/chatmail/parameters/defaults.yaml), so this
+#: Dovecot throttles exactly like a deployed relay.
+AUTH_THROTTLE = yaml.safe_load(
+    (Path(__file__).parents[2] / "salt/chatmail/parameters/defaults.yaml").read_text()
+)["auth_throttle"]
+PENALTY_OFF = "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}"
+
+
 @pytest.fixture
 def dovecot_auth(example_config, sock_dir, serve_dict):
     """Dovecot (auth only) in a private base_dir, its passdb/userdb the running doveauth."""
@@ -728,7 +756,13 @@ def dovecot_auth(example_config, sock_dir, serve_dict):
     serve_dict(proxy, base / "doveauth.socket")
     (base / "auth-dict.conf.ext").write_text(AUTH_DICT_CONF.format(socket=base / "doveauth.socket"))
     conf = base / "dovecot.conf"
-    conf.write_text(DOVECOT_CONF.format(base=base))
+    conf.write_text(
+        DOVECOT_CONF.format(
+            base=base,
+            failure_delay=AUTH_THROTTLE["failure_delay"],
+            penalty="" if AUTH_THROTTLE["penalty"] else PENALTY_OFF,
+        )
+    )
     dovecot = subprocess.Popen([DOVECOT, "-F", "-c", str(conf)], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -778,6 +812,39 @@ def test_real_dovecot_logins(dovecot_auth, example_config):
 
     listed = dovecot_auth("user", "*")
     assert listed.returncode == 0 and listed.stdout.split() == [addr]
+
+
+def timed_login(dovecot_auth, addr: str, password: str, client_ip: str) -> tuple[bool, float]:
+    """One SASL PLAIN login as Postfix or imap-login would send it (with the client's
+    address as ``rip``): (succeeded, seconds until Dovecot answered)."""
+    started = time.monotonic()
+    result = dovecot_auth("auth", "test", "-x", f"rip={client_ip}", addr, password)
+    return "auth succeeded" in result.stdout, time.monotonic() - started
+
+
+def test_real_dovecot_throttles_failed_logins_per_address(dovecot_auth, example_config):
+    """Repeated wrong passwords from one address wait longer and longer (anvil penalty
+    + auth_failure_delay); a first login that creates an account is answered at once, and
+    so is a login from another address meanwhile."""
+    victim = f"victim000@{DOMAIN}"
+    ok, first_login = timed_login(dovecot_auth, victim, "password123", "192.0.2.10")
+    assert ok and first_login < 1.0, first_login
+    attacker = "198.51.100.7"
+    delays = []
+    for i in range(3):  # different passwords: Dovecot does not count a repeated one
+        ok, seconds = timed_login(dovecot_auth, victim, f"guess{i:04d}xx", attacker)
+        assert not ok
+        delays.append(seconds)
+    # measured with Dovecot 2.3.19 and the defaults: about 1.5, 6 and 10 s
+    assert delays[-1] >= 3.5, delays
+    assert sum(delays) >= 6.0, delays
+    ok, creating = timed_login(dovecot_auth, f"newcomer1@{DOMAIN}", "password456", "192.0.2.11")
+    assert ok and creating < 1.0, creating  # another address: no penalty
+    ok, again = timed_login(dovecot_auth, victim, "password123", "192.0.2.10")
+    assert ok and again < 1.0, again
+    assert verify_password(
+        "password123", User(example_config.mailboxes_path, victim).get_password()
+    )
 
 
 # -- migration from upstream's passdb.sqlite ------------------------------------------
@@ -874,3 +941,97 @@ def test_failed_lookup_never_logs_the_password(doveauth, caplog):
     assert "lookup of" in caplog.text  # the failure is logged ...
     assert addr in caplog.text
     assert "Secret" not in caplog.text and "Pass99" not in caplog.text  # ... without the password
+
+
+def test_trailing_newline_localpart_never_becomes_a_directory(doveauth):
+    """``$`` matched before a final newline: ``abcdefgh\\n`` passed as a 9-character name."""
+    addr = f"abcdefgh\n@{DOMAIN}"
+    with DictClient(doveauth.socket_path) as client:
+        assert client.lookup(passdb_key(addr, "password123"), addr) is None
+    assert os.listdir(doveauth.config.mailboxes_path) == []
+
+
+# -- unusable password files: a temporary failure, never a new account -----------------
+
+VALID_SHA512 = hash_password("password123")
+UNUSABLE_PASSWORD_FILES = {
+    "empty": b"",
+    "whitespace": b" \n\t\n",
+    "non-ascii": "{SHA512-CRYPT}$6$säalt$".encode(),
+    "binary": b"\xff\xfe\x00garbage",
+    "truncated": VALID_SHA512[:40].encode(),
+    "plaintext": b"password123",
+    "plain-scheme": b"{PLAIN}password123",
+    "no-scheme": VALID_SHA512.removeprefix("{SHA512-CRYPT}").encode(),
+    "bad-salt": b"{SHA512-CRYPT}$6$$" + b"a" * 86,
+    "wrong-scheme-body": b"{BLF-CRYPT}" + VALID_SHA512.removeprefix("{SHA512-CRYPT}").encode(),
+    "two-lines": (VALID_SHA512 + "\n" + VALID_SHA512).encode(),
+    "huge": VALID_SHA512.encode() + b"x" * 5000,
+}
+
+
+def write_password_file(config, addr: str, content: bytes) -> Path:
+    maildir = config.mailboxes_path / addr
+    maildir.mkdir(parents=True, exist_ok=True)
+    (maildir / "password").write_bytes(content)
+    return maildir / "password"
+
+
+@pytest.mark.parametrize(
+    "content", UNUSABLE_PASSWORD_FILES.values(), ids=UNUSABLE_PASSWORD_FILES.keys()
+)
+def test_unusable_password_file_is_a_temporary_failure(doveauth, caplog, content):
+    """An existing but unusable password file must never hand the account to the next
+    login: doveauth answers F (Dovecot: temporary failure), logs it, leaves the file."""
+    addr = f"corrupted@{DOMAIN}"
+    path = write_password_file(doveauth.config, addr, content)
+    with DictClient(doveauth.socket_path) as client:
+        for key in (passdb_key(addr, "attacker123"), f"shared/userdb/{addr}"):
+            with pytest.raises(DictError):
+                client.lookup(key, addr)
+        assert client.lookup(f"shared/userdb/other0000@{DOMAIN}") is None  # still serving
+    assert path.read_bytes() == content
+    assert doveauth.counters.value("accounts_created_total") == 0
+    assert f"unusable password file of {addr}" in caplog.text
+    assert "attacker123" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content", UNUSABLE_PASSWORD_FILES.values(), ids=UNUSABLE_PASSWORD_FILES.keys()
+)
+def test_get_or_create_never_overwrites_an_unusable_file(example_config, content):
+    addr = f"corrupted@{DOMAIN}"
+    path = write_password_file(example_config, addr, content)
+    with pytest.raises(UnusablePasswordFile):
+        get_or_create(example_config, addr, "attacker123")
+    with pytest.raises(UnusablePasswordFile):
+        authenticate_or_create(example_config, addr, "attacker123")
+    assert path.read_bytes() == content
+
+
+def test_unreadable_password_file_is_a_temporary_failure(example_config):
+    addr = f"unreadab1@{DOMAIN}"
+    path = write_password_file(example_config, addr, VALID_SHA512.encode())
+    path.unlink()
+    path.mkdir()  # EISDIR on read: exists, cannot be read
+    with pytest.raises(UnusablePasswordFile):
+        get_or_create(example_config, addr, "attacker123")
+
+
+@pytest.mark.parametrize("scheme", sorted(accounts.CRYPT_METHODS))
+def test_every_hash_the_relay_writes_is_a_valid_stored_hash(example_config, scheme):
+    assert set(STORED_HASH_FORMATS) == set(accounts.CRYPT_METHODS)
+    stored = hash_password("password123", scheme)
+    assert is_stored_hash(stored)
+    user = User(example_config.mailboxes_path, f"hashcheck@{DOMAIN}")
+    user.set_password(stored)
+    user.password_path.write_text(stored + "\n")  # an operator's `echo HASH > password`
+    assert user.get_password() == stored
+
+
+def test_migration_keeps_an_unusable_password_file(example_config):
+    addr = f"corrupted@{DOMAIN}"
+    path = write_password_file(example_config, addr, b"")
+    make_passdb(example_config.passdb_path, [(addr, hash_password("password123"), 1)])
+    assert migrate_passdb(example_config) == 0
+    assert path.read_bytes() == b""

@@ -403,3 +403,37 @@ def test_concurrent_queries_all_answered_whole(table_process, example_config):
     winner = next(qid for qid in racers if answers[qid] == "found")
     assert verify_password(f"password-{int(winner, 16)}", stored)
     proc.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"  \n", "pässwörd".encode(), b"{PLAIN}password123", b"{SHA512-CRYPT}$6$x$y"],
+    ids=["empty", "whitespace", "non-ascii", "plain-scheme", "truncated"],
+)
+def test_unusable_password_file_is_a_temporary_failure(table, example_config, caplog, content):
+    """smtpd's ``error`` reply is its temporary failure (SMTP 4xx): neither a login that
+    re-creates the account with the caller's password nor a "no such user"."""
+    addr = f"corrupted@{DOMAIN}"
+    (example_config.mailboxes_path / addr).mkdir()
+    path = example_config.mailboxes_path / addr / "password"
+    path.write_bytes(content)
+    for i, (op, service, key) in enumerate(
+        [
+            ("check", "auth", f"{addr}:attacker123"),
+            ("lookup", "credentials", addr),
+            ("lookup", "userinfo", addr),
+            ("lookup", "mailaddrmap", addr),
+        ]
+    ):
+        reply = table.reply(query(op, service, str(i), key))
+        assert reply == f"{op}-result|{i}|error|unusable password file\n"
+    assert path.read_bytes() == content
+    assert f"unusable password file of {addr}" in caplog.text
+    assert "attacker123" not in caplog.text
+
+
+def test_trailing_newline_localpart_creates_nothing(table, example_config):
+    """OpenSMTPD's SMTP-first login must not create ``abcdefgh\\n@...``."""
+    key = f"abcdefgh\n@{DOMAIN}:password123"
+    assert table.reply(query("check", "auth", "1", key)) == "check-result|1|not-found\n"
+    assert os.listdir(example_config.mailboxes_path) == []

@@ -9,14 +9,21 @@ stood in by tests/salt/lua_auth_harness.lua, against doveauth started as its own
 from __future__ import annotations
 
 import os
+import socketserver
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chatmaild.accounts import verify_password
+from chatmaild.dictproxy import Lookup, parse_request
+from chatmaild.doveauth import parse_passdb_key
 
 HERE = Path(__file__).parent
 SCRIPT = HERE.parents[1] / "salt" / "chatmail" / "dovecot" / "files" / "auth-doveauth.lua"
@@ -45,7 +52,9 @@ def doveauth_socket(make_relaxed_config, tmp_path):
     proc.wait(timeout=10)
 
 
-def lua(socket_path: Path, *args: str) -> dict:
+def lua(socket_path: Path, mode: str, user: str, password: str | None = None) -> dict:
+    """Run the script's passdb (with ``password``) or userdb lookup of ``user``."""
+    args = [mode, user] if password is None else [mode, user, password.encode().hex()]
     result = subprocess.run(
         ["lua5.4", str(HARNESS), str(SCRIPT), *args],
         check=False,
@@ -59,7 +68,8 @@ def lua(socket_path: Path, *args: str) -> dict:
     for line in result.stdout.splitlines():
         kind, *rest = line.split("\t")
         if kind == "VERIFY":
-            parsed["verify"].append(tuple(rest))
+            stored, plain_hex = rest
+            parsed["verify"].append((stored, bytes.fromhex(plain_hex).decode()))
         elif kind == "RESULT":
             parsed["result"], parsed["message"] = rest
         elif kind == "FIELD":
@@ -115,3 +125,100 @@ def test_too_short_password_creates_nothing(doveauth_socket, gencreds):
 def test_doveauth_down_is_an_internal_failure(tmp_path):
     result = lua(tmp_path / "missing.socket", "passdb", f"abcdefghi@{DOMAIN}", "whatever12")
     assert result["result"] == "INTERNAL_FAILURE"
+
+
+# -- the password travels encoded: no TAB, CR, LF or NUL can start a second request ----
+
+INJECTION_PASSWORDS = {
+    "tab": "pass\tword12",
+    "lf-second-request": f'pass\nLshared/passdb/victimpw1"victim000@{DOMAIN}\tx',
+    "cr-lf": "pass\r\nword12",
+    "soh-like-escapes": "pw\x01t\x01n\x010\x011\x01",
+    "quotes-backslashes": 'q"u\'o\\te\\"\\\\12',
+    "all-at-once": "\t\n\r\x01\"'\\x\x010\\\t\n",
+}
+
+
+@pytest.mark.parametrize("password", INJECTION_PASSWORDS.values(), ids=INJECTION_PASSWORDS.keys())
+def test_control_characters_log_in_as_themselves(doveauth_socket, gencreds, password):
+    """Created with exactly the password typed, and the same password opens it again."""
+    socket_path, config = doveauth_socket
+    localpart, _ = gencreds()
+    addr = f"{localpart}@{DOMAIN}"
+    for _ in range(2):  # create, then log in to the existing account
+        login = lua(socket_path, "passdb", addr, password)
+        assert login["result"] == "OK", login
+        [(stored, plain)] = login["verify"]
+        assert plain == password
+        assert verify_password(password, stored)
+    assert sorted(os.listdir(config.mailboxes_path)) == [addr]  # no victim000 account
+
+
+def test_nul_in_a_password_fails_without_an_account(doveauth_socket, gencreds):
+    socket_path, config = doveauth_socket
+    localpart, _ = gencreds()
+    login = lua(socket_path, "passdb", f"{localpart}@{DOMAIN}", "nul\0password1")
+    assert login["result"] == "INTERNAL_FAILURE"  # crypt(3) cannot hash NUL: doveauth F
+    assert os.listdir(config.mailboxes_path) == []
+
+
+class RecordingDict(socketserver.ThreadingUnixStreamServer):
+    """A dict server that records every request line and answers lookups "N"."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path):
+        self.lines: list[bytes] = []
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    server.lines.append(line)
+                    if line.startswith(b"L"):
+                        self.wfile.write(b"N\n")
+
+        super().__init__(str(path), Handler)
+
+
+@pytest.fixture(scope="module")
+def recording_dict():
+    with (
+        tempfile.TemporaryDirectory(prefix="cm-") as tmp,
+        RecordingDict(Path(tmp) / "dict.socket") as server,
+    ):
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        yield server
+        server.shutdown()
+
+
+def sent_lookups(server: RecordingDict, user: str, password: str) -> list[bytes]:
+    server.lines.clear()
+    result = lua(Path(server.server_address), "passdb", user, password)
+    assert result["result"] == "USER_UNKNOWN", result
+    return list(server.lines)
+
+
+@pytest.mark.parametrize("password", INJECTION_PASSWORDS.values(), ids=INJECTION_PASSWORDS.keys())
+def test_one_login_is_one_request(recording_dict, password):
+    user = f"abcdefghi@{DOMAIN}"
+    hello, lookup = sent_lookups(recording_dict, user, password)
+    assert hello == b"H3\t2\t0\t\tauth\n"
+    request = parse_request(lookup.rstrip(b"\n").decode())
+    assert isinstance(request, Lookup) and request.user == user
+    assert parse_passdb_key(request.key.removeprefix("shared/passdb/")) == (password, user)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(password=st.text(st.characters(exclude_categories=("Cs",)), max_size=40))
+def test_any_password_round_trips_through_the_encoding(recording_dict, password):
+    """Whatever the password, doveauth decodes exactly it from exactly one request line,
+    the way it decodes what Dovecot 2.3's own dict client sends."""
+    user = f"abcdefghi@{DOMAIN}"
+    lines = sent_lookups(recording_dict, user, password)
+    assert len(lines) == 2 and all(line.count(b"\n") == 1 for line in lines)
+    request = parse_request(lines[1].rstrip(b"\n").decode())
+    assert parse_passdb_key(request.key.removeprefix("shared/passdb/")) == (password, user)

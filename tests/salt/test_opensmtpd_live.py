@@ -566,6 +566,30 @@ def test_table_failure_is_temporary_and_smtpd_lives_on(relay):
         assert client.noop()[0] == 250
 
 
+@pytest.mark.parametrize(
+    "content", [b"", b"\n", b"{PLAIN}guessable1"], ids=["empty", "newline", "plain"]
+)
+def test_unusable_password_file_is_temporary_never_a_takeover(relay, content):
+    """An existing account's empty or corrupt password file: the SMTP-first path (filter
+    + table) answers 4xx and never stores the caller's password as the account's."""
+    addr = new_address("corrupt")
+    create_account(relay, addr)
+    password_file = relay["mailboxes"] / addr / "password"
+    password_file.write_bytes(content)
+    with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        client.login(addr, "Attacker-Password|1")
+    assert err.value.smtp_code == 421
+    assert password_file.read_bytes() == content
+
+
+def test_smtp_first_login_with_a_trailing_newline_creates_nothing(relay):
+    addr = new_address("newline")
+    localpart, _, domain = addr.partition("@")
+    with submission(relay) as client, pytest.raises(smtplib.SMTPException):
+        client.login(f"{localpart[:8]}\n@{domain}", PASSWORD)
+    assert not [p for p in relay["mailboxes"].iterdir() if "\n" in p.name]
+
+
 def test_oversize_message_is_refused_with_552(relay):
     """Larger than max_message_size: refused at the end of DATA, nothing delivered (the
     filter keeps at most max_message_size bytes of a message)."""

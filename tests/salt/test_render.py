@@ -678,3 +678,40 @@ def test_dovecot_plugins_exist(rendered, request):
     wanted = dovecot_plugins(rendered.text("/etc/dovecot/dovecot.conf"), syntax)
     assert {"quota", "imap_quota", "last_login", "mail_lua", "push_notification_lua"} <= wanted
     assert wanted - shipped == set()
+
+
+# -- brute-force throttling of failed logins ------------------------------------------------
+
+
+def test_failed_logins_are_throttled(rendered, tmp_path, test_cert, request):
+    """Dovecot delays failed logins and keeps its per-address penalty; Postfix limits AUTH
+    per client address (anvil). Values from the map's auth_throttle, one place."""
+    m = rendered.map
+    throttle = m["auth_throttle"]
+    assert throttle["penalty"] and throttle["failure_delay"] not in ("0", 0)
+    conf = rendered.text("/etc/dovecot/dovecot.conf")
+    assert f"\nauth_failure_delay = {throttle['failure_delay']}\n" in conf
+    trixie_root = (
+        request.getfixturevalue("trixie_root") if m["dovecot"]["syntax"] == "2.4" else None
+    )
+    assert "anvil-auth-penalty" not in doveconf_check(rendered, tmp_path, *test_cert, trixie_root)
+
+    d = postfix_dir(rendered, tmp_path, *test_cert)
+    for name, value in (
+        ("smtpd_client_auth_rate_limit", str(throttle["smtp_auth_per_minute"])),
+        ("anvil_rate_time_unit", "60s"),
+    ):
+        result = run(["postconf", "-c", str(d), "-h", name])
+        assert result.returncode == 0 and result.stdout.strip() == value, (name, result)
+    anvil = run(["postconf", "-c", str(d), "-M", "anvil/unix"])
+    assert anvil.returncode == 0 and anvil.stdout.split()[-1] == "anvil", anvil
+
+
+@pytest.mark.parametrize("platform", ["debian12", "debian13"])
+def test_auth_penalty_can_be_turned_off(render, tmp_path, test_cert, request, platform):
+    pillar = PILLARS["example"]()
+    pillar["chatmail"]["auth_throttle"] = {"penalty": False, "failure_delay": "0"}
+    rendered = render(platform, "no-penalty", pillar=pillar)
+    trixie_root = request.getfixturevalue("trixie_root") if platform == "debian13" else None
+    out = doveconf_check(rendered, tmp_path, *test_cert, trixie_root)
+    assert re.search(r"unix_listener anvil-auth-penalty \{\s+mode = 0+\s+\}", out), out

@@ -7,8 +7,22 @@ local unix = require("socket.unix")
 -- The environment variable is for the formula's tests; Dovecot does not set it.
 local SOCKET = os.getenv("CHATMAIL_DOVEAUTH_SOCKET") or "/run/doveauth/doveauth.socket"
 
+-- Dovecot's %E: a backslash before \\, " and ', so doveauth can split password"user.
 local function escape(value)
   return (value:gsub('[\\"\']', function(c) return "\\" .. c end))
+end
+
+-- Dovecot's dict client tab-escapes every field (str_append_tabescaped_n): no TAB, CR,
+-- LF or NUL stays in a request line, so a password cannot start a second request.
+local TABESCAPES = { ["\1"] = "\1" .. "1", ["\0"] = "\1" .. "0", ["\t"] = "\1t",
+  ["\r"] = "\1r", ["\n"] = "\1n" }
+local function tabescape(value)
+  return (value:gsub("[\0\1\t\r\n]", TABESCAPES))
+end
+
+local TABUNESCAPES = { ["1"] = "\1", ["0"] = "\0", t = "\t", r = "\r", n = "\n" }
+local function tabunescape(value)
+  return (value:gsub("\1(.?)", function(c) return TABUNESCAPES[c] or c end))
 end
 
 -- One dict lookup; returns the JSON text after "O", nil for "N", error() on failure.
@@ -17,12 +31,12 @@ local function lookup(key, user)
   conn:settimeout(10)
   assert(conn:connect(SOCKET))
   assert(conn:send("H3\t2\t0\t\tauth\n"))
-  assert(conn:send("Lshared/" .. key .. "\t" .. user .. "\n"))
+  assert(conn:send("L" .. tabescape("shared/" .. key) .. "\t" .. tabescape(user) .. "\n"))
   local line = conn:receive("*l")
   conn:close()
   if line == nil then error("doveauth closed the connection") end
   local kind, value = line:sub(1, 1), line:sub(2)
-  if kind == "O" then return value end
+  if kind == "O" then return tabunescape(value) end
   if kind == "N" then return nil end
   error("doveauth failed the lookup")
 end
