@@ -270,3 +270,28 @@ def test_pillar_example_pins_no_per_os_value(render):
         if get(example, path) not in ("", None) and get(debian, path) != get(openbsd, path)
     ]
     assert not pinned, f"pillar.example pins per-OS keys: {pinned}"
+
+
+def state_args(states: dict, state_id: str, module: str) -> dict:
+    return dict(kv for arg in states[state_id][module] if isinstance(arg, dict) for kv in arg.items())
+
+
+def test_smtpd_queue_snapshot_is_a_root_cron_job(openbsd):
+    """smtpd lists its queue to root only: a root cron job writes the listing the API
+    reads every minute, else the API's queue check stays `unknown` forever."""
+    settings = state_args(openbsd.states, "chatmail-api-settings", "file")["dataset"]
+    settings = json.loads(settings) if isinstance(settings, str) else settings
+    snapshot = settings["queue_snapshot"]
+    cron = state_args(openbsd.states, "chatmail-api-smtpd-queue-cron", "cron")
+    assert cron["user"] == "root"
+    assert cron["minute"] == "*/1"
+    assert "smtpctl show queue" in cron["name"] and cron["name"].endswith(f"mv {snapshot}.tmp {snapshot}")
+
+
+@pytest.mark.parametrize(("interval", "minute", "hour"), [("5min", "*/5", "*"), ("15min", "*/15", "*"), ("2h", "0", "*/2")])
+def test_stats_cron_follows_stats_interval(render, interval, minute, hour):
+    pillar = {"chatmail": {"mail_domain": "chat.example.org", "api": {"stats_interval": interval}}}
+    rendered = render("openbsd7", f"stats-{interval}", pillar=pillar, grains=OPENBSD_GRAINS)
+    cron = state_args(rendered.states, "chatmail-api-stats-cron", "cron")
+    assert (cron["minute"], cron.get("hour", "*")) == (minute, hour)
+    assert cron["user"] == "_vmail"
