@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from saltsupport import PILLARS
+from saltsupport import PILLARS, RenderError
 from test_render import GOLDEN_DIR, doveconf_check
 
 # What Salt's grains/core.py reports on OpenBSD 7.6 (osfinger is "<os>-<major>").
@@ -295,3 +295,26 @@ def test_stats_cron_follows_stats_interval(render, interval, minute, hour):
     cron = state_args(rendered.states, "chatmail-api-stats-cron", "cron")
     assert (cron["minute"], cron.get("hour", "*")) == (minute, hour)
     assert cron["user"] == "_vmail"
+
+
+@pytest.mark.parametrize("script", [*RC_D_DAEMONS, "chatmail_api"])
+def test_rc_d_daemons_have_login_classes(openbsd, script):
+    """rc.subr(8) runs /etc/rc.d/<script> with the login class <script> when
+    /etc/login.conf.d/<script> defines it: the relay's memory and file ceilings."""
+    limit = openbsd.map["limits"][script.replace("_", "-")]
+    text = openbsd.text(f"/etc/login.conf.d/{script}")
+    entry = [line.strip() for line in text.splitlines() if not line.startswith("#")]
+    assert entry[0] == f"{script}:\\"
+    assert f":datasize={limit['memory']}:\\" in entry
+    assert entry[-1] == ":tc=daemon:"
+    if "openfiles" in limit:
+        assert f":openfiles={limit['openfiles']}:\\" in entry
+    sid = "chatmail-api" if script == "chatmail_api" else f"chatmail-chatmaild-{script.replace('_', '-')}"
+    watched = state_args(openbsd.states, f"{sid}-service", "service")["watch"]
+    assert {"file": f"{sid}-login-class"} in watched
+
+
+def test_login_class_needs_a_size(render):
+    pillar = {"chatmail": {"mail_domain": "chat.example.org", "limits": {"lastlogin": {"memory": "10%"}}}}
+    with pytest.raises(RenderError, match="limits:lastlogin:memory must be a size"):
+        render("openbsd7", "percent", pillar=pillar, grains=OPENBSD_GRAINS)

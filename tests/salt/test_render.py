@@ -509,6 +509,50 @@ def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
         assert result.returncode == 0, f"{unit}: {result.stdout}{result.stderr}"
 
 
+# the distro daemons that get a limits drop-in, per map: key in chatmail.limits -> unit
+def distro_daemons(m: dict) -> dict[str, str]:
+    daemons = {"dovecot": "dovecot.service", "unbound": "unbound.service"}
+    if m["mta"] == "postfix":
+        daemons["postfix"] = "postfix@.service"
+    else:
+        daemons["opensmtpd"] = "opensmtpd.service"
+    if m["web"]["server"] == "nginx":
+        daemons["nginx"] = "nginx.service"
+    if m["dkim"]["enabled"] and m["dkim"]["signer"] == "opendkim":
+        daemons["opendkim"] = "opendkim.service"
+    return daemons
+
+
+def test_every_service_has_ceilings(rendered, tmp_path):
+    """Every service the relay runs has MemoryMax and TasksMax from chatmail.limits: our
+    units in the unit, the distro daemons in a drop-in whose lines systemd accepts."""
+    m = rendered.map
+    services = [name for name in unit_files(rendered) if name.endswith(".service")]
+    assert len(services) >= 8
+    for name in services:
+        text = rendered.text(name)
+        limit = m["limits"][name.rsplit("/", 1)[1].removesuffix(".service")]
+        assert f"\nMemoryMax={limit['memory']}\n" in text, name
+        assert f"\nTasksMax={limit['tasks']}\n" in text, name
+    for key, unit in distro_daemons(m).items():
+        dropin = f"/etc/systemd/system/{unit}.d/20-chatmail-limits.conf"
+        lines = rendered.text(dropin).split("[Service]\n", 1)[1]
+        assert lines.splitlines()[:2] == [
+            f"MemoryMax={m['limits'][key]['memory']}",
+            f"TasksMax={m['limits'][key]['tasks']}",
+        ]
+        candidate = tmp_path / f"limits-{key}.service"
+        candidate.write_text(f"[Service]\nExecStart=/bin/true\n{lines}")
+        result = run(["sh", str(CHECK_SCRIPT), "unit", candidate.name, str(candidate)])
+        assert result.returncode == 0, f"{dropin}: {result.stdout}{result.stderr}"
+
+
+def test_missing_limit_fails_loudly(render):
+    pillar = {"chatmail": {"mail_domain": "x.example", "limits": {"doveauth": None}}}
+    with pytest.raises(RenderError, match="limits:doveauth is missing"):
+        render("debian12", "nolimit", pillar=pillar)
+
+
 def test_unit_check_catches_errors(tmp_path):
     candidate = tmp_path / "candidate"
     candidate.write_text("[Service]\nExecStart=/nonexistent/binary\nRestart=sometimes\n")

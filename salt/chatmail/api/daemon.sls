@@ -3,6 +3,7 @@
     code change. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- from "chatmail/api/common.jinja" import systemd, pinned, pillar_tokens with context %}
+{%- from "chatmail/files/limits.jinja" import login_class with context %}
 {%- set api = chatmail.api %}
 {%- set venv = chatmail.paths.venv %}
 
@@ -46,6 +47,7 @@ chatmail-api-unit:
     - check_cmd: sh -n
     - require:
       - cmd: chatmail-chatmaild-venv
+{{ login_class("chatmail-api-login-class", "chatmail_api", "chatmail-api") }}
 {%- endif %}
 
 chatmail-api-service:
@@ -62,6 +64,8 @@ chatmail-api-service:
       - file: chatmail-api-unit
 {%- if systemd %}
       - module: chatmail-api-units-reload
+{%- else %}
+      - file: chatmail-api-login-class
 {%- endif %}
       - file: chatmail-api-settings
       - {{ "file" if pillar_tokens else "cmd" }}: chatmail-api-tokens
