@@ -285,6 +285,35 @@ def test_postfix_mail_flow(rendered, tmp_path, test_cert):
     assert master_text.count(f"{s['max_smtp_connections']}    smtpd") == 2
 
 
+CHROOTED = {"25", "587", "465", "smtp", "relay", "lmtp", "cleanup", "authclean", "pickup",
+            "bounce", "showq", "tlsmgr", "anvil"}  # fmt: skip
+UNCHROOTED = {"qmgr", "proxymap", "proxywrite", "postlog"}
+
+
+def test_postfix_services_run_chrooted_as_upstream(rendered, tmp_path, test_cert):
+    """Services facing the network or parsing mail run in the queue directory's chroot
+    (upstream's master.cf); qmgr, proxymap, postlog and the reinjection listeners do not.
+    Whatever they open at run time is relative to the queue directory."""
+    d = postfix_dir(rendered, tmp_path, *test_cert)
+    result = run(["postconf", "-c", str(d), "-F", "*/*/chroot"])
+    assert result.returncode == 0, result.stderr
+    chroot = {}
+    for line in result.stdout.splitlines():
+        service, _, value = line.partition(" = ")
+        chroot[service.split("/")[0]] = value
+    assert {name for name in CHROOTED if chroot[name] != "y"} == set()
+    assert {name for name in UNCHROOTED if chroot[name] != "n"} == set()
+    s = rendered.map["settings"]
+    for port in (s["postfix_reinject_port"], s["postfix_reinject_port_incoming"]):
+        assert chroot[f"127.0.0.1:{port}"] == "n"
+    services = postconf_services(d)
+    assert services["127.0.0.1:" + str(s["postfix_reinject_port"])].get(
+        "smtpd_milters", "unix:opendkim/opendkim.sock"
+    ) == "unix:opendkim/opendkim.sock"  # relative: the same socket inside and outside
+    main = run(["postconf", "-c", str(d), "-h", "smtpd_sasl_path", "local_transport"]).stdout
+    assert main.split() == ["private/auth", "lmtp:unix:private/dovecot-lmtp"]
+
+
 @pytest.mark.parametrize(
     ("header", "table", "expected"),
     [
