@@ -282,7 +282,14 @@ def test_postfix_mail_flow(rendered, tmp_path, test_cert):
     assert main("disable_vrfy_command") == "no"  # VRFY answers 252, as upstream
     assert main("inet_protocols") == ("all" if m["ipv6"] else "ipv4")
     master_text = (d / "master.cf").read_text()
-    assert master_text.count(f"{s['max_smtp_connections']}    smtpd") == 2
+    assert master_text.count(f"{s['max_smtp_connections']}    smtpd") == 3
+    # SMTP over 443 (nginx's switch) arrives here with the client's address in a PROXY header
+    proxied = services[f"127.0.0.1:{m['ports']['submissions_proxied']}"]
+    assert proxied["smtpd_upstream_proxy_protocol"] == "haproxy"
+    assert proxied["smtpd_tls_wrappermode"] == "yes"
+    assert {k: v for k, v in proxied.items() if k not in ("syslog_name", "smtpd_upstream_proxy_protocol")} == {
+        k: v for k, v in services["465"].items() if k != "syslog_name"
+    }
 
 
 CHROOTED = {"25", "587", "465", "smtp", "relay", "lmtp", "cleanup", "authclean", "pickup",
@@ -405,6 +412,9 @@ def test_dovecot_passes_doveconf(rendered, tmp_path, test_cert, request):
     assert "chatmail-quota-expire" in out
     assert str(s["max_imap_connections"]) in out
     assert "port = 9900" in out
+    # IMAP over 443: a loopback listener that reads nginx's PROXY header
+    assert re.search(r"inet_listener imaps_proxied \{[^}]*haproxy = yes[^}]*\}", out), out
+    assert re.search(r"haproxy_trusted_networks = 127\.0\.0\.1(/32)?\n", out)
     if s.get("privacy_mail"):
         assert f"mail_server_admin = mailto:{s['privacy_mail']}" in out
     if m["dovecot"]["syntax"] == "2.3":
@@ -440,11 +450,19 @@ def test_nginx_passes_nginx_t(rendered, tmp_path, test_cert):
     dump = run(["nginx", "-q", "-T", "-c", str(conf)]).stdout
     assert dump.count("access_log") == 1
     assert "ssl_preread on;" in dump
-    assert f"127.0.0.1:{m['ports']['imaps']}" in dump
+    p = m["ports"]
+    # the 443 switch passes the client's address to every upstream (PROXY header)
+    assert f"~\\bimap\\b 127.0.0.1:{p['imaps_proxied']};" in dump
+    assert f"~\\bsmtp\\b 127.0.0.1:{p['submissions_proxied']};" in dump
+    assert "proxy_protocol on;" in dump
+    assert dump.count(f"listen 127.0.0.1:{p['https_internal']} ssl proxy_protocol") == 2
+    assert "set_real_ip_from 127.0.0.1;" in dump and "real_ip_header proxy_protocol;" in dump
     assert f"proxy_pass http://127.0.0.1:{m['api']['port']};" in dump
     assert ("[::]:443" in dump) is m["ipv6"]
+    # /new is rate-limited per client (an IPv6 client per /64) in every TLS mode
+    assert "limit_req_zone $chatmail_new_client zone=newaccount" in dump
+    assert "limit_req zone=newaccount" in dump
     if m["tls"]["mode"] == "self":
-        assert "limit_req zone=newaccount" in dump
         assert "dcaccount:" not in dump
     else:
         assert f"return 301 dcaccount:https://{m['mail_domain']}/new;" in dump
