@@ -324,6 +324,31 @@ def test_new_account_endpoint(relay):
         pass
 
 
+def post_new_from(source: str, domain: str) -> int:
+    conn = http.client.HTTPSConnection(
+        HOST, 443, context=unverified_context(), timeout=30, source_address=(source, 0)
+    )
+    try:
+        conn.request("POST", "/new", headers={"Host": domain})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_new_is_limited_per_client_through_443(relay):
+    """The 443 switch passes each client's address (PROXY header): one client past the
+    rate limit leaves another's bucket alone. Before, every client was 127.0.0.1."""
+    statuses = [post_new_from("127.0.0.2", relay.domain) for _ in range(12)]
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    assert post_new_from("127.0.0.1", relay.domain) == 200
+
+
+def test_health_through_443_is_not_local(relay):
+    """Through nginx nobody is the relay's own monitoring, even from 127.0.0.1."""
+    status, _, body = relay.https_get("/health")
+    assert status != 200, body
+
+
 def test_tls_versions(relay):
     """Submission and IMAPS refuse TLS 1.2 (TLS 1.3 only, like upstream)."""
     ctx = unverified_context()
