@@ -208,6 +208,8 @@ def test_web_is_httpd_and_relayd(openbsd):
     assert f"listen on 127.0.0.1 port {m['web']['httpd_port']}" in httpd
     assert 'tls keypair "mailserver"' in relayd
     assert 'match request path "/new" method POST forward to <api>' in relayd
+    # relayd ends TLS itself: it replaces X-Forwarded-For with the client's address
+    assert 'match request header set "X-Forwarded-For" value "$REMOTE_ADDR"' in relayd
     assert f"forward to <api> port {m['api']['port']}" in relayd
     # no ALPN switch on OpenBSD: autoconfig offers 443 for nothing but the web
     autoconfig = openbsd.text(m["paths"]["wellknown"] + "/config-v1.1.xml")
