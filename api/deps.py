@@ -122,9 +122,7 @@ def _require(scope: str):
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
         address = _address(client)
-        allowed = local or (
-            address is not None and any(address in net for net in settings.allow)
-        )
+        allowed = local or (address is not None and any(address in net for net in settings.allow))
         if settings.allow and not allowed:
             raise HTTPException(403, f"client address {client} is not allowed")
         if credentials is None:

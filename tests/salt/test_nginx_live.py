@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import threading
 import time
-from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from test_render import stand_in
@@ -30,7 +30,7 @@ def free_port() -> int:
 class Backend(http.server.BaseHTTPRequestHandler):
     """The control API's stand-in: answers /new with the forwarded client address."""
 
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
     def do_POST(self):
         Backend.seen.append(self.headers.get("X-Forwarded-For", ""))

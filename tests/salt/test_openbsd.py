@@ -275,7 +275,9 @@ def test_pillar_example_pins_no_per_os_value(render):
 
 
 def state_args(states: dict, state_id: str, module: str) -> dict:
-    return dict(kv for arg in states[state_id][module] if isinstance(arg, dict) for kv in arg.items())
+    return dict(
+        kv for arg in states[state_id][module] if isinstance(arg, dict) for kv in arg.items()
+    )
 
 
 def test_smtpd_queue_snapshot_is_a_root_cron_job(openbsd):
@@ -287,10 +289,15 @@ def test_smtpd_queue_snapshot_is_a_root_cron_job(openbsd):
     cron = state_args(openbsd.states, "chatmail-api-smtpd-queue-cron", "cron")
     assert cron["user"] == "root"
     assert cron["minute"] == "*/1"
-    assert "smtpctl show queue" in cron["name"] and cron["name"].endswith(f"mv {snapshot}.tmp {snapshot}")
+    assert "smtpctl show queue" in cron["name"] and cron["name"].endswith(
+        f"mv {snapshot}.tmp {snapshot}"
+    )
 
 
-@pytest.mark.parametrize(("interval", "minute", "hour"), [("5min", "*/5", "*"), ("15min", "*/15", "*"), ("2h", "0", "*/2")])
+@pytest.mark.parametrize(
+    ("interval", "minute", "hour"),
+    [("5min", "*/5", "*"), ("15min", "*/15", "*"), ("2h", "0", "*/2")],
+)
 def test_stats_cron_follows_stats_interval(render, interval, minute, hour):
     pillar = {"chatmail": {"mail_domain": "chat.example.org", "api": {"stats_interval": interval}}}
     rendered = render("openbsd7", f"stats-{interval}", pillar=pillar, grains=OPENBSD_GRAINS)
@@ -311,12 +318,18 @@ def test_rc_d_daemons_have_login_classes(openbsd, script):
     assert entry[-1] == ":tc=daemon:"
     if "openfiles" in limit:
         assert f":openfiles={limit['openfiles']}:\\" in entry
-    sid = "chatmail-api" if script == "chatmail_api" else f"chatmail-chatmaild-{script.replace('_', '-')}"
+    sid = (
+        "chatmail-api"
+        if script == "chatmail_api"
+        else f"chatmail-chatmaild-{script.replace('_', '-')}"
+    )
     watched = state_args(openbsd.states, f"{sid}-service", "service")["watch"]
     assert {"file": f"{sid}-login-class"} in watched
 
 
 def test_login_class_needs_a_size(render):
-    pillar = {"chatmail": {"mail_domain": "chat.example.org", "limits": {"lastlogin": {"memory": "10%"}}}}
+    pillar = {
+        "chatmail": {"mail_domain": "chat.example.org", "limits": {"lastlogin": {"memory": "10%"}}}
+    }
     with pytest.raises(RenderError, match="limits:lastlogin:memory must be a size"):
         render("openbsd7", "percent", pillar=pillar, grains=OPENBSD_GRAINS)

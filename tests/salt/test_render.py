@@ -287,9 +287,11 @@ def test_postfix_mail_flow(rendered, tmp_path, test_cert):
     proxied = services[f"127.0.0.1:{m['ports']['submissions_proxied']}"]
     assert proxied["smtpd_upstream_proxy_protocol"] == "haproxy"
     assert proxied["smtpd_tls_wrappermode"] == "yes"
-    assert {k: v for k, v in proxied.items() if k not in ("syslog_name", "smtpd_upstream_proxy_protocol")} == {
-        k: v for k, v in services["465"].items() if k != "syslog_name"
-    }
+    assert {
+        k: v
+        for k, v in proxied.items()
+        if k not in ("syslog_name", "smtpd_upstream_proxy_protocol")
+    } == {k: v for k, v in services["465"].items() if k != "syslog_name"}
 
 
 CHROOTED = {"25", "587", "465", "smtp", "relay", "lmtp", "cleanup", "authclean", "pickup",
@@ -314,9 +316,12 @@ def test_postfix_services_run_chrooted_as_upstream(rendered, tmp_path, test_cert
     for port in (s["postfix_reinject_port"], s["postfix_reinject_port_incoming"]):
         assert chroot[f"127.0.0.1:{port}"] == "n"
     services = postconf_services(d)
-    assert services["127.0.0.1:" + str(s["postfix_reinject_port"])].get(
-        "smtpd_milters", "unix:opendkim/opendkim.sock"
-    ) == "unix:opendkim/opendkim.sock"  # relative: the same socket inside and outside
+    assert (
+        services["127.0.0.1:" + str(s["postfix_reinject_port"])].get(
+            "smtpd_milters", "unix:opendkim/opendkim.sock"
+        )
+        == "unix:opendkim/opendkim.sock"
+    )  # relative: the same socket inside and outside
     main = run(["postconf", "-c", str(d), "-h", "smtpd_sasl_path", "local_transport"]).stdout
     assert main.split() == ["private/auth", "lmtp:unix:private/dovecot-lmtp"]
 
