@@ -349,6 +349,23 @@ def test_health_through_443_is_not_local(relay):
     assert status != 200, body
 
 
+def test_postfix_services_run_chrooted(relay):
+    """Mail flows (the tests above) while smtpd, cleanup, smtp and lmtp run chrooted in
+    the queue directory, whose resolv.conf is the relay's (unbound)."""
+    if relay.platform.mta != "postfix":
+        pytest.skip("OpenSMTPD: no master.cf")
+    container = relay.container
+    chroot = container.run(["postconf", "-F", "25/inet/chroot", "smtp/unix/chroot"]).stdout
+    assert chroot.split() == ["25/inet/chroot", "=", "y", "smtp/unix/chroot", "=", "y"]
+    assert container.read_file("/var/spool/postfix/etc/resolv.conf") == container.read_file(
+        "/etc/resolv.conf"
+    )
+    with socket.create_connection((HOST, 25), timeout=15) as conn:
+        assert conn.recv(200).startswith(b"220 ")  # an smtpd serves this connection
+        smtpd = container.run("readlink /proc/$(pgrep -n -x smtpd)/root").stdout
+    assert smtpd.strip() == "/var/spool/postfix", smtpd
+
+
 def test_tls_versions(relay):
     """Submission and IMAPS refuse TLS 1.2 (TLS 1.3 only, like upstream)."""
     ctx = unverified_context()
