@@ -657,6 +657,9 @@ SUB_STATES = (
     "chatmail.resolver",
     "chatmail.expiry",
     "chatmail.checks",
+    "chatmail.limits",
+    "chatmail.api.stats",
+    "chatmail.api.daemon",
 )
 
 
