@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from opensmtpd_support import smtpd_check
 from saltsupport import PILLARS, PLATFORMS, RenderError
 from test_openbsd import OPENBSD_GRAINS
+from test_render import stand_in
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["id", "-u"], check=False, capture_output=True, text=True).stdout.strip() != "0",
@@ -218,3 +219,24 @@ def test_without_dkim_submission_runs_chatmail_out_only(render):
     by_tag = listeners(conf)
     assert all('filter "chatmail-out"' in line for line in by_tag["submission"].splitlines())
     assert by_tag["own"] == 'listen on socket tag "own"'
+
+
+def test_nginx_hop_drops_the_proxy_header_for_smtpd(rendered, tmp_path, test_cert):
+    """OpenSMTPD reads only PROXY v2 and nginx sends v1: SMTP over 443 goes through a
+    stream hop that takes the header off, to smtpd's own port 465."""
+    m = rendered.map
+    if m["web"]["server"] != "nginx":
+        pytest.skip("OpenBSD: relayd, no ALPN switch")
+    p = m["ports"]
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(stand_in(rendered.text("/etc/nginx/nginx.conf"), m, *test_cert))
+    result = subprocess.run(
+        ["nginx", "-q", "-T", "-c", str(conf)], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    hop = re.search(
+        rf"listen 127\.0\.0\.1:{p['submissions_proxied']} proxy_protocol;\s*"
+        rf"proxy_pass 127\.0\.0\.1:{p['submissions']};",
+        result.stdout,
+    )
+    assert hop, result.stdout
