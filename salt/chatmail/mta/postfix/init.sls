@@ -130,13 +130,11 @@ chatmail-mta-reload:
     resolv.conf, which Debian's postfix@ unit refreshes only when Postfix starts; the
     resolver state points /etc/resolv.conf at unbound at the very end of the run, after
     Postfix started. New smtp processes read the copy, so no restart is needed. #}
+{%- set chroot_resolv_conf = chatmail.postfix.queue_directory ~ "/etc/resolv.conf" %}
 chatmail-mta-chroot-resolv-conf:
-  file.copy:
-    - name: {{ chatmail.postfix.queue_directory }}/etc/resolv.conf
-    - source: {{ chatmail.resolver.resolv_conf }}
-    - force: True
-    - makedirs: True
-    - mode: "0644"
+  cmd.run:
+    - name: install -D -m 0644 {{ chatmail.resolver.resolv_conf }} {{ chroot_resolv_conf }}
+    - unless: cmp -s {{ chatmail.resolver.resolv_conf }} {{ chroot_resolv_conf }}
     - order: last
     - require:
       - file: chatmail-resolver-resolv-conf
