@@ -363,10 +363,11 @@ def test_postfix_services_run_chrooted(relay):
     with socket.create_connection((HOST, 25), timeout=15) as conn:
         assert conn.recv(200).startswith(b"220 ")  # an smtpd serves this connection
         # master starts port 25's smtpd as "smtpd -n 25 ..." (the reinjection listeners'
-        # smtpd, -n 127.0.0.1:<port>, stay outside the chroot)
+        # smtpd, -n 127.0.0.1:<port>, stay outside the chroot); $n keeps this shell's
+        # own command line from matching
         roots = container.run(
-            "for p in /proc/[0-9]*; do case $(tr '\\0' ' ' <$p/cmdline) in"
-            ' *"smtpd -n 25 "*) readlink $p/root;; esac; done 2>/dev/null; true'
+            "n=25; for p in /proc/[0-9]*; do case $(tr '\\0' ' ' <$p/cmdline) in"
+            ' "smtpd -n $n "*|*"/smtpd -n $n "*) readlink $p/root;; esac; done 2>/dev/null; true'
         ).stdout.split()
     assert roots and set(roots) == {"/var/spool/postfix"}, roots
 
