@@ -30,13 +30,22 @@ def get_settings(runtime: RuntimeDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+#: Headers a proxy adds: a request carrying one came through a proxy.
+PROXY_HEADERS = ("x-forwarded-for", "x-real-ip")
+
+
+def _peer(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
 def client_address(request: Request, settings: Settings) -> str:
-    """The peer, or the address our own proxy (nginx) appended to X-Forwarded-For.
+    """The peer, or the address our own proxy (nginx) put into X-Forwarded-For.
 
     Only the rightmost untrusted X-Forwarded-For entry counts: anything left of it was
-    written by the client and can be forged.
+    written by the client and can be forged. If every entry is a proxy of ours, the
+    leftmost is the client (nginx forwarding a client on the relay itself).
     """
-    peer = request.client.host if request.client else ""
+    peer = _peer(request)
     try:
         trusted = ipaddress.ip_address(peer) in settings.trusted_proxies
     except ValueError:
@@ -44,14 +53,30 @@ def client_address(request: Request, settings: Settings) -> str:
     forwarded = request.headers.get("x-forwarded-for")
     if not trusted or not forwarded:
         return peer
-    for hop in reversed([h.strip() for h in forwarded.split(",")]):
+    hops = []
+    for hop in [h.strip() for h in forwarded.split(",")]:
         try:
-            address = ipaddress.ip_address(hop)
+            hops.append(ipaddress.ip_address(hop))
         except ValueError:
             return peer  # garbage from the proxy chain: fall back to the peer
+    for address in reversed(hops):
         if address not in settings.trusted_proxies:
             return str(address)
-    return peer
+    return str(hops[0])
+
+
+def is_local(request: Request) -> bool:
+    """A loopback peer that no proxy forwarded: the relay's own monitoring or admin.
+
+    Anything that came through a proxy (X-Forwarded-For or X-Real-IP present, even
+    empty or naming a loopback address) is remote: nginx forwards web clients, and with
+    the 443 switch a web client may well be 127.0.0.1. A forged header only loses
+    privileges.
+    """
+    if any(name in request.headers for name in PROXY_HEADERS):
+        return False
+    address = _address(_peer(request))
+    return address is not None and address.is_loopback
 
 
 def get_client(request: Request, settings: SettingsDep) -> str:
@@ -59,6 +84,9 @@ def get_client(request: Request, settings: SettingsDep) -> str:
 
 
 ClientDep = Annotated[str, Depends(get_client)]
+
+
+LocalDep = Annotated[bool, Depends(is_local)]
 
 
 @dataclass(frozen=True)
@@ -90,12 +118,11 @@ def _require(scope: str):
     def check(
         settings: SettingsDep,
         client: ClientDep,
+        local: LocalDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
         address = _address(client)
-        allowed = address is not None and (
-            address.is_loopback or any(address in net for net in settings.allow)
-        )
+        allowed = local or (address is not None and any(address in net for net in settings.allow))
         if settings.allow and not allowed:
             raise HTTPException(403, f"client address {client} is not allowed")
         if credentials is None:
@@ -118,13 +145,14 @@ AdminAuth = Annotated[Caller, Depends(_require("admin"))]
 def _health_access(
     settings: SettingsDep,
     client: ClientDep,
+    local: LocalDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
-    """/health is open to loopback (local monitoring) or to all with ``public_health``."""
-    address = _address(client)
-    if settings.public_health or (address is not None and address.is_loopback):
+    """/health is open to local callers (monitoring on the relay) or to all with
+    ``public_health``; never to a client our proxy forwarded."""
+    if settings.public_health or local:
         return
-    _require("monitor")(settings, client, credentials)
+    _require("monitor")(settings, client, local, credentials)
 
 
 HealthAccess = Annotated[None, Depends(_health_access)]

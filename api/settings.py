@@ -108,7 +108,8 @@ class Settings(_Strict):
     #: /health without a token for everyone; false: only for loopback clients (local
     #: monitoring), others (e.g. forwarded by nginx) need a monitor token.
     public_health: bool = False
-    #: Peers whose X-Forwarded-For is believed (nginx on the same host).
+    #: Peers whose X-Forwarded-For is believed (nginx on the same host). A request
+    #: carrying it is never local (no /health or allow-list privileges of loopback).
     trusted_proxies: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
         ipaddress.IPv4Address("127.0.0.1"),
         ipaddress.IPv6Address("::1"),

@@ -20,3 +20,4 @@ include:
 {%- endif %}
   - chatmail.www
   - chatmail.logging
+  - chatmail.limits

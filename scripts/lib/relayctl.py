@@ -53,7 +53,7 @@ RECIPE_VERSION = "4"
 
 #: Ports the relay binds in the host's network namespace: public ones, then loopback-only ones.
 PUBLIC_PORTS = (25, 80, 143, 443, 465, 587, 993)
-LOOPBACK_PORTS = (53, 8077, 8443, 10025, 10026, 10080, 10081, 10082, 10083)
+LOOPBACK_PORTS = (53, 8077, 8443, 10025, 10026, 10080, 10081, 10082, 10083, 10465, 10993)
 
 #: Where the formula keeps the mailboxes (vmail's home), for a separate mail filesystem.
 MAILBOXES_PARENT = "/home/vmail/mail"

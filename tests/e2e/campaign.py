@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import re
 import resource
 import secrets
 import ssl
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -134,6 +134,7 @@ class Message:
     status: str = "unsent"  # accepted | refused | deferred
     reply: str = ""
     attempts: int = 0
+    queued_at: float = 0.0  # when the client wanted to send it: latency counts from here
     accepted_at: float = 0.0
 
 
@@ -148,16 +149,21 @@ class PhaseReport:
     duplicated: int = 0
     refused_but_delivered: int = 0
     latencies: list[float] = field(default_factory=list)
+    #: messages accepted per second, from the phase's first send to its last acceptance
+    accepted_rate: float = 0.0
     note: str = ""
 
-    def line(self) -> str:
+    def latency(self, quantile: float) -> float:
         lat = sorted(self.latencies)
-        p50 = f"{statistics.median(lat):.2f}" if lat else "-"
-        p99 = f"{lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.2f}" if lat else "-"
+        return lat[min(len(lat) - 1, int(len(lat) * quantile))] if lat else float("nan")
+
+    def line(self) -> str:
+        p50, p99 = f"{self.latency(0.5):.2f}", f"{self.latency(0.99):.2f}"
         return (
             f"{self.name:<28} sent {self.sent:>5}  delivered {self.delivered:>5}  "
             f"refused {self.refused:>3}  deferred {self.deferred:>3}  lost {self.lost:>3}  "
-            f"duplicated {self.duplicated:>3}  latency p50 {p50} s p99 {p99} s {self.note}"
+            f"duplicated {self.duplicated:>3}  latency p50 {p50} s p99 {p99} s  "
+            f"accepted {self.accepted_rate:.1f}/s {self.note}"
         )
 
 
@@ -319,7 +325,9 @@ class Campaign:
             await asyncio.sleep(max(0.0, started + i / self.rate - time.monotonic()))
             recipient = self.receivers[i % len(self.receivers)][0]
             msgid = f"<{slug}.{i}.{secrets.token_hex(4)}@{self.relay.domain}>"
-            message = Message(msgid, self.senders[i % len(self.senders)], recipient)
+            message = Message(
+                msgid, self.senders[i % len(self.senders)], recipient, queued_at=time.monotonic()
+            )
             self.messages[msgid] = message
             self.phase_of[msgid] = name
             queues[i % len(queues)].put_nowait(message)
@@ -372,11 +380,17 @@ class Campaign:
             if delivered:
                 rep.delivered += 1
                 if message.status == "accepted" and msgid in self.seen_at:
-                    rep.latencies.append(self.seen_at[msgid] - message.accepted_at)
+                    rep.latencies.append(self.seen_at[msgid] - message.queued_at)
             elif message.status == "accepted":
                 rep.lost += 1
             else:
                 rep.deferred += 1
+        for rep in reports.values():
+            phase = [m for m in self.messages.values() if self.phase_of[m.msgid] == rep.name]
+            accepted = [m.accepted_at for m in phase if m.status == "accepted"]
+            if accepted:
+                span = max(accepted) - min(m.queued_at for m in phase)
+                rep.accepted_rate = len(accepted) / max(span, 1e-3)
         return list(reports.values())
 
 
@@ -470,17 +484,32 @@ def crash_and_boot(container) -> str:
     return f"(down {time.monotonic() - started:.0f} s)"
 
 
+#: Run inside the container: CPU seconds (of live processes and their reaped children) and
+#: PSS bytes per systemd unit, from /proc. The test host's cgroup v1 gives the container no
+#: per-unit cpu or memory controller, so /proc is what there is.
+USAGE_SCRIPT = r"""
+import json, os, re
+ticks = os.sysconf("SC_CLK_TCK")
+usage = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        unit = re.search(r"/([^/\n]+\.service)", open(f"/proc/{pid}/cgroup").read())
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        pss = re.search(r"^Pss:\s+(\d+)", open(f"/proc/{pid}/smaps_rollup").read(), re.M)
+    except OSError:
+        continue
+    if unit:
+        entry = usage.setdefault(unit.group(1), [0.0, 0])
+        entry[0] += sum(int(v) for v in stat[11:15]) / ticks  # utime stime cutime cstime
+        entry[1] += int(pss.group(1)) * 1024 if pss else 0
+print(json.dumps(usage))
+"""
+
+
 def service_usage(container, units: list[str]) -> dict[str, tuple[float, int]]:
-    """(CPU seconds, peak memory bytes) per unit, from the container's cgroups."""
-    usage = {}
-    for unit in units:
-        base = f"/sys/fs/cgroup/system.slice/{unit}"
-        res = container.run(f"cat {base}/cpu.stat {base}/memory.peak 2>/dev/null", check=False)
-        cpu = re.search(r"usage_usec (\d+)", res.stdout)
-        lines = res.stdout.split()
-        if cpu and lines and lines[-1].isdigit():
-            usage[unit] = (int(cpu.group(1)) / 1e6, int(lines[-1]))
-    return usage
+    """(CPU seconds so far, PSS bytes now) per unit."""
+    usage = json.loads(container.run(["python3", "-"], input=USAGE_SCRIPT).stdout)
+    return {unit: tuple(usage[unit]) for unit in units if unit in usage}
 
 
 async def run(

@@ -324,6 +324,54 @@ def test_new_account_endpoint(relay):
         pass
 
 
+def post_new_from(source: str, domain: str) -> int:
+    conn = http.client.HTTPSConnection(
+        HOST, 443, context=unverified_context(), timeout=30, source_address=(source, 0)
+    )
+    try:
+        conn.request("POST", "/new", headers={"Host": domain})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_new_is_limited_per_client_through_443(relay):
+    """The 443 switch passes each client's address (PROXY header): one client past the
+    rate limit leaves another's bucket alone. Before, every client was 127.0.0.1."""
+    statuses = [post_new_from("127.0.0.2", relay.domain) for _ in range(12)]
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    assert post_new_from("127.0.0.1", relay.domain) == 200
+
+
+def test_health_through_443_is_not_local(relay):
+    """Through nginx nobody is the relay's own monitoring, even from 127.0.0.1."""
+    status, _, body = relay.https_get("/health")
+    assert status != 200, body
+
+
+def test_postfix_services_run_chrooted(relay):
+    """Mail flows (the tests above) while smtpd, cleanup, smtp and lmtp run chrooted in
+    the queue directory, whose resolv.conf is the relay's (unbound)."""
+    if relay.platform.mta != "postfix":
+        pytest.skip("OpenSMTPD: no master.cf")
+    container = relay.container
+    chroot = container.run(["postconf", "-F", "25/inet/chroot", "smtp/unix/chroot"]).stdout
+    assert chroot.split() == ["25/inet/chroot", "=", "y", "smtp/unix/chroot", "=", "y"]
+    assert container.read_file("/var/spool/postfix/etc/resolv.conf") == container.read_file(
+        "/etc/resolv.conf"
+    )
+    with socket.create_connection((HOST, 25), timeout=15) as conn:
+        assert conn.recv(200).startswith(b"220 ")  # an smtpd serves this connection
+        # master starts port 25's smtpd as "smtpd -n 25 ..." (the reinjection listeners'
+        # smtpd, -n 127.0.0.1:<port>, stay outside the chroot); $n keeps this shell's
+        # own command line from matching
+        roots = container.run(
+            "n=25; for p in /proc/[0-9]*; do case $(tr '\\0' ' ' <$p/cmdline) in"
+            ' "smtpd -n $n "*|*"/smtpd -n $n "*) readlink $p/root;; esac; done 2>/dev/null; true'
+        ).stdout.split()
+    assert roots and set(roots) == {"/var/spool/postfix"}, roots
+
+
 def test_tls_versions(relay):
     """Submission and IMAPS refuse TLS 1.2 (TLS 1.3 only, like upstream)."""
     ctx = unverified_context()

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from saltsupport import OPENBSD_GRAINS, PILLARS
+from saltsupport import OPENBSD_GRAINS, PILLARS, RenderError
 from test_render import GOLDEN_DIR, doveconf_check
 
 OPENBSD_PILLARS = ["example", "underscore"]
@@ -199,6 +199,8 @@ def test_web_is_httpd_and_relayd(openbsd):
     assert f"listen on 127.0.0.1 port {m['web']['httpd_port']}" in httpd
     assert 'tls keypair "mailserver"' in relayd
     assert 'match request path "/new" method POST forward to <api>' in relayd
+    # relayd ends TLS itself: it replaces X-Forwarded-For with the client's address
+    assert 'match request header set "X-Forwarded-For" value "$REMOTE_ADDR"' in relayd
     assert f"forward to <api> port {m['api']['port']}" in relayd
     # no ALPN switch on OpenBSD: autoconfig offers 443 for nothing but the web
     autoconfig = openbsd.text(m["paths"]["wellknown"] + "/config-v1.1.xml")
@@ -261,3 +263,64 @@ def test_pillar_example_pins_no_per_os_value(render):
         if get(example, path) not in ("", None) and get(debian, path) != get(openbsd, path)
     ]
     assert not pinned, f"pillar.example pins per-OS keys: {pinned}"
+
+
+def state_args(states: dict, state_id: str, module: str) -> dict:
+    return dict(
+        kv for arg in states[state_id][module] if isinstance(arg, dict) for kv in arg.items()
+    )
+
+
+def test_smtpd_queue_snapshot_is_a_root_cron_job(openbsd):
+    """smtpd lists its queue to root only: a root cron job writes the listing the API
+    reads every minute, else the API's queue check stays `unknown` forever."""
+    settings = state_args(openbsd.states, "chatmail-api-settings", "file")["dataset"]
+    settings = json.loads(settings) if isinstance(settings, str) else settings
+    snapshot = settings["queue_snapshot"]
+    cron = state_args(openbsd.states, "chatmail-api-smtpd-queue-cron", "cron")
+    assert cron["user"] == "root"
+    assert cron["minute"] == "*/1"
+    assert "smtpctl show queue" in cron["name"] and cron["name"].endswith(
+        f"mv {snapshot}.tmp {snapshot}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("interval", "minute", "hour"),
+    [("5min", "*/5", "*"), ("15min", "*/15", "*"), ("2h", "0", "*/2")],
+)
+def test_stats_cron_follows_stats_interval(render, interval, minute, hour):
+    pillar = {"chatmail": {"mail_domain": "chat.example.org", "api": {"stats_interval": interval}}}
+    rendered = render("openbsd7", f"stats-{interval}", pillar=pillar, grains=OPENBSD_GRAINS)
+    cron = state_args(rendered.states, "chatmail-api-stats-cron", "cron")
+    assert (cron["minute"], cron.get("hour", "*")) == (minute, hour)
+    assert cron["user"] == "_vmail"
+
+
+@pytest.mark.parametrize("script", [*RC_D_DAEMONS, "chatmail_api"])
+def test_rc_d_daemons_have_login_classes(openbsd, script):
+    """rc.subr(8) runs /etc/rc.d/<script> with the login class <script> when
+    /etc/login.conf.d/<script> defines it: the relay's memory and file ceilings."""
+    limit = openbsd.map["limits"][script.replace("_", "-")]
+    text = openbsd.text(f"/etc/login.conf.d/{script}")
+    entry = [line.strip() for line in text.splitlines() if not line.startswith("#")]
+    assert entry[0] == f"{script}:\\"
+    assert f":datasize={limit['memory']}:\\" in entry
+    assert entry[-1] == ":tc=daemon:"
+    if "openfiles" in limit:
+        assert f":openfiles={limit['openfiles']}:\\" in entry
+    sid = (
+        "chatmail-api"
+        if script == "chatmail_api"
+        else f"chatmail-chatmaild-{script.replace('_', '-')}"
+    )
+    watched = state_args(openbsd.states, f"{sid}-service", "service")["watch"]
+    assert {"file": f"{sid}-login-class"} in watched
+
+
+def test_login_class_needs_a_size(render):
+    pillar = {
+        "chatmail": {"mail_domain": "chat.example.org", "limits": {"lastlogin": {"memory": "10%"}}}
+    }
+    with pytest.raises(RenderError, match="limits:lastlogin:memory must be a size"):
+        render("openbsd7", "percent", pillar=pillar, grains=OPENBSD_GRAINS)

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 from opensmtpd_support import smtpd_check
 from saltsupport import OPENBSD_GRAINS, PILLARS, PLATFORMS, RenderError
+from test_render import stand_in
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["id", "-u"], check=False, capture_output=True, text=True).stdout.strip() != "0",
@@ -213,3 +214,26 @@ def test_without_dkim_submission_runs_chatmail_out_only(render):
     by_tag = listeners(conf)
     assert all('filter "chatmail-out"' in line for line in by_tag["submission"].splitlines())
     assert by_tag["own"] == 'listen on socket tag "own"'
+
+
+@pytest.mark.parametrize("pillar_name", ["example", "underscore"])
+def test_nginx_hop_drops_the_proxy_header_for_smtpd(render, pillar_name, tmp_path, test_cert):
+    """OpenSMTPD reads only PROXY v2 and nginx sends v1: SMTP over 443 goes through a
+    stream hop that takes the header off, to smtpd's own port 465. (OpenBSD has relayd,
+    no ALPN switch.)"""
+    rendered = render("debian13", pillar_name, pillar=opensmtpd_pillar(pillar_name))
+    m = rendered.map
+    assert m["web"]["server"] == "nginx"
+    p = m["ports"]
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(stand_in(rendered.text("/etc/nginx/nginx.conf"), m, *test_cert))
+    result = subprocess.run(
+        ["nginx", "-q", "-T", "-c", str(conf)], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    hop = re.search(
+        rf"listen 127\.0\.0\.1:{p['submissions_proxied']} proxy_protocol;\s*"
+        rf"proxy_pass 127\.0\.0\.1:{p['submissions']};",
+        result.stdout,
+    )
+    assert hop, result.stdout

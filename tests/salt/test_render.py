@@ -305,7 +305,48 @@ def test_postfix_mail_flow(rendered, tmp_path, test_cert):
     assert main("disable_vrfy_command") == "no"  # VRFY answers 252, as upstream
     assert main("inet_protocols") == ("all" if m["ipv6"] else "ipv4")
     master_text = (d / "master.cf").read_text()
-    assert master_text.count(f"{s['max_smtp_connections']}    smtpd") == 2
+    assert master_text.count(f"{s['max_smtp_connections']}    smtpd") == 3
+    # SMTP over 443 (nginx's switch) arrives here with the client's address in a PROXY header
+    proxied = services[f"127.0.0.1:{m['ports']['submissions_proxied']}"]
+    assert proxied["smtpd_upstream_proxy_protocol"] == "haproxy"
+    assert proxied["smtpd_tls_wrappermode"] == "yes"
+    assert {
+        k: v
+        for k, v in proxied.items()
+        if k not in ("syslog_name", "smtpd_upstream_proxy_protocol")
+    } == {k: v for k, v in services["465"].items() if k != "syslog_name"}
+
+
+CHROOTED = {"25", "587", "465", "smtp", "relay", "lmtp", "cleanup", "authclean", "pickup",
+            "bounce", "showq", "tlsmgr", "anvil"}  # fmt: skip
+UNCHROOTED = {"qmgr", "proxymap", "proxywrite", "postlog"}
+
+
+def test_postfix_services_run_chrooted_as_upstream(rendered, tmp_path, test_cert):
+    """Services facing the network or parsing mail run in the queue directory's chroot
+    (upstream's master.cf); qmgr, proxymap, postlog and the reinjection listeners do not.
+    Whatever they open at run time is relative to the queue directory."""
+    d = postfix_dir(rendered, tmp_path, *test_cert)
+    result = run(["postconf", "-c", str(d), "-F", "*/*/chroot"])
+    assert result.returncode == 0, result.stderr
+    chroot = {}
+    for line in result.stdout.splitlines():
+        service, _, value = line.partition(" = ")
+        chroot[service.split("/")[0]] = value
+    assert {name for name in CHROOTED if chroot[name] != "y"} == set()
+    assert {name for name in UNCHROOTED if chroot[name] != "n"} == set()
+    s = rendered.map["settings"]
+    for port in (s["postfix_reinject_port"], s["postfix_reinject_port_incoming"]):
+        assert chroot[f"127.0.0.1:{port}"] == "n"
+    services = postconf_services(d)
+    assert (
+        services["127.0.0.1:" + str(s["postfix_reinject_port"])].get(
+            "smtpd_milters", "unix:opendkim/opendkim.sock"
+        )
+        == "unix:opendkim/opendkim.sock"
+    )  # relative: the same socket inside and outside
+    main = run(["postconf", "-c", str(d), "-h", "smtpd_sasl_path", "local_transport"]).stdout
+    assert main.split() == ["private/auth", "lmtp:unix:private/dovecot-lmtp"]
 
 
 @pytest.mark.parametrize(
@@ -399,6 +440,9 @@ def test_dovecot_passes_doveconf(rendered, tmp_path, test_cert, request):
     assert "chatmail-quota-expire" in out
     assert str(s["max_imap_connections"]) in out
     assert "port = 9900" in out
+    # IMAP over 443: a loopback listener that reads nginx's PROXY header
+    assert re.search(r"inet_listener imaps_proxied \{[^}]*haproxy = yes[^}]*\}", out), out
+    assert re.search(r"haproxy_trusted_networks = 127\.0\.0\.1(/32)?\n", out)
     if s.get("privacy_mail"):
         assert f"mail_server_admin = mailto:{s['privacy_mail']}" in out
     if m["dovecot"]["syntax"] == "2.3":
@@ -434,11 +478,19 @@ def test_nginx_passes_nginx_t(rendered, tmp_path, test_cert):
     dump = run(["nginx", "-q", "-T", "-c", str(conf)]).stdout
     assert dump.count("access_log") == 1
     assert "ssl_preread on;" in dump
-    assert f"127.0.0.1:{m['ports']['imaps']}" in dump
+    p = m["ports"]
+    # the 443 switch passes the client's address to every upstream (PROXY header)
+    assert f"~\\bimap\\b 127.0.0.1:{p['imaps_proxied']};" in dump
+    assert f"~\\bsmtp\\b 127.0.0.1:{p['submissions_proxied']};" in dump
+    assert "proxy_protocol on;" in dump
+    assert dump.count(f"listen 127.0.0.1:{p['https_internal']} ssl proxy_protocol") == 2
+    assert "set_real_ip_from 127.0.0.1;" in dump and "real_ip_header proxy_protocol;" in dump
     assert f"proxy_pass http://127.0.0.1:{m['api']['port']};" in dump
     assert ("[::]:443" in dump) is m["ipv6"]
+    # /new is rate-limited per client (an IPv6 client per /64) in every TLS mode
+    assert "limit_req_zone $chatmail_new_client zone=newaccount" in dump
+    assert "limit_req zone=newaccount" in dump
     if m["tls"]["mode"] == "self":
-        assert "limit_req zone=newaccount" in dump
         assert "dcaccount:" not in dump
     else:
         assert f"return 301 dcaccount:https://{m['mail_domain']}/new;" in dump
@@ -532,6 +584,50 @@ def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
         assert result.returncode == 0, f"{unit}: {result.stdout}{result.stderr}"
 
 
+# the distro daemons that get a limits drop-in, per map: key in chatmail.limits -> unit
+def distro_daemons(m: dict) -> dict[str, str]:
+    daemons = {"dovecot": "dovecot.service", "unbound": "unbound.service"}
+    if m["mta"] == "postfix":
+        daemons["postfix"] = "postfix@.service"
+    else:
+        daemons["opensmtpd"] = "opensmtpd.service"
+    if m["web"]["server"] == "nginx":
+        daemons["nginx"] = "nginx.service"
+    if m["dkim"]["enabled"] and m["dkim"]["signer"] == "opendkim":
+        daemons["opendkim"] = "opendkim.service"
+    return daemons
+
+
+def test_every_service_has_ceilings(rendered, tmp_path):
+    """Every service the relay runs has MemoryMax and TasksMax from chatmail.limits: our
+    units in the unit, the distro daemons in a drop-in whose lines systemd accepts."""
+    m = rendered.map
+    services = [name for name in unit_files(rendered) if name.endswith(".service")]
+    assert len(services) >= 8
+    for name in services:
+        text = rendered.text(name)
+        limit = m["limits"][name.rsplit("/", 1)[1].removesuffix(".service")]
+        assert f"\nMemoryMax={limit['memory']}\n" in text, name
+        assert f"\nTasksMax={limit['tasks']}\n" in text, name
+    for key, unit in distro_daemons(m).items():
+        dropin = f"/etc/systemd/system/{unit}.d/20-chatmail-limits.conf"
+        lines = rendered.text(dropin).split("[Service]\n", 1)[1]
+        assert lines.splitlines()[:2] == [
+            f"MemoryMax={m['limits'][key]['memory']}",
+            f"TasksMax={m['limits'][key]['tasks']}",
+        ]
+        candidate = tmp_path / f"limits-{key}.service"
+        candidate.write_text(f"[Service]\nExecStart=/bin/true\n{lines}")
+        result = run(["sh", str(CHECK_SCRIPT), "unit", candidate.name, str(candidate)])
+        assert result.returncode == 0, f"{dropin}: {result.stdout}{result.stderr}"
+
+
+def test_missing_limit_fails_loudly(render):
+    pillar = {"chatmail": {"mail_domain": "x.example", "limits": {"doveauth": None}}}
+    with pytest.raises(RenderError, match="limits:doveauth is missing"):
+        render("debian12", "nolimit", pillar=pillar)
+
+
 def test_unit_check_catches_errors(tmp_path):
     candidate = tmp_path / "candidate"
     candidate.write_text("[Service]\nExecStart=/nonexistent/binary\nRestart=sometimes\n")
@@ -584,6 +680,9 @@ SUB_STATES = (
     "chatmail.resolver",
     "chatmail.expiry",
     "chatmail.checks",
+    "chatmail.limits",
+    "chatmail.api.stats",
+    "chatmail.api.daemon",
 )
 
 

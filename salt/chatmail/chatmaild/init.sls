@@ -7,6 +7,7 @@
     when it changed; a marker file records a finished install, so a failed pip run is
     retried on the next apply. Daemons restart when their code or chatmail.ini change. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
+{%- from "chatmail/files/limits.jinja" import login_class with context %}
 {%- set paths = chatmail.paths %}
 {%- set u = chatmail.users %}
 {%- set s = chatmail.settings %}
@@ -172,7 +173,7 @@ chatmail-chatmaild-{{ name }}-unit:
     - name: {{ init.dir }}/{{ service }}{{ init.suffix }}
     - source: {{ init.template }}
     - template: jinja
-    - context: {{ unit | json }}
+    - context: {{ dict(unit, unit=name) | json }}
     - mode: "{{ init.mode }}"
     - check_cmd: {{ init.check_cmd | replace("{check_config}", paths.check_config) | replace("{file}", service ~ init.suffix) }}
     - require:
@@ -183,6 +184,8 @@ chatmail-chatmaild-{{ name }}-unit:
     - service.systemctl_reload: []
     - onchanges:
       - file: chatmail-chatmaild-{{ name }}-unit
+{%-   else %}
+{{ login_class("chatmail-chatmaild-" ~ name ~ "-login-class", service, name) }}
 {%-   endif %}
 
 chatmail-chatmaild-{{ name }}-service:
@@ -197,6 +200,9 @@ chatmail-chatmaild-{{ name }}-service:
       - module: chatmail-chatmaild-{{ name }}-unit
 {%-   endif %}
       - file: chatmail-chatmaild-{{ name }}-unit
+{%-   if not init.reload %}
+      - file: chatmail-chatmaild-{{ name }}-login-class
+{%-   endif %}
       - file: chatmail-chatmaild-ini
       - cmd: chatmail-chatmaild-venv
 {%- endfor %}

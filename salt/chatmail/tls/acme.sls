@@ -2,6 +2,7 @@
     copies each issued certificate over the stand-in (tls-install-cert). Needs public DNS
     and reachability from the CA: not exercised by the test suite. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
+{%- from "chatmail/files/limits.jinja" import unit_limits with context %}
 {%- set tls = chatmail.tls %}
 {%- set d = chatmail.mail_domain %}
 {%- set names = [d, "mta-sts." ~ d, "www." ~ d] %}
@@ -97,6 +98,7 @@ chatmail-tls-acme-renew-service:
         [Service]
         Type=oneshot
         ExecStart=/usr/bin/acmetool --batch reconcile
+        {{ unit_limits("chatmail-acme-renew") | indent(8) }}
 
 {%- else %}
 
@@ -132,6 +134,7 @@ chatmail-tls-acme-renew-service:
         [Service]
         Type=oneshot
         ExecStart=/usr/bin/certbot renew --quiet
+        {{ unit_limits("chatmail-acme-renew") | indent(8) }}
 {%- endif %}
 
 chatmail-tls-acme-renew-timer:

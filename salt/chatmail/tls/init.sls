@@ -4,6 +4,7 @@
     acme      a self-signed stand-in at the same paths until the ACME client (acmetool or
               certbot, http-01 through nginx port 80) installs the real one via its hook. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
+{%- from "chatmail/files/limits.jinja" import unit_limits with context %}
 {%- set tls = chatmail.tls %}
 {%- set d = chatmail.mail_domain %}
 
@@ -57,6 +58,7 @@ chatmail-tls-reload-service:
         [Service]
         Type=oneshot
         ExecStart=/bin/systemctl try-reload-or-restart {{ chatmail.service.dovecot }} {{ chatmail.service.nginx }} {{ chatmail.service.postfix }}
+        {{ unit_limits("chatmail-tls-reload") | indent(8) }}
 
 chatmail-tls-reload-path:
   file.managed:

@@ -1,6 +1,7 @@
-{#- nginx: 443 multiplexed by ALPN (imap -> 993, smtp -> 465, else the HTTPS server on
-    127.0.0.1:8443), autoconfig, MTA-STS, /new -> control API, the web pages, and port 80
-    for ACME http-01 and the redirect to https. A config change reloads nginx: workers
+{#- nginx: 443 multiplexed by ALPN (imap and smtp to loopback listeners of Dovecot and
+    Postfix, else the HTTPS server on 127.0.0.1:8443), each connection with a PROXY header
+    carrying the client's address; autoconfig, MTA-STS, /new -> control API (rate-limited
+    per client), the web pages, and port 80 for ACME http-01 and the redirect to https. A config change reloads nginx: workers
     finish their requests and new listeners are opened by the master. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 

@@ -10,6 +10,7 @@ include:
   - chatmail.packages
   - chatmail.tls
   - chatmail.checks
+  - chatmail.resolver
 {%- if dkim_milter %}
   - chatmail.dkim
 {%- endif %}
@@ -123,4 +124,18 @@ chatmail-mta-reload:
       - file: chatmail-mta-lmtp-header-cleanup
       - file: chatmail-mta-smtp-tls-policy-map
     - require:
+      - service: chatmail-mta-service
+
+{#- Chrooted services (master.cf) resolve through the queue directory's copy of
+    resolv.conf, which Debian's postfix@ unit refreshes only when Postfix starts; the
+    resolver state points /etc/resolv.conf at unbound at the very end of the run, after
+    Postfix started. New smtp processes read the copy, so no restart is needed. #}
+{%- set chroot_resolv_conf = chatmail.postfix.queue_directory ~ "/etc/resolv.conf" %}
+chatmail-mta-chroot-resolv-conf:
+  cmd.run:
+    - name: install -D -m 0644 {{ chatmail.resolver.resolv_conf }} {{ chroot_resolv_conf }}
+    - unless: cmp -s {{ chatmail.resolver.resolv_conf }} {{ chroot_resolv_conf }}
+    - order: last
+    - require:
+      - file: chatmail-resolver-resolv-conf
       - service: chatmail-mta-service
