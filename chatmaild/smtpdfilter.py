@@ -2,7 +2,7 @@
 
 OpenSMTPD has no before-queue proxy like Postfix's ``smtpd_proxy_filter``, but it hands a
 filter every line of a message before it answers the final ``.``. So the refusals of
-:mod:`chatmaild.filtermail` (``523 Encryption Needed``, DKIM failures, ``From:`` not the
+:mod:`chatmaild.policy` (``523 Encryption Needed``, DKIM failures, ``From:`` not the
 sender) become the SMTP reply to the client, as with Postfix, instead of bounces.
 
 smtpd starts the filter (``filter "chatmail-in" proc-exec "chatmail-smtpd-filter INI
@@ -18,7 +18,7 @@ many sessions interleaved::
     we:    filter-result|<session>|<token>|proceed      (or reject|523 Encryption Needed...)
 
 A transaction's lines are buffered (at most ``max_message_size`` bytes; more is refused
-with filtermail's ``552``); at the final ``.`` :class:`chatmaild.filtermail.MessagePolicy`
+with filtermail's ``552``); at the final ``.`` :class:`chatmaild.policy.MessagePolicy`
 decides, the lines go back to smtpd (outgoing: with Postfix's submission header cleanup,
 incoming: with its final-delivery cleanup) and ``commit`` gets the verdict.
 
@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 from .accounts import get_or_create
 from .config import EXIT_CONFIG, Config, config_for_main
-from .filtermail import MODES, TOO_BIG, MessagePolicy, Verdict, skip_dkim_requested
+from .policy import MODES, TOO_BIG, MessagePolicy, Verdict, load_header_cleanup, skip_dkim_requested
 from .smtpclient import LOCAL_ERROR
 from .smtpdproto import ConfigEntry, parse_config_line
 
@@ -71,12 +71,11 @@ FILTERS = {
 # A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
 MAX_LINE = 1 << 20
 OUTPUT_CHUNK = 1 << 16
+# All sessions' message data together may fill this many messages of max_message_size;
+# a message that would need more is refused with FILTER_FULL (the sender retries).
+MESSAGES_BUFFERED = 8
+FILTER_FULL = "452 4.3.1 Insufficient system storage, try again later"
 
-# Postfix's header_checks (salt/chatmail/mta/postfix/files): submission_header_cleanup on
-# the way out, lmtp_header_cleanup at final delivery. Top-level header section only.
-OUTGOING_DROP = frozenset({"received", "x-originating-ip", "x-mailer", "user-agent"})
-OUTGOING_REPLACE = {"subject": "Subject: [...]"}
-INCOMING_DROP = frozenset({"dkim-signature", "authentication-results", "received"})
 _FIELD_NAME = re.compile(r"^([!-9;-~]+)[ \t]*:")
 
 
@@ -221,19 +220,32 @@ class Session:
     user: str | None = None
     mail_from: str | None = None
     rcpts: list[str] = field(default_factory=list)
-    #: the message's lines, unstuffed, without line ends (joined once, at the final dot)
-    lines: list[str] = field(default_factory=list)
-    size: int = 0
-    oversize: bool = False
+    #: the message so far, unstuffed, CRLF line ends: one buffer, not an object per line
+    data: bytearray = field(default_factory=bytearray)
+    #: the reply for a message that could not be buffered (too large, filter full)
+    refusal: str | None = None
     verdict: asyncio.Future | None = None
 
     def reset(self) -> None:
         self.mail_from = None
         self.rcpts = []
-        self.lines = []
-        self.size = 0
-        self.oversize = False
+        self.data = bytearray()
+        self.refusal = None
         self.verdict = None
+
+
+def message_dataline_chunks(prefix: bytes, data: bytes | bytearray, start: int) -> Iterable[bytes]:
+    """``data[start:]`` (whole CRLF lines) as ``prefix + dot-stuffed line + LF`` lines, in
+    chunks of about :data:`OUTPUT_CHUNK` bytes built with bytes operations, not per line."""
+    view = memoryview(data)
+    pos = start
+    while pos < len(data):
+        cut = data.find(b"\r\n", min(pos + OUTPUT_CHUNK, len(data) - 2))
+        end = len(data) if cut < 0 else cut + 2
+        block = b"\r\n" + bytes(view[pos : end - 2])
+        block = block.replace(b"\r\n.", b"\r\n..").replace(b"\r\n", b"\n" + prefix)
+        yield block[1:] + b"\n"
+        pos = end
 
 
 class SmtpdFilter:
@@ -253,6 +265,10 @@ class SmtpdFilter:
         self.outgoing = mode == "outgoing"
         self.write = write
         self.policy = MessagePolicy(config, mode, skip_dkim=skip_dkim)
+        self.cleanup = load_header_cleanup()["submission" if self.outgoing else "delivery"]
+        #: bytes of message data held, all sessions together, and the most allowed
+        self.buffered = 0
+        self.max_buffered = config.max_message_size * MESSAGES_BUFFERED
         self.smtpd_config: dict[str, str] = {}
         self.registered = False
         self.sessions: dict[str, Session] = {}
@@ -305,8 +321,10 @@ class SmtpdFilter:
             return
         if report.event == "link-disconnect":
             session = self.sessions.pop(report.session, None)
-            if session is not None and session.verdict is not None:
-                session.verdict.cancel()
+            if session is not None:
+                self._release(session)
+                if session.verdict is not None:
+                    session.verdict.cancel()
             return
         session = self.sessions.setdefault(report.session, Session())
         params = split_report_params(report.event, report.params)
@@ -314,6 +332,7 @@ class SmtpdFilter:
             result, user = params
             session.user = user if result == "pass" else None
         elif report.event in ("tx-begin", "tx-reset"):
+            self._release(session)
             session.reset()
         elif report.event == "tx-mail" and len(params) == 3 and params[1] == "ok":
             session.mail_from = params[2]
@@ -342,54 +361,65 @@ class SmtpdFilter:
         if line == ".":
             session.verdict = self._spawn(self._decide(session, request))
             return
-        if session.oversize:
+        if session.refusal is not None:
             return
-        line = unstuff(line)
-        # characters, not bytes: a bound on memory (smtpd enforces the byte limit itself,
-        # `smtp max-message-size`, with the same value)
-        session.size += len(line) + 2
-        if session.size > self.config.max_message_size:
+        raw = unstuff(line).encode("utf-8", "surrogateescape")
+        size = len(raw) + 2
+        # smtpd enforces the byte limit itself too (`smtp max-message-size`, same value)
+        if len(session.data) + size > self.config.max_message_size:
             log.info("message exceeds max_message_size %d", self.config.max_message_size)
-            session.oversize = True
-            session.lines = []
-            return
-        session.lines.append(line)
+            self._refuse(session, TOO_BIG)
+        elif self.buffered + size > self.max_buffered:
+            log.warning("refusing a message: %d bytes of mail buffered already", self.buffered)
+            self._refuse(session, FILTER_FULL)
+        else:
+            session.data += raw
+            session.data += b"\r\n"
+            self.buffered += size
+
+    def _release(self, session: Session) -> None:
+        self.buffered -= len(session.data)
+        session.data = bytearray()
+
+    def _refuse(self, session: Session, reply: str) -> None:
+        self._release(session)
+        session.refusal = reply
 
     async def _decide(self, session: Session, request: FilterRequest) -> str | None:
         """Judge the buffered message, give its lines back to smtpd; the commit reply."""
-        lines, session.lines = session.lines, []
-        if session.oversize:
-            reply: str | None = TOO_BIG
-        else:
-            data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n"
-            try:
-                verdict = await self.policy.check(session.mail_from, session.rcpts, data)
-            except Exception:
-                log.exception("filtering failed")
-                verdict = Verdict(LOCAL_ERROR, None)
-            reply = verdict.reply
-            self.policy.count(verdict.encrypted, accepted=reply is None)
-        self._emit(request.session, request.token, lines, cleanup=reply is None)
-        return reply
+        data, session.data = session.data, bytearray()
+        try:
+            content: bytes | None = None
+            reply = session.refusal
+            if reply is None:
+                try:
+                    verdict = await self.policy.check(session.mail_from, session.rcpts, data)
+                except Exception:
+                    log.exception("filtering failed")
+                    verdict = Verdict(LOCAL_ERROR, None)
+                reply, content = verdict.reply, verdict.content
+                self.policy.count(verdict.encrypted, accepted=reply is None)
+            self._emit(request.session, request.token, data if content is None else content,
+                       cleanup=reply is None)  # fmt: skip
+            return reply
+        finally:
+            self.buffered -= len(data)
 
-    def _emit(self, session_id: str, token: str, lines: Iterable[str], cleanup: bool) -> None:
-        if cleanup:
-            if self.outgoing:
-                lines = clean_header_lines(lines, OUTGOING_DROP, OUTGOING_REPLACE)
-            else:
-                lines = clean_header_lines(lines, INCOMING_DROP, {})
+    def _emit(self, session_id: str, token: str, data: bytes | bytearray, cleanup: bool) -> None:
+        """The message back to smtpd as data lines (header cleaned up if it passes)."""
         prefix = format_dataline(session_id, token, "")[:-1]
-        chunk: list[str] = []
-        size = 0
-        for line in lines:
-            text = f"{prefix}{stuff(line)}\n"
-            chunk.append(text)
-            size += len(text)
-            if size >= OUTPUT_CHUNK:
-                self.write("".join(chunk))
-                chunk, size = [], 0
-        chunk.append(f"{prefix}.\n")
-        self.write("".join(chunk))
+        body_start = 0
+        if cleanup:
+            header_end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n") + 2
+            if header_end == 1:  # no empty line: all header
+                header_end = len(data)
+            lines = bytes(data[:header_end]).decode("utf-8", "surrogateescape").split("\r\n")
+            cleaned = clean_header_lines(lines[:-1], self.cleanup.drop, self.cleanup.replace)
+            self.write("".join(f"{prefix}{stuff(line)}\n" for line in cleaned))
+            body_start = header_end
+        for chunk in message_dataline_chunks(prefix.encode(), data, body_start):
+            self.write(chunk.decode("utf-8", "surrogateescape"))
+        self.write(f"{prefix}.\n")
 
     async def _commit(self, session: Session, request: FilterRequest) -> None:
         reply: str | None

@@ -17,7 +17,8 @@ import pytest
 from aiosmtpd.smtp import SMTP
 from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail, send
 
-from chatmaild.filtermail import refuses_cleartext, split_params
+from chatmaild.filtermail import split_params
+from chatmaild.policy import refuses_cleartext
 from chatmaild.smtpclient import LOCAL_ERROR, Recipient, Reinjector
 
 SENDER = "alice@chat.example.org"
@@ -80,12 +81,16 @@ def test_outgoing_accepts_encrypted_byte_identical(start, sink, name):
 def test_outgoing_large_encrypted_with_dot_lines(start, sink):
     fm = start("outgoing")
     data = encrypted_mail(SENDER, OTHER, size=2_000_000)
-    # A preamble line starting with "." must survive dot-stuffing in both hops.
-    data = data.replace(
+    # Lines starting with "." must survive dot-stuffing in both hops. The preamble that
+    # held them is cut now (cleartext), so a self-sent Autocrypt Setup Message carries them.
+    dotted = data.replace(
         b"\r\n\r\n--Xb8nFq2Wt0\r\n", b"\r\n\r\n.hidden\r\n..\r\n.\r\n--Xb8nFq2Wt0\r\n", 1
     )
-    assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+    assert send(fm.port, SENDER, [OTHER], dotted)[0] == 250
     assert sink.received[0].content == data
+    asm = load_mail("asm", SENDER, SENDER).replace(b"</pre>", b".hidden\r\n..\r\n.\r\n</pre>")
+    assert send(fm.port, SENDER, [SENDER], asm)[0] == 250
+    assert sink.received[1].content == asm
 
 
 @pytest.mark.parametrize(

@@ -371,17 +371,18 @@ def test_outgoing_encrypted_proceeds_with_submission_cleanup(start):
         if not line.startswith(("Received:", "\tby", "X-Mailer:", "User-Agent:", "X-Orig"))
     ]
     expected[expected.index("Subject: private")] = "Subject: [...]"
-    assert output == expected
-    assert output[-3:] == ["..dotted line", "..", "."]  # stuffed again on the way out
+    # the text after the closing boundary (the epilogue) is cut: cleartext can't ride along
+    assert output == expected[:-3] + ["."]
     assert "Outgoing: Filtering encrypted mail." in fp.log()
 
 
 def test_outgoing_cleartext_refused_with_523(start):
     fp = start("outgoing")
-    message = load_mail("plain", SENDER, OTHER)
+    message = load_mail("plain", SENDER, OTHER) + b".dotted line\r\n.\r\n"
     output, verdict = send_message(fp, "s1", SENDER, [OTHER], message)
     assert verdict == "reject|523 Encryption Needed: Invalid Unencrypted Mail"
     assert output == data_lines(message)  # refused mail goes back unchanged
+    assert output[-3:] == ["..dotted line", "..", "."]  # stuffed again on the way out
 
 
 @pytest.mark.parametrize(
@@ -639,3 +640,14 @@ def test_random_lines_never_raise_and_answer_whole_lines(example_config, lines):
         assert text.endswith("\n"), text
         for line in text[:-1].split("\n"):
             assert line.split("|", 1)[0] in ("register", "filter-result", "filter-dataline"), line
+
+
+def test_filter_does_not_load_the_aiosmtpd_transport():
+    """The OpenSMTPD filter gets the rules from chatmaild.policy, not from filtermail."""
+    code = (
+        "import sys, chatmaild.smtpdfilter; print(sorted(m for m in sys.modules"
+        " if 'aiosmtpd' in m or m == 'chatmaild.filtermail'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"
