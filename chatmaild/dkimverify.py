@@ -25,6 +25,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.rdatatype
 import dns.resolver
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,24 @@ class Signature:
     index: int  # position among the message's DKIM-Signature headers (dkimpy's idx)
     domain: str
     key_name: str  # <selector>._domainkey.<domain>
+    length: int | None = None  # l=: the body bytes signed, None for all of them
+    canonicalization: bytes = b"simple/simple"  # c=
+
+
+def covers_body(signature: Signature, body: bytes) -> bool:
+    """Whether the signature's ``l=`` (if any) reaches the end of the canonical body.
+
+    With ``l=`` a signature stays valid when text is appended to the body (RFC 6376
+    §8.2): anyone could add cleartext to a signed mail. Such a signature is refused
+    unless it covers everything.
+    """
+    if signature.length is None or signature.length >= len(body):
+        return True  # canonicalization never makes the body longer
+    try:
+        policy = CanonicalizationPolicy.from_c_value(signature.canonicalization)
+    except InvalidCanonicalizationPolicyError:
+        return False
+    return signature.length >= len(policy.canonicalize_body(body))
 
 
 def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[Signature]:
@@ -130,10 +149,13 @@ def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[S
             tags = dkim.util.parse_tag_value(value.encode("utf-8"))
             domain = tags[b"d"].decode("ascii").strip()
             selector = tags[b"s"].decode("ascii").strip()
+            length = int(tags[b"l"]) if b"l" in tags else None
         except (dkim.util.InvalidTagValueList, KeyError, UnicodeError, ValueError):
             continue
         if domain.lower() == from_domain.lower() and selector:
-            result.append(Signature(index, domain, f"{selector}._domainkey.{domain}"))
+            key_name = f"{selector}._domainkey.{domain}"
+            c_value = tags.get(b"c", b"simple/simple")
+            result.append(Signature(index, domain, key_name, length, c_value))
     return result
 
 
@@ -152,6 +174,9 @@ def _verify_signatures(
         log.info("DKIM: unreadable message: %s", exc)
         return None
     for signature in signatures:
+        if not covers_body(signature, verifier.body):
+            log.info("DKIM: signature of %s signs only part of the body (l=)", signature.domain)
+            continue
         try:
             if verifier.verify(idx=signature.index, dnsfunc=dnsfunc):
                 return signature

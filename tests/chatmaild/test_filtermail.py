@@ -714,3 +714,43 @@ def test_console_script_start_failure(make_config, ini_path, mode, overrides, me
     )
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        (b"MAILER-DAEMON@test.example.org>", b"MAILER-DAEMON@[192.0.2.1]>"),
+        (b"Auto-Submitted: auto-replied", b"Auto-Submitted: no"),
+        (b"Auto-Submitted: auto-replied", b"Auto-Submitted: yes"),
+        (b"report-type=delivery-status", b"report-type=disposition-notification"),
+        (b"Content-Type: message/delivery-status", b"Content-Type: text/plain"),
+        (b"MAILER-DAEMON@", b"MAILER-DAEMON.x@"),
+    ],
+    ids=["ip-literal-sender", "auto-submitted-no", "auto-submitted-other", "not-dsn",
+         "no-status-part", "other-localpart"],
+)  # fmt: skip
+def test_incoming_bounce_exception_is_strict(start, sink, make_config, change):
+    """Only a real bounce passes in cleartext to an account that refuses cleartext; an
+    IP-address sender can't be authenticated, so its "bounce" never does."""
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    data = load_mail("mailer-daemon", OTHER, LOCAL)
+    changed = data.replace(*change)
+    assert changed != data
+    assert send(fm.port, "<>", [LOCAL], changed)[0] == 523
+    assert sink.received == []
+
+
+@pytest.mark.parametrize(
+    ("preamble", "epilogue"),
+    [(b"Buy now!\r\n", b""), (b"", b"P.S. cleartext\r\n"), (b"Hi\r\n", b"\r\nBye\r\n")],
+    ids=["preamble", "epilogue", "both"],
+)
+def test_text_around_encrypted_parts_is_cut(start, sink, preamble, epilogue):
+    fm = start("incoming")
+    data = load_mail("encrypted", OTHER, LOCAL)
+    notice = b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n"
+    assert notice in data
+    changed = data.replace(notice, preamble, 1) + epilogue
+    assert send(fm.port, OTHER, [LOCAL], changed)[0] == 250
+    assert sink.received[0].content == data.replace(notice, b"", 1)

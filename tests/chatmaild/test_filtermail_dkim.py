@@ -169,6 +169,27 @@ def test_domain_literal_sender_skips_dkim(incoming):
     assert send(fm.port, sender, [RCPT], load_mail("encrypted", sender, RCPT))[0] == 250
 
 
+@pytest.mark.parametrize("sender", ["bob@[192.0.2.999]", "bob@[IPv6:nope]"])
+def test_bracketed_non_ip_sender_needs_dkim(incoming, sender):
+    """Only real IP addresses are IP-address relays; other bracketed text needs DKIM."""
+    fm, _ = incoming
+    reply = send(fm.port, sender, [RCPT], load_mail("encrypted", sender, RCPT))
+    assert reply[0] == 554
+
+
+def test_signature_with_length_must_cover_the_body(incoming, keys):
+    """``l=`` lets anyone append to a signed body: only a signature of all of it counts."""
+    fm, sink = incoming
+    signed = dkim.sign(load_mail("encrypted", SENDER, RCPT), b"sel", b"example.org",
+                       keys[0][0], include_headers=[b"from", b"to", b"subject"],
+                       length=True) + load_mail("encrypted", SENDER, RCPT)  # fmt: skip
+    assert b" l=" in signed or b";l=" in signed or b"\tl=" in signed
+    assert send(fm.port, SENDER, [RCPT], signed)[0] == 250
+    appended = signed + b"Appended cleartext\r\n"
+    assert send(fm.port, SENDER, [RCPT], appended)[0] == 554
+    assert len(sink.received) == 1
+
+
 def test_dns_outage_is_temporary(keys, make_config, caplog):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))  # bound but never answering: every query times out
