@@ -17,10 +17,13 @@ many sessions interleaved::
     smtpd: filter|0.7|<time>|smtp-in|commit|<session>|<token>|
     we:    filter-result|<session>|<token>|proceed      (or reject|523 Encryption Needed...)
 
-A transaction's lines are buffered (at most ``max_message_size`` bytes; more is refused
-with filtermail's ``552``); at the final ``.`` :class:`chatmaild.policy.MessagePolicy`
-decides, the lines go back to smtpd (outgoing: with Postfix's submission header cleanup,
-incoming: with its final-delivery cleanup) and ``commit`` gets the verdict.
+A transaction's lines are buffered as bytes in one buffer per message (at most
+``max_message_size`` bytes, more is refused with filtermail's ``552``; all sessions
+together at most :data:`MESSAGES_BUFFERED` such messages, more is refused for now with
+``452``); at the final ``.`` :class:`chatmaild.policy.MessagePolicy` decides, the lines
+go back to smtpd (outgoing: with the submission header cleanup, incoming: with the
+final-delivery cleanup, both from ``defaults/header_cleanup.json`` as Postfix's maps)
+and ``commit`` gets the verdict.
 
 ``outgoing`` (587/465) also registers ``mail-from`` (filtermail's sender checks and rate
 limit) and ``auth``: smtpd passes the AUTH command's argument, which for ``AUTH PLAIN
@@ -30,6 +33,11 @@ up its credentials, so the first login may be an SMTP one. The filter always ans
 ``proceed``: smtpd checks the password against the stored hash itself. ``AUTH LOGIN``
 and ``AUTH PLAIN`` without an initial response carry no password (the filter sees only
 the mechanism): such a first login fails as before.
+
+``outgoing`` also throttles password guessing: it learns each session's client address
+(``link-connect``) and counts failed logins (``link-auth`` reports ``fail``); an address
+with ``smtpd_auth_failures_max`` of them within ``smtpd_auth_failures_window`` seconds
+gets ``421`` and is disconnected at its next AUTH (:mod:`chatmaild.authfailures`).
 
 One process per direction (two ``filter`` lines in smtpd.conf): smtpd tells a filter
 nothing about the listener a session came in on, and the direction decides everything.
@@ -55,6 +63,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .accounts import get_or_create
+from .authfailures import FailedLogins, client_key
 from .config import EXIT_CONFIG, Config, config_for_main
 from .policy import MODES, TOO_BIG, MessagePolicy, Verdict, load_header_cleanup, skip_dkim_requested
 from .smtpclient import LOCAL_ERROR
@@ -64,6 +73,9 @@ log = logging.getLogger("smtpdfilter")
 
 SUBSYSTEM = "smtp-in"
 REPORTS = ("link-auth", "link-disconnect", "tx-begin", "tx-mail", "tx-rcpt", "tx-reset")
+# outgoing also learns each session's client address, for failed-login throttling
+OUTGOING_REPORTS = ("link-connect", *REPORTS)
+TOO_MANY_FAILED_LOGINS = "421 4.7.0 Too many failed logins, try again later"
 FILTERS = {
     "incoming": ("data-line", "commit"),
     "outgoing": ("auth", "mail-from", "data-line", "commit"),
@@ -130,7 +142,8 @@ def parse_line(line: str) -> ConfigEntry | Report | FilterRequest:
 
 def registrations(mode: str) -> list[str]:
     """The handshake answer to ``config|ready`` for one direction."""
-    lines = [f"register|report|{SUBSYSTEM}|{event}" for event in REPORTS]
+    reports = OUTGOING_REPORTS if mode == "outgoing" else REPORTS
+    lines = [f"register|report|{SUBSYSTEM}|{event}" for event in reports]
     lines += [f"register|filter|{SUBSYSTEM}|{phase}" for phase in FILTERS[mode]]
     return [*lines, "register|ready"]
 
@@ -139,9 +152,12 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-def format_result(session: str, token: str, reply: str | None) -> str:
-    """``filter-result``: proceed for None, else reject with the SMTP reply."""
-    decision = "proceed" if reply is None else f"reject|{_one_line(reply)}"
+def format_result(session: str, token: str, reply: str | None, disconnect: bool = False) -> str:
+    """``filter-result``: proceed for None, else reject (or disconnect) with the reply."""
+    if reply is None:
+        decision = "proceed"
+    else:
+        decision = f"{'disconnect' if disconnect else 'reject'}|{_one_line(reply)}"
     return f"filter-result|{session}|{token}|{decision}\n"
 
 
@@ -151,7 +167,7 @@ def format_dataline(session: str, token: str, line: str) -> str:
 
 def split_report_params(event: str, params: str) -> list[str]:
     """Event parameters; the last one (an address or user name) may contain ``|``."""
-    counts = {"link-auth": 2, "tx-mail": 3, "tx-rcpt": 3}
+    counts = {"link-auth": 2, "link-connect": 4, "tx-mail": 3, "tx-rcpt": 3}
     return params.split("|", counts.get(event, 1) - 1)
 
 
@@ -218,6 +234,7 @@ class Session:
     """What the report stream told us about one SMTP session, and its transaction."""
 
     user: str | None = None
+    client: str | None = None  # see authfailures.client_key
     mail_from: str | None = None
     rcpts: list[str] = field(default_factory=list)
     #: the message so far, unstuffed, CRLF line ends: one buffer, not an object per line
@@ -272,6 +289,9 @@ class SmtpdFilter:
         self.smtpd_config: dict[str, str] = {}
         self.registered = False
         self.sessions: dict[str, Session] = {}
+        self.failed_logins = FailedLogins(
+            config.smtpd_auth_failures_max, config.smtpd_auth_failures_window
+        )
         self.tasks: set[asyncio.Task] = set()
 
     def close(self) -> None:
@@ -328,9 +348,13 @@ class SmtpdFilter:
             return
         session = self.sessions.setdefault(report.session, Session())
         params = split_report_params(report.event, report.params)
-        if report.event == "link-auth" and len(params) == 2:
+        if report.event == "link-connect" and len(params) == 4:
+            session.client = client_key(params[2])
+        elif report.event == "link-auth" and len(params) == 2:
             result, user = params
             session.user = user if result == "pass" else None
+            if result == "fail" and session.client is not None:
+                self.failed_logins.failed(session.client)
         elif report.event in ("tx-begin", "tx-reset"):
             self._release(session)
             session.reset()
@@ -352,7 +376,12 @@ class SmtpdFilter:
             reply = self.policy.check_sender(request.params)
             self.write(format_result(request.session, request.token, reply))
         elif phase == "auth" and self.outgoing:
-            self._spawn(self._auth(request))
+            if session.client is not None and self.failed_logins.blocked(session.client):
+                log.warning("refusing AUTH from %s: too many failed logins", session.client)
+                self.write(format_result(request.session, request.token,
+                                         TOO_MANY_FAILED_LOGINS, disconnect=True))  # fmt: skip
+            else:
+                self._spawn(self._auth(request))
         else:
             self.write(format_result(request.session, request.token, None))
 

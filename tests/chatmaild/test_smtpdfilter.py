@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatmaild.accounts import verify_password
+from chatmaild.authfailures import FailedLogins, client_key
 from chatmaild.smtpdfilter import (
     ConfigEntry,
     FilterProtocolError,
@@ -707,3 +708,72 @@ def test_total_buffered_bytes_are_bounded(start):
     assert verdicts[sessions[-1]] == "reject|452 4.3.1 Insufficient system storage, try again later"
     _, verdict = send_message(fp, "again", SENDER, [OTHER], message)
     assert verdict == "proceed"
+
+
+# -- failed-login throttling -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [("192.0.2.7:40000", "192.0.2.7"), ("IPv6:2001:db8::1:40000", "2001:db8::/64"),
+     ("IPv6:2001:db8:0:0:ffff::2:5", "2001:db8::/64"), ("local:0", "local"),
+     ("garbage", "garbage")],
+    ids=["ipv4", "ipv6", "ipv6-same-64", "local", "garbage"],
+)  # fmt: skip
+def test_client_key(source, key):
+    assert client_key(source) == key
+
+
+def test_failed_logins_window_and_bounded_table():
+    now = [1000.0]
+    failed = FailedLogins(3, 60, max_clients=100, clock=lambda: now[0])
+    for _ in range(2):
+        failed.failed("a")
+    assert not failed.blocked("a")
+    failed.failed("a")
+    assert failed.blocked("a") and not failed.blocked("b")
+    now[0] += 61
+    assert not failed.blocked("a")
+    for n in range(1000):
+        failed.failed(f"c{n}")
+    assert len(failed) == 100
+
+
+def report_connect(fp: FilterProcess, sid: str, source: str) -> None:
+    fp.report(sid, "link-connect", "rdns.example", "pass", source, "127.0.0.1:587")
+
+
+def test_failed_logins_throttle_the_auth_phase(start, tmp_path):
+    fp = start("outgoing", smtpd_auth_failures_max=3)
+    report_connect(fp, "s1", "192.0.2.7:40000")
+    for n in range(3):
+        assert (
+            auth_plain(fp, "s1", SENDER, "wrong-password", f"a{n}")
+            == f"filter-result|s1|a{n}|proceed"
+        )
+        fp.report("s1", "link-auth", "fail", SENDER)
+    # the next AUTH from that address, in this session or a new one, is refused
+    fp.request("s1", "a3", "auth", "PLAIN " + base64.b64encode(b"\0x\0y").decode())
+    expected = "disconnect|421 4.7.0 Too many failed logins, try again later"
+    assert fp.read() == f"filter-result|s1|a3|{expected}"
+    report_connect(fp, "s2", "192.0.2.7:40001")
+    fp.request("s2", "b", "auth", "LOGIN")
+    assert fp.read() == f"filter-result|s2|b|{expected}"
+    # another address, and its first login (creating the account), is not slowed
+    report_connect(fp, "s3", "192.0.2.8:40000")
+    other = f"carol1234@{DOMAIN}"
+    assert auth_plain(fp, "s3", other, "long-enough-pw") == "filter-result|s3|au|proceed"
+    assert User(tmp_path / "mailboxes", other).get_password() is not None
+    fp.report("s3", "link-auth", "pass", other)
+    assert "refusing AUTH from 192.0.2.7: too many failed logins" in fp.log()
+
+
+def test_successful_logins_are_not_counted(start):
+    fp = start("outgoing", smtpd_auth_failures_max=2)
+    report_connect(fp, "s1", "192.0.2.9:40000")
+    for n in range(5):
+        assert (
+            auth_plain(fp, "s1", SENDER, "long-enough-pw", f"a{n}")
+            == f"filter-result|s1|a{n}|proceed"
+        )
+        fp.report("s1", "link-auth", "pass", SENDER)
