@@ -20,21 +20,24 @@ MAX_CLIENTS = 10_000
 
 
 def client_key(source: str) -> str:
-    """The throttled unit for smtpd's ``link-connect`` source ``<address>:<port>``.
+    """The throttled unit for a client address as smtpd writes it, with a port
+    (``link-connect`` report: ``192.0.2.1:40000``, ``IPv6:2001:db8::1:40000``) or
+    without (``connect`` filter phase).
 
     IPv4 addresses count one by one; IPv6 ones by their /64, which one host usually has
-    whole (smtpd writes ``IPv6:2001:db8::1:40000``). Anything else (``local``) is kept as
-    it is.
+    whole. Anything else (``local``) is kept as it is.
     """
-    address, sep, port = source.rpartition(":")
-    if not sep or not port.isdigit():
-        address = source
-    if address[:5].lower() == "ipv6:":
-        address = address[5:]
+    address = source[5:] if source[:5].lower() == "ipv6:" else source
     try:
-        ip = ipaddress.ip_address(address.strip("[]"))
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return address
+        without_port, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            return address
+        try:
+            ip = ipaddress.ip_address(without_port)
+        except ValueError:
+            return without_port
     if ip.version == 6:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ CACHE_SIZE = 1000
 # one or two aligned ones. Later ones are ignored, so piling them up buys no work.
 MAX_ALIGNED_SIGNATURES = 5
 MIN_TTL_S, MAX_TTL_S, NEGATIVE_TTL_S = 60, 3600, 60
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 class DNSTemporaryError(Exception):
@@ -159,6 +161,26 @@ def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[S
     return result
 
 
+def split_for_dkimpy(message: bytes | bytearray) -> tuple[bytes, bytes]:
+    """The header section (with the empty line ending it) and the body, line breaks CRLF,
+    as dkimpy's parser divides a message."""
+    view = memoryview(message)
+    if message[:1] == b"\n" or message[:2] == b"\r\n":
+        header_end, body_start = 0, 1 if message[:1] == b"\n" else 2
+    else:
+        match = _HEADER_END.search(message)
+        if match is None:  # all header (mailcheck allows at most MAX_HEADER_BYTES)
+            return bytes(message) + (
+                b"\r\n" if message.endswith(b"\n") or not message else b"\r\n\r\n"
+            ), b""
+        header_end, body_start = match.start(), match.end()
+    header = bytes(view[:header_end]) + (b"\r\n\r\n" if header_end else b"\r\n")
+    body = bytes(view[body_start:])
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return header, body
+
+
 def _verify_signatures(
     message: bytes | bytearray, signatures: list[Signature], keys: dict[str, bytes | None]
 ) -> Signature | None:
@@ -168,11 +190,16 @@ def _verify_signatures(
         return keys.get(name.decode("ascii", "replace").lower().rstrip("."))
 
     quiet = logging.getLogger("chatmaild.dkimverify.dkimpy")
+    header, body = split_for_dkimpy(message)
     try:
-        verifier = dkim.DKIM(bytes(message), logger=quiet, minkey=1024)
-    except dkim.DKIMException as exc:
+        verifier = dkim.DKIM(header, logger=quiet, minkey=1024)
+    except (dkim.DKIMException, IndexError) as exc:  # IndexError: a folded first line
         log.info("DKIM: unreadable message: %s", exc)
         return None
+    # dkimpy splits a whole message into a list of lines (~30x its size in memory for a
+    # body of short lines); it is given the header section alone, and the body it would
+    # have made from it (every line break CRLF) is put where it keeps it, ``body``.
+    verifier.body = body
     for signature in signatures:
         if not covers_body(signature, verifier.body):
             log.info("DKIM: signature of %s signs only part of the body (l=)", signature.domain)

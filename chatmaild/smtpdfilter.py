@@ -78,7 +78,7 @@ OUTGOING_REPORTS = ("link-connect", *REPORTS)
 TOO_MANY_FAILED_LOGINS = "421 4.7.0 Too many failed logins, try again later"
 FILTERS = {
     "incoming": ("data-line", "commit"),
-    "outgoing": ("auth", "mail-from", "data-line", "commit"),
+    "outgoing": ("connect", "auth", "mail-from", "data-line", "commit"),
 }
 # A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
 MAX_LINE = 1 << 20
@@ -375,15 +375,30 @@ class SmtpdFilter:
         elif phase == "mail-from":
             reply = self.policy.check_sender(request.params)
             self.write(format_result(request.session, request.token, reply))
+        elif phase == "connect" and self.outgoing:
+            # "<rdns>|<address>": refused here, a client sends no credentials at all
+            session.client = client_key(request.params.rpartition("|")[2])
+            self._throttle(session, request, "connection")
         elif phase == "auth" and self.outgoing:
-            if session.client is not None and self.failed_logins.blocked(session.client):
-                log.warning("refusing AUTH from %s: too many failed logins", session.client)
-                self.write(format_result(request.session, request.token,
-                                         TOO_MANY_FAILED_LOGINS, disconnect=True))  # fmt: skip
-            else:
+            # For sessions that were open before the address was blocked. smtpd logs the
+            # command a filter refuses as it came, AUTH PLAIN's credentials included: the
+            # connect phase above keeps that to the guesser's own sessions.
+            if not self._throttle(session, request, "AUTH"):
                 self._spawn(self._auth(request))
         else:
             self.write(format_result(request.session, request.token, None))
+
+    def _throttle(self, session: Session, request: FilterRequest, what: str) -> bool:
+        """Whether the session's address failed too many logins; then it is disconnected
+        (answered here), else the caller answers the request."""
+        if session.client is None or not self.failed_logins.blocked(session.client):
+            if what == "connection":
+                self.write(format_result(request.session, request.token, None))
+            return False
+        log.warning("refusing %s from %s: too many failed logins", what, session.client)
+        self.write(format_result(request.session, request.token, TOO_MANY_FAILED_LOGINS,
+                                 disconnect=True))  # fmt: skip
+        return True
 
     def _data_line(self, session: Session, request: FilterRequest) -> None:
         line = request.params

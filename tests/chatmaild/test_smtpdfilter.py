@@ -716,9 +716,10 @@ def test_total_buffered_bytes_are_bounded(start):
 @pytest.mark.parametrize(
     ("source", "key"),
     [("192.0.2.7:40000", "192.0.2.7"), ("IPv6:2001:db8::1:40000", "2001:db8::/64"),
-     ("IPv6:2001:db8:0:0:ffff::2:5", "2001:db8::/64"), ("local:0", "local"),
+     ("IPv6:2001:db8:0:0:ffff::2:5", "2001:db8::/64"), ("192.0.2.7", "192.0.2.7"),
+     ("IPv6:2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("local:0", "local"),
      ("garbage", "garbage")],
-    ids=["ipv4", "ipv6", "ipv6-same-64", "local", "garbage"],
+    ids=["ipv4", "ipv6", "ipv6-same-64", "ipv4-no-port", "ipv6-no-port", "local", "garbage"],
 )  # fmt: skip
 def test_client_key(source, key):
     assert client_key(source) == key
@@ -759,6 +760,12 @@ def test_failed_logins_throttle_the_auth_phase(start, tmp_path):
     report_connect(fp, "s2", "192.0.2.7:40001")
     fp.request("s2", "b", "auth", "LOGIN")
     assert fp.read() == f"filter-result|s2|b|{expected}"
+    # new connections from there are refused before they send credentials
+    fp.request("s4", "c", "connect", "rdns.example|192.0.2.7")
+    assert fp.read() == f"filter-result|s4|c|{expected}"
+    fp.request("s5", "c", "connect", "rdns.example|192.0.2.10")
+    assert fp.read() == "filter-result|s5|c|proceed"
+    assert "refusing connection from 192.0.2.7" in fp.log()
     # another address, and its first login (creating the account), is not slowed
     report_connect(fp, "s3", "192.0.2.8:40000")
     other = f"carol1234@{DOMAIN}"
