@@ -157,7 +157,7 @@ def without_preamble_and_epilogue(data: bytes | bytearray, mail: Mail) -> bytes 
     if (not preamble or OPENPGP_NOTICE.fullmatch(preamble)) and not bytes(body[end:]).strip():
         return None
     header_end = len(data) - len(body)
-    return bytes(memoryview(data)[:header_end]) + bytes(body[start:end])
+    return b"".join((memoryview(data)[:header_end], body[start:end]))
 
 
 class MessagePolicy:
@@ -258,6 +258,7 @@ class MessagePolicy:
         from_addr: str,
         data: bytes | bytearray,
     ) -> Verdict:
+        null_sender = not mail_from  # as every bounce has (RFC 5321 §4.5.5)
         if mail_from.lower() != from_addr.lower():
             mail_from = ""  # forwarded (SRS) or forged: never bounce to the envelope sender
         from_domain = from_addr.rsplit("@", 1)[1]
@@ -272,9 +273,10 @@ class MessagePolicy:
             log.info("Incoming: Filtering encrypted mail.")
         else:
             log.info("Incoming: Filtering unencrypted mail.")
-            # A bounce passes in cleartext only if it really is one and, being from a
-            # domain name, its DKIM signature is checked below like any other mail's.
-            if not ip_relay and is_mailer_daemon_report(mail, from_addr):
+            # A bounce passes in cleartext only if it really is one: a delivery report
+            # with the null envelope sender, from a domain name whose DKIM signature is
+            # checked below like any other mail's.
+            if null_sender and not ip_relay and is_mailer_daemon_report(mail, from_addr):
                 log.info("Incoming: Filtering mailer-daemon message from %s", from_addr)
             elif any(refuses_cleartext(self.config.mailboxes_path, r) for r in rcpt_tos):
                 log.info("Rejected unencrypted mail from: %s", from_addr)

@@ -741,6 +741,14 @@ def test_incoming_bounce_exception_is_strict(start, sink, make_config, change):
     assert sink.received == []
 
 
+def test_incoming_bounce_needs_the_null_envelope_sender(start, sink, make_config):
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    data = load_mail("mailer-daemon", OTHER, LOCAL)
+    assert send(fm.port, "MAILER-DAEMON@test.example.org", [LOCAL], data)[0] == 523
+    assert send(fm.port, "<>", [LOCAL], data)[0] == 250
+
+
 @pytest.mark.parametrize(
     ("preamble", "epilogue"),
     [(b"Buy now!\r\n", b""), (b"", b"P.S. cleartext\r\n"), (b"Hi\r\n", b"\r\nBye\r\n")],
