@@ -57,7 +57,7 @@ import re
 import socket
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -83,6 +83,9 @@ FILTERS = {
 # A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
 MAX_LINE = 1 << 20
 OUTPUT_CHUNK = 1 << 16
+# Written but not yet taken by smtpd: above this, giving a message back waits.
+OUTPUT_BUFFERED = 1 << 20
+DRAIN_POLL_S = 0.002
 # All sessions' message data together may fill this many messages of max_message_size;
 # a message that would need more is refused with FILTER_FULL (the sender retries).
 MESSAGES_BUFFERED = 8
@@ -265,6 +268,10 @@ def message_dataline_chunks(prefix: bytes, data: bytes | bytearray, start: int) 
         pos = end
 
 
+async def _written() -> None:
+    """``drain`` for a ``write`` that takes everything at once."""
+
+
 class SmtpdFilter:
     """The protocol state machine for one direction; ``write`` sends a line to smtpd."""
 
@@ -281,6 +288,8 @@ class SmtpdFilter:
         self.mode = mode
         self.outgoing = mode == "outgoing"
         self.write = write
+        #: waits until smtpd has read most of what was written (run() sets the real one)
+        self.drain: Callable[[], Awaitable[None]] = _written
         self.policy = MessagePolicy(config, mode, skip_dkim=skip_dkim)
         self.cleanup = load_header_cleanup()["submission" if self.outgoing else "delivery"]
         #: bytes of message data held, all sessions together, and the most allowed
@@ -443,14 +452,18 @@ class SmtpdFilter:
                     verdict = Verdict(LOCAL_ERROR, None)
                 reply, content = verdict.reply, verdict.content
                 self.policy.count(verdict.encrypted, accepted=reply is None)
-            self._emit(request.session, request.token, data if content is None else content,
-                       cleanup=reply is None)  # fmt: skip
+            await self._emit(request.session, request.token,
+                             data if content is None else content, cleanup=reply is None)  # fmt: skip
             return reply
         finally:
             self.buffered -= len(data)
 
-    def _emit(self, session_id: str, token: str, data: bytes | bytearray, cleanup: bool) -> None:
-        """The message back to smtpd as data lines (header cleaned up if it passes)."""
+    async def _emit(
+        self, session_id: str, token: str, data: bytes | bytearray, cleanup: bool
+    ) -> None:
+        """The message back to smtpd as data lines (header cleaned up if it passes), each
+        chunk once smtpd has taken the ones before (``drain``): with the protocol prefix,
+        the lines of a message of short lines are several times its size."""
         prefix = format_dataline(session_id, token, "")[:-1]
         body_start = 0
         if cleanup:
@@ -463,6 +476,7 @@ class SmtpdFilter:
             body_start = header_end
         for chunk in message_dataline_chunks(prefix.encode(), data, body_start):
             self.write(chunk.decode("utf-8", "surrogateescape"))
+            await self.drain()
         self.write(f"{prefix}.\n")
 
     async def _commit(self, session: Session, request: FilterRequest) -> None:
@@ -492,10 +506,27 @@ class SmtpdFilter:
         self.write(format_result(request.session, request.token, None))
 
 
-async def open_stdio(
-    stdin=None, stdout=None
-) -> tuple[asyncio.StreamReader, Callable[[str], None], Callable[[], None]]:
-    """Non-blocking line reader on stdin, a writer to stdout, and a closer.
+class Output(NamedTuple):
+    """Where answers to smtpd go: ``write`` a text, ``drain`` until it is mostly sent."""
+
+    write: Callable[[str], None]
+    drain: Callable[[], Awaitable[None]]
+    close: Callable[[], None]
+
+
+def _output(transport: asyncio.WriteTransport) -> Output:
+    def write(text: str) -> None:
+        transport.write(text.encode("utf-8", "surrogateescape"))
+
+    async def drain() -> None:
+        while transport.get_write_buffer_size() > OUTPUT_BUFFERED and not transport.is_closing():
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    return Output(write, drain, transport.close)
+
+
+async def open_stdio(stdin=None, stdout=None) -> tuple[asyncio.StreamReader, Output]:
+    """Non-blocking line reader on stdin, and the output to stdout.
 
     smtpd gives a filter one socket as stdin and stdout (a socketpair): that is one
     bidirectional stream. asyncio's write-pipe transport must not be used on it: it
@@ -510,19 +541,11 @@ async def open_stdio(
     if stat.S_ISSOCK(in_stat.st_mode) and os.path.samestat(in_stat, out_stat):
         sock = socket.socket(fileno=os.dup(stdin.fileno()))
         reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
-
-        def write(text: str) -> None:
-            writer.write(text.encode("utf-8", "surrogateescape"))
-
-        return reader, write, writer.close
+        return reader, _output(writer.transport)
     reader = asyncio.StreamReader(limit=MAX_LINE)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
-
-    def write_pipe(text: str) -> None:
-        transport.write(text.encode("utf-8", "surrogateescape"))
-
-    return reader, write_pipe, transport.close
+    return reader, _output(transport)
 
 
 async def run(
@@ -531,8 +554,9 @@ async def run(
     stdout=None,
 ) -> None:
     """Read smtpd's lines from stdin until it closes it, writing answers to stdout."""
-    reader, write, close = await open_stdio(stdin, stdout)
-    smtpd_filter = smtpd_filter_factory(write)
+    reader, output = await open_stdio(stdin, stdout)
+    smtpd_filter = smtpd_filter_factory(output.write)
+    smtpd_filter.drain = output.drain
     try:
         while True:
             try:
@@ -558,7 +582,7 @@ async def run(
         if smtpd_filter.tasks:
             await asyncio.wait(set(smtpd_filter.tasks), timeout=10)
         smtpd_filter.close()
-        close()
+        output.close()
     log.info("smtpd closed the filter's input, exiting")
 
 

@@ -784,3 +784,27 @@ def test_successful_logins_are_not_counted(start):
             == f"filter-result|s1|a{n}|proceed"
         )
         fp.report("s1", "link-auth", "pass", SENDER)
+
+
+def peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+def test_output_to_a_slow_smtpd_is_not_piled_up(start):
+    """The lines given back to smtpd (~6x a message of short lines, with the protocol
+    prefix) go out as smtpd takes them, not into an ever-growing write buffer."""
+    fp = start("incoming", env={"FILTERMAIL_SKIP_DKIM": "1"})
+    lines = 1_000_000
+    fp.envelope("s1", OTHER, [LOCAL])
+    header = ["From: <bob@other.example>", "Content-Type: multipart/mixed; boundary=b", ""]
+    before = peak_rss(fp.proc.pid)
+    request = f"filter|0.7|{TS}|smtp-in|data-line|s1|d4t4|"
+    fp.send(*(request + line for line in header))
+    for _ in range(lines // 10_000):
+        fp.send(*[request + "--b"] * 10_000)
+    fp.send(request + "--b--", request + ".")
+    assert len(fp.output("s1", "d4t4")) == len(header) + lines + 2
+    assert fp.commit("s1") == "proceed"
+    growth = peak_rss(fp.proc.pid) - before
+    assert growth < 3 * 5 * lines, f"peak RSS grew by {growth} for a {5 * lines} byte message"
