@@ -83,6 +83,9 @@ FILTERS = {
 # A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
 MAX_LINE = 1 << 20
 OUTPUT_CHUNK = 1 << 16
+# Data lines are encoded into a message's buffer this many at a time (cheaper per line
+# than one by one, and a bound on the str objects a session holds).
+PENDING_LINES = 256
 # Written but not yet taken by smtpd: above this, giving a message back waits.
 OUTPUT_BUFFERED = 1 << 20
 DRAIN_POLL_S = 0.002
@@ -242,6 +245,10 @@ class Session:
     rcpts: list[str] = field(default_factory=list)
     #: the message so far, unstuffed, CRLF line ends: one buffer, not an object per line
     data: bytearray = field(default_factory=bytearray)
+    #: its last lines, not yet encoded into ``data`` (at most PENDING_LINES)
+    pending: list[str] = field(default_factory=list)
+    #: bytes of ``data`` plus characters (and line ends) of ``pending``
+    size: int = 0
     #: the reply for a message that could not be buffered (too large, filter full)
     refusal: str | None = None
     verdict: asyncio.Future | None = None
@@ -250,6 +257,7 @@ class Session:
         self.mail_from = None
         self.rcpts = []
         self.data = bytearray()
+        self.pending, self.size = [], 0
         self.refusal = None
         self.verdict = None
 
@@ -294,6 +302,7 @@ class SmtpdFilter:
         self.cleanup = load_header_cleanup()["submission" if self.outgoing else "delivery"]
         #: bytes of message data held, all sessions together, and the most allowed
         self.buffered = 0
+        self.max_message_size = config.max_message_size
         self.max_buffered = config.max_message_size * MESSAGES_BUFFERED
         self.smtpd_config: dict[str, str] = {}
         self.registered = False
@@ -416,23 +425,41 @@ class SmtpdFilter:
             return
         if session.refusal is not None:
             return
-        raw = unstuff(line).encode("utf-8", "surrogateescape")
-        size = len(raw) + 2
+        line = unstuff(line)
+        size = len(line) + 2  # characters; bytes are counted when the lines are encoded
+        session.size += size
+        self.buffered += size
         # smtpd enforces the byte limit itself too (`smtp max-message-size`, same value)
-        if len(session.data) + size > self.config.max_message_size:
-            log.info("message exceeds max_message_size %d", self.config.max_message_size)
-            self._refuse(session, TOO_BIG)
-        elif self.buffered + size > self.max_buffered:
+        if session.size > self.max_message_size:
+            self._too_big(session)
+        elif self.buffered > self.max_buffered:
             log.warning("refusing a message: %d bytes of mail buffered already", self.buffered)
             self._refuse(session, FILTER_FULL)
         else:
-            session.data += raw
-            session.data += b"\r\n"
-            self.buffered += size
+            session.pending.append(line)
+            if len(session.pending) >= PENDING_LINES:
+                self._flush(session)
+
+    def _flush(self, session: Session) -> None:
+        """Encode the pending lines into the message buffer, all at once."""
+        if not session.pending:
+            return
+        text = "\r\n".join(session.pending) + "\r\n"
+        chunk = text.encode("utf-8", "surrogateescape")
+        session.pending = []
+        session.data += chunk
+        session.size += len(chunk) - len(text)
+        self.buffered += len(chunk) - len(text)
+        if session.size > self.max_message_size:
+            self._too_big(session)
+
+    def _too_big(self, session: Session) -> None:
+        log.info("message exceeds max_message_size %d", self.max_message_size)
+        self._refuse(session, TOO_BIG)
 
     def _release(self, session: Session) -> None:
-        self.buffered -= len(session.data)
-        session.data = bytearray()
+        self.buffered -= session.size
+        session.data, session.pending, session.size = bytearray(), [], 0
 
     def _refuse(self, session: Session, reply: str) -> None:
         self._release(session)
@@ -440,7 +467,9 @@ class SmtpdFilter:
 
     async def _decide(self, session: Session, request: FilterRequest) -> str | None:
         """Judge the buffered message, give its lines back to smtpd; the commit reply."""
-        data, session.data = session.data, bytearray()
+        self._flush(session)
+        data, size = session.data, session.size
+        session.data, session.size = bytearray(), 0
         try:
             content: bytes | None = None
             reply = session.refusal
@@ -456,7 +485,7 @@ class SmtpdFilter:
                              data if content is None else content, cleanup=reply is None)  # fmt: skip
             return reply
         finally:
-            self.buffered -= len(data)
+            self.buffered -= size
 
     async def _emit(
         self, session_id: str, token: str, data: bytes | bytearray, cleanup: bool
