@@ -421,7 +421,9 @@ async def open_stdio(stdin=None, stdout=None) -> tuple[asyncio.StreamReader, Out
     if stat.S_ISSOCK(in_stat.st_mode) and os.path.samestat(in_stat, out_stat):
         sock = socket.socket(fileno=os.dup(stdin.fileno()))
         reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
-        return reader, _output(writer.transport)
+        # closing through the writer keeps it referenced: Python 3.13 closes the transport
+        # of a StreamWriter that is garbage-collected
+        return reader, _output(writer.transport)._replace(close=writer.close)
     reader = asyncio.StreamReader(limit=MAX_LINE)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
