@@ -97,6 +97,10 @@ class Config(BaseModel):
     dns_resolver: str = ""
     push_notification_url: str = "https://notifications.delta.chat/notify"
     counters_dir: Path = Path("/var/lib/chatmail/counters")
+    # OpenSMTPD's submission filter: a client address with this many failed SMTP logins
+    # within the window (seconds) gets "421" for its next AUTH until they age out.
+    smtpd_auth_failures_max: int = Field(10, ge=1)
+    smtpd_auth_failures_window: int = Field(600, gt=0)
     # OpenBSD's smtpd checks SMTP passwords itself with crypt_checkpass(3), which only
     # knows bcrypt: relays whose MTA is OpenSMTPD on OpenBSD store BLF-CRYPT hashes.
     password_scheme: Literal["SHA512-CRYPT", "BLF-CRYPT"] = "SHA512-CRYPT"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.rdatatype
 import dns.resolver
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ CACHE_SIZE = 1000
 # one or two aligned ones. Later ones are ignored, so piling them up buys no work.
 MAX_ALIGNED_SIGNATURES = 5
 MIN_TTL_S, MAX_TTL_S, NEGATIVE_TTL_S = 60, 3600, 60
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 class DNSTemporaryError(Exception):
@@ -117,6 +120,24 @@ class Signature:
     index: int  # position among the message's DKIM-Signature headers (dkimpy's idx)
     domain: str
     key_name: str  # <selector>._domainkey.<domain>
+    length: int | None = None  # l=: the body bytes signed, None for all of them
+    canonicalization: bytes = b"simple/simple"  # c=
+
+
+def covers_body(signature: Signature, body: bytes) -> bool:
+    """Whether the signature's ``l=`` (if any) reaches the end of the canonical body.
+
+    With ``l=`` a signature stays valid when text is appended to the body (RFC 6376
+    §8.2): anyone could add cleartext to a signed mail. Such a signature is refused
+    unless it covers everything.
+    """
+    if signature.length is None or signature.length >= len(body):
+        return True  # canonicalization never makes the body longer
+    try:
+        policy = CanonicalizationPolicy.from_c_value(signature.canonicalization)
+    except InvalidCanonicalizationPolicyError:
+        return False
+    return signature.length >= len(policy.canonicalize_body(body))
 
 
 def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[Signature]:
@@ -130,11 +151,34 @@ def aligned_signatures(signature_headers: list[str], from_domain: str) -> list[S
             tags = dkim.util.parse_tag_value(value.encode("utf-8"))
             domain = tags[b"d"].decode("ascii").strip()
             selector = tags[b"s"].decode("ascii").strip()
+            length = int(tags[b"l"]) if b"l" in tags else None
         except (dkim.util.InvalidTagValueList, KeyError, UnicodeError, ValueError):
             continue
         if domain.lower() == from_domain.lower() and selector:
-            result.append(Signature(index, domain, f"{selector}._domainkey.{domain}"))
+            key_name = f"{selector}._domainkey.{domain}"
+            c_value = tags.get(b"c", b"simple/simple")
+            result.append(Signature(index, domain, key_name, length, c_value))
     return result
+
+
+def split_for_dkimpy(message: bytes | bytearray) -> tuple[bytes, bytes]:
+    """The header section (with the empty line ending it) and the body, line breaks CRLF,
+    as dkimpy's parser divides a message."""
+    view = memoryview(message)
+    if message[:1] == b"\n" or message[:2] == b"\r\n":
+        header_end, body_start = 0, 1 if message[:1] == b"\n" else 2
+    else:
+        match = _HEADER_END.search(message)
+        if match is None:  # all header (mailcheck allows at most MAX_HEADER_BYTES)
+            return bytes(message) + (
+                b"\r\n" if message.endswith(b"\n") or not message else b"\r\n\r\n"
+            ), b""
+        header_end, body_start = match.start(), match.end()
+    header = bytes(view[:header_end]) + (b"\r\n\r\n" if header_end else b"\r\n")
+    body = bytes(view[body_start:])
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return header, body
 
 
 def _verify_signatures(
@@ -146,12 +190,20 @@ def _verify_signatures(
         return keys.get(name.decode("ascii", "replace").lower().rstrip("."))
 
     quiet = logging.getLogger("chatmaild.dkimverify.dkimpy")
+    header, body = split_for_dkimpy(message)
     try:
-        verifier = dkim.DKIM(bytes(message), logger=quiet, minkey=1024)
-    except dkim.DKIMException as exc:
+        verifier = dkim.DKIM(header, logger=quiet, minkey=1024)
+    except (dkim.DKIMException, IndexError) as exc:  # IndexError: a folded first line
         log.info("DKIM: unreadable message: %s", exc)
         return None
+    # dkimpy splits a whole message into a list of lines (~30x its size in memory for a
+    # body of short lines); it is given the header section alone, and the body it would
+    # have made from it (every line break CRLF) is put where it keeps it, ``body``.
+    verifier.body = body
     for signature in signatures:
+        if not covers_body(signature, verifier.body):
+            log.info("DKIM: signature of %s signs only part of the body (l=)", signature.domain)
+            continue
         try:
             if verifier.verify(idx=signature.index, dnsfunc=dnsfunc):
                 return signature

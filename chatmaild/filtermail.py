@@ -8,8 +8,9 @@ ask for it (``enforceE2EEincoming``) and requires a DKIM signature aligned with 
 Accepted mail is handed back to Postfix by SMTP unchanged, and Postfix's reply is ours.
 Reply texts and log lines follow upstream's filtermail, which clients and monitoring read.
 
-The rules themselves are :class:`MessagePolicy`, free of any transport: OpenSMTPD applies
-the very same object as an smtpd filter (:mod:`chatmaild.smtpdfilter`).
+The rules themselves are :class:`chatmaild.policy.MessagePolicy`, free of any transport:
+OpenSMTPD applies the very same rules as an smtpd filter (:mod:`chatmaild.smtpdfilter`).
+This module is only the aiosmtpd transport.
 """
 
 from __future__ import annotations
@@ -18,43 +19,21 @@ import argparse
 import asyncio
 import collections
 import logging
-import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import dns.exception
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from .config import EXIT_CONFIG, Config, config_for_main
-from .counters import Counters
-from .dkimverify import DKIMVerifier, TxtLookup
-from .mailcheck import (
-    Mail,
-    MalformedMessage,
-    from_address,
-    is_autocrypt_setup_message,
-    is_encrypted,
-    is_mailer_daemon_report,
-    is_securejoin,
-    is_utf8,
-    parse_mail,
-)
-from .ratelimit import RateLimiter
+from .policy import MODES, TOO_BIG, MessagePolicy, skip_dkim_requested
 from .smtpclient import LOCAL_ERROR, Recipient, Reinjector
-from .user import InvalidAddress, User
 
 log = logging.getLogger("filtermail")
 
-MODES = ("outgoing", "incoming")
-ENCRYPTION_NEEDED = "523 Encryption Needed: Invalid Unencrypted Mail"
-TOO_BIG = "552 Message exceeds maximum size"
-NON_UTF8 = "554 Non-UTF-8 message"
-MALFORMED = "554 Malformed data"
 # End of DATA: "." alone on a line. readuntil() on ".\r\n" never reads past the message
 # (a pipelining client may already have sent the next command); each hit is a terminator
 # only if it starts a line.
@@ -202,29 +181,6 @@ class FilterSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
 
-def refuses_cleartext(mailboxes_dir: Path, rcpt: str) -> bool:
-    """Whether ``rcpt`` wants only encrypted mail; addresses that can't be a mailbox do.
-
-    ``user+tag@domain`` is delivered to ``user@domain`` (Postfix's recipient_delimiter),
-    so both mailboxes are asked.
-    """
-    addr = rcpt.lower()
-    local, at, domain = addr.rpartition("@")
-    if not at or not local or not domain:
-        return True
-    candidates = {addr, f"{local.split('+', 1)[0]}@{domain}"}
-    try:
-        users = [User(mailboxes_dir, candidate) for candidate in candidates]
-    except InvalidAddress:
-        return True
-    return any(user.enforce_e2ee_path.exists() for user in users)
-
-
-def _plain_sender(address: str | None) -> str:
-    """aiosmtpd reports the null sender ``MAIL FROM:<>`` as ``<>``."""
-    return "" if address in (None, "<>") else address
-
-
 class FilterHandler:
     """aiosmtpd handler hooks for one mode."""
 
@@ -299,7 +255,7 @@ class FilterHandler:
                 reply = await self.reinjector.send(
                     verdict.mail_from,
                     envelope.recipients,
-                    envelope.original_content,
+                    envelope.original_content if verdict.content is None else verdict.content,
                     envelope.reinject_params,
                 )
         except Exception:
@@ -307,140 +263,6 @@ class FilterHandler:
             return LOCAL_ERROR
         self.policy.count(verdict.encrypted, accepted=reply[:1] == "2")
         return reply
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the rules say about one message.
-
-    ``reply`` is None if the message may pass, else the SMTP reply refusing it.
-    ``encrypted`` is None if the message was refused before its content was looked at.
-    ``mail_from`` is the envelope sender to pass it on with (incoming: "" for senders
-    that differ from ``From:``, so that nothing ever bounces to a forged address).
-    """
-
-    reply: str | None
-    encrypted: bool | None
-    mail_from: str = ""
-
-
-class MessagePolicy:
-    """filtermail's rules for one mode, without any transport.
-
-    The aiosmtpd filter (:class:`FilterHandler`, Postfix's before-queue proxy) and the
-    OpenSMTPD filter (:mod:`chatmaild.smtpdfilter`) both decide with this class, so the
-    two MTAs refuse exactly the same mail with exactly the same replies.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        mode: str,
-        skip_dkim: bool = False,
-        counters: Counters | None = None,
-    ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.config = config
-        self.mode = mode
-        self.outgoing = mode == "outgoing"
-        self.counters = counters or Counters(config.counters_dir, f"filtermail-{mode}")
-        self.ratelimiter = RateLimiter(
-            config.max_user_send_per_minute, config.max_user_send_burst_size
-        )
-        self.dkim = None if skip_dkim else DKIMVerifier(TxtLookup(config.dns_resolver))
-
-    def check_sender(self, address: str) -> str | None:
-        """The reply refusing envelope sender ``address`` (outgoing: rate limit), or None."""
-        if not self.outgoing:
-            return None
-        if address.count("@") != 1:
-            return f"500 Invalid from address <{_plain_sender(address)}>"
-        delay = self.ratelimiter.acquire(address.lower())
-        if delay is not None:
-            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + delay))
-            log.info("Rate limited: %s", address)
-            return f"450 4.7.1: Too much mail from {address}, rate limited until {until}"
-        return None
-
-    def count(self, encrypted: bool | None, accepted: bool) -> None:
-        """``mail_filtered_total`` for a message whose content was looked at."""
-        if encrypted is None:
-            return
-        self.counters.inc(
-            "mail_filtered_total",
-            direction=self.mode,
-            encrypted="true" if encrypted else "false",
-            result="accepted" if accepted else "rejected",
-        )
-
-    async def check(
-        self, mail_from: str | None, rcpt_tos: list[str], data: bytes | bytearray
-    ) -> Verdict:
-        """The verdict on message ``data`` (CRLF lines, dot-unstuffed) of one envelope."""
-        if not is_utf8(data):
-            return Verdict(NON_UTF8, None)
-        try:
-            mail = parse_mail(data)
-        except MalformedMessage as exc:
-            return Verdict(f"{MALFORMED}: {exc}", None)
-        from_addr = from_address(mail)
-        if from_addr is None:
-            values = mail.headers.get_all("From") or []
-            problem = (
-                "missing"
-                if not values
-                else f"{len(values)} headers"
-                if len(values) > 1
-                else "unparsable"
-            )
-            return Verdict(f"500 Invalid FROM header: {problem}", None)
-        if self.outgoing:
-            return self._outgoing(_plain_sender(mail_from), rcpt_tos, mail, from_addr)
-        return await self._incoming(_plain_sender(mail_from), rcpt_tos, mail, from_addr, data)
-
-    def _outgoing(self, mail_from: str, rcpt_tos: list[str], mail: Mail, from_addr: str) -> Verdict:
-        if from_addr.lower() != mail_from.lower():
-            return Verdict(f"500 Invalid FROM <{from_addr}> for <{mail_from}>", None)
-        encrypted = is_encrypted(mail, outgoing=True) or is_securejoin(mail)
-        if encrypted:
-            log.info("Outgoing: Filtering encrypted mail.")
-        else:
-            log.info("Outgoing: Filtering unencrypted mail.")
-            if not is_autocrypt_setup_message(mail, from_addr, rcpt_tos):
-                log.info("Rejected unencrypted mail from: %s", from_addr)
-                return Verdict(ENCRYPTION_NEEDED, False)
-        return Verdict(None, encrypted, mail_from)
-
-    async def _incoming(
-        self,
-        mail_from: str,
-        rcpt_tos: list[str],
-        mail: Mail,
-        from_addr: str,
-        data: bytes | bytearray,
-    ) -> Verdict:
-        if mail_from.lower() != from_addr.lower():
-            mail_from = ""  # forwarded (SRS) or forged: never bounce to the envelope sender
-        encrypted = is_encrypted(mail, outgoing=False) or is_securejoin(mail)
-        if encrypted:
-            log.info("Incoming: Filtering encrypted mail.")
-        else:
-            log.info("Incoming: Filtering unencrypted mail.")
-            if is_mailer_daemon_report(mail, from_addr):
-                log.info("Incoming: Filtering mailer-daemon message from %s", from_addr)
-            elif any(refuses_cleartext(self.config.mailboxes_path, r) for r in rcpt_tos):
-                log.info("Rejected unencrypted mail from: %s", from_addr)
-                return Verdict(ENCRYPTION_NEEDED, False)
-        from_domain = from_addr.rsplit("@", 1)[1]
-        # Domain-literal senders (user@[1.2.3.4]) have no DNS to hold a key.
-        if self.dkim is not None and not from_domain.startswith("["):
-            signatures = [str(v) for v in mail.headers.get_all("DKIM-Signature") or []]
-            problem = await self.dkim.check(data, signatures, from_domain)
-            if problem is not None:
-                log.info("DKIM check failed for mail from %s: %s", from_addr, problem)
-                return Verdict(problem, encrypted)
-        return Verdict(None, encrypted, mail_from)
 
 
 async def start_server(
@@ -485,14 +307,6 @@ async def serve(config: Config, mode: str, skip_dkim: bool) -> int:
         handler.counters.flush()
     log.info("stopped")
     return 0
-
-
-def skip_dkim_requested(mode: str) -> bool:
-    """FILTERMAIL_SKIP_DKIM=1|true turns off incoming DKIM checks (tests, never a relay)."""
-    skip = os.environ.get("FILTERMAIL_SKIP_DKIM", "").lower() in ("1", "true")
-    if skip and mode == "incoming":
-        log.warning("DKIM verification DISABLED!")
-    return skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,10 @@ MAX_HEADER_BYTES = 1 << 20
 _UTF8_CHUNK = 1 << 20
 
 AUTOCRYPT_SETUP_SUBJECT = "Autocrypt Setup Message"
+# Parts a multipart body may have before classifiers give up on it: more than any
+# message they accept (encrypted: 2, Secure-Join: 1, delivery report: 3) has.
+MAX_PARTS = 16
+DELIVERY_STATUS_TYPES = frozenset({"delivery-status", "global-delivery-status"})
 SECUREJOIN_REQUESTS = frozenset({"vc-request", "vg-request"})
 _FOLDING = re.compile(r"\r?\n(?=[ \t])")
 _address_header = _default_policy.header_factory
@@ -144,12 +148,13 @@ def from_address(mail: Mail) -> str | None:
     return single_address(str(values[0]))
 
 
-def split_multipart(body: memoryview, boundary: str) -> list[memoryview] | None:
-    """The body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1).
+def _scan_multipart(
+    body: memoryview, boundary: str, max_parts: int
+) -> tuple[list[memoryview], int, int] | None:
+    """The parts, where the first delimiter line starts and where the closing one ends.
 
-    Preamble and epilogue are dropped; None if there is no closing delimiter. The regex
-    starts with the literal delimiter so the search over a large body is a fast scan;
-    matches not at the start of a line are skipped.
+    None if there is no closing delimiter or more than ``max_parts`` parts: the scan stops
+    there, so a body of nothing but delimiter lines costs no memory per line.
     """
     if not boundary or len(boundary) > 200:
         return None
@@ -157,7 +162,7 @@ def split_multipart(body: memoryview, boundary: str) -> list[memoryview] | None:
         rb"--" + re.escape(boundary.encode("utf-8", "replace")) + rb"(--)?[ \t]*(?:\r?\n|\Z)"
     )
     parts: list[memoryview] = []
-    start = None
+    first = start = None
     for match in delimiter.finditer(body):
         line_start = match.start()
         if line_start > 0 and body[line_start - 1] != 0x0A:
@@ -168,10 +173,35 @@ def split_multipart(body: memoryview, boundary: str) -> list[memoryview] | None:
             if end > start and body[end - 1] == 0x0D:
                 end -= 1
             parts.append(body[start : max(start, end)])
+        else:
+            first = line_start
         if match.group(1):
-            return parts if start is not None else None
+            return (parts, first, match.end()) if start is not None else None
+        if len(parts) == max_parts:
+            return None
         start = match.end()
     return None
+
+
+def split_multipart(
+    body: memoryview, boundary: str, max_parts: int = MAX_PARTS
+) -> list[memoryview] | None:
+    """The body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1).
+
+    Preamble and epilogue are dropped; None if there is no closing delimiter or more than
+    ``max_parts`` parts (callers know how many they can accept). The regex starts with
+    the literal delimiter so the search over a large body is a fast scan; matches not at
+    the start of a line are skipped.
+    """
+    scanned = _scan_multipart(body, boundary, max_parts)
+    return scanned[0] if scanned is not None else None
+
+
+def multipart_frame(body: memoryview, boundary: str) -> tuple[int, int] | None:
+    """(start, end) of the body from its first delimiter line to the end of its closing
+    one: what remains without preamble and epilogue. None if it is no multipart body."""
+    scanned = _scan_multipart(body, boundary, MAX_PARTS)
+    return scanned[1:] if scanned is not None else None
 
 
 def _has_single_content_type(mail: Mail) -> bool:
@@ -182,7 +212,7 @@ def is_encrypted(mail: Mail, outgoing: bool) -> bool:
     """OpenPGP/MIME (RFC 3156): version part + armored message that is only ciphertext."""
     if mail.content_type != "multipart/encrypted" or not _has_single_content_type(mail):
         return False
-    parts = split_multipart(mail.body, mail.headers.get_boundary() or "")
+    parts = split_multipart(mail.body, mail.headers.get_boundary() or "", max_parts=2)
     if parts is None or len(parts) != 2:
         return False
     try:
@@ -211,7 +241,7 @@ def is_securejoin(mail: Mail) -> bool:
         return False
     if not mail.content_type.startswith("multipart/") or not _has_single_content_type(mail):
         return False
-    parts = split_multipart(mail.body, mail.headers.get_boundary() or "")
+    parts = split_multipart(mail.body, mail.headers.get_boundary() or "", max_parts=1)
     if parts is None or len(parts) != 1 or len(parts[0]) > 4096:
         return False
     try:
@@ -235,9 +265,29 @@ def is_autocrypt_setup_message(mail: Mail, from_addr: str, rcpt_tos: list[str]) 
 
 
 def is_mailer_daemon_report(mail: Mail, from_addr: str) -> bool:
-    """A delivery status notification from a mail server (bounce)."""
-    return (
-        bool(mail.get("Auto-Submitted"))
-        and from_addr.split("@")[0].lower() == "mailer-daemon"
-        and mail.content_type == "multipart/report"
-    )
+    """A delivery status notification (bounce) from a mail server, strictly checked.
+
+    Bounces are the one cleartext mail every account accepts, so only their exact shape
+    passes: ``From: mailer-daemon@...``, ``Auto-Submitted: auto-replied`` or
+    ``auto-generated`` (RFC 3834 §5), ``multipart/report; report-type=delivery-status``
+    (RFC 6522, RFC 3464; the ``global-`` forms of RFC 6533 too) with two or three parts,
+    the second a ``message/delivery-status``. The caller still checks who sent it (DKIM).
+    """
+    auto_submitted = mail.get("Auto-Submitted").split(";", 1)[0].strip().lower()
+    if auto_submitted not in ("auto-replied", "auto-generated"):
+        return False
+    if from_addr.rsplit("@", 1)[0].lower() != "mailer-daemon":
+        return False
+    if mail.content_type != "multipart/report" or not _has_single_content_type(mail):
+        return False
+    report_type = str(mail.headers.get_param("report-type", "") or "").lower()
+    if report_type not in DELIVERY_STATUS_TYPES:
+        return False
+    parts = split_multipart(mail.body, mail.headers.get_boundary() or "", max_parts=3)
+    if parts is None or len(parts) < 2:
+        return False
+    try:
+        status = parse_part(parts[1])
+    except MalformedMessage:
+        return False
+    return status.content_type == f"message/{report_type}"

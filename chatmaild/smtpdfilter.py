@@ -2,7 +2,7 @@
 
 OpenSMTPD has no before-queue proxy like Postfix's ``smtpd_proxy_filter``, but it hands a
 filter every line of a message before it answers the final ``.``. So the refusals of
-:mod:`chatmaild.filtermail` (``523 Encryption Needed``, DKIM failures, ``From:`` not the
+:mod:`chatmaild.policy` (``523 Encryption Needed``, DKIM failures, ``From:`` not the
 sender) become the SMTP reply to the client, as with Postfix, instead of bounces.
 
 smtpd starts the filter (``filter "chatmail-in" proc-exec "chatmail-smtpd-filter INI
@@ -17,10 +17,13 @@ many sessions interleaved::
     smtpd: filter|0.7|<time>|smtp-in|commit|<session>|<token>|
     we:    filter-result|<session>|<token>|proceed      (or reject|523 Encryption Needed...)
 
-A transaction's lines are buffered (at most ``max_message_size`` bytes; more is refused
-with filtermail's ``552``); at the final ``.`` :class:`chatmaild.filtermail.MessagePolicy`
-decides, the lines go back to smtpd (outgoing: with Postfix's submission header cleanup,
-incoming: with its final-delivery cleanup) and ``commit`` gets the verdict.
+A transaction's lines are buffered as bytes in one buffer per message (at most
+``max_message_size`` bytes, more is refused with filtermail's ``552``; all sessions
+together at most :data:`MESSAGES_BUFFERED` such messages, more is refused for now with
+``452``); at the final ``.`` :class:`chatmaild.policy.MessagePolicy` decides, the lines
+go back to smtpd (outgoing: with the submission header cleanup, incoming: with the
+final-delivery cleanup, both from ``defaults/header_cleanup.json`` as Postfix's maps)
+and ``commit`` gets the verdict.
 
 ``outgoing`` (587/465) also registers ``mail-from`` (filtermail's sender checks and rate
 limit) and ``auth``: smtpd passes the AUTH command's argument, which for ``AUTH PLAIN
@@ -30,6 +33,11 @@ up its credentials, so the first login may be an SMTP one. The filter always ans
 ``proceed``: smtpd checks the password against the stored hash itself. ``AUTH LOGIN``
 and ``AUTH PLAIN`` without an initial response carry no password (the filter sees only
 the mechanism): such a first login fails as before.
+
+``outgoing`` also throttles password guessing: it learns each session's client address
+(``link-connect``) and counts failed logins (``link-auth`` reports ``fail``); an address
+with ``smtpd_auth_failures_max`` of them within ``smtpd_auth_failures_window`` seconds
+gets ``421`` and is disconnected at its next AUTH (:mod:`chatmaild.authfailures`).
 
 One process per direction (two ``filter`` lines in smtpd.conf): smtpd tells a filter
 nothing about the listener a session came in on, and the direction decides everything.
@@ -41,177 +49,55 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import logging
 import os
-import re
 import socket
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from .accounts import get_or_create
+from .authfailures import FailedLogins, client_key
 from .config import EXIT_CONFIG, Config, config_for_main
-from .filtermail import MODES, TOO_BIG, MessagePolicy, Verdict, skip_dkim_requested
+from .policy import MODES, TOO_BIG, MessagePolicy, Verdict, load_header_cleanup, skip_dkim_requested
 from .smtpclient import LOCAL_ERROR
-from .smtpdproto import ConfigEntry, parse_config_line
+from .smtpdfilterproto import (
+    SUBSYSTEM,
+    ConfigEntry,
+    FilterProtocolError,
+    FilterRequest,
+    Report,
+    clean_header_lines,
+    format_dataline,
+    format_result,
+    message_dataline_chunks,
+    parse_line,
+    plain_credentials,
+    registrations,
+    split_report_params,
+    stuff,
+    unstuff,
+)
 
 log = logging.getLogger("smtpdfilter")
 
-SUBSYSTEM = "smtp-in"
-REPORTS = ("link-auth", "link-disconnect", "tx-begin", "tx-mail", "tx-rcpt", "tx-reset")
-FILTERS = {
-    "incoming": ("data-line", "commit"),
-    "outgoing": ("auth", "mail-from", "data-line", "commit"),
-}
+TOO_MANY_FAILED_LOGINS = "421 4.7.0 Too many failed logins, try again later"
+
 # A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
 MAX_LINE = 1 << 20
-OUTPUT_CHUNK = 1 << 16
-
-# Postfix's header_checks (salt/chatmail/mta/postfix/files): submission_header_cleanup on
-# the way out, lmtp_header_cleanup at final delivery. Top-level header section only.
-OUTGOING_DROP = frozenset({"received", "x-originating-ip", "x-mailer", "user-agent"})
-OUTGOING_REPLACE = {"subject": "Subject: [...]"}
-INCOMING_DROP = frozenset({"dkim-signature", "authentication-results", "received"})
-_FIELD_NAME = re.compile(r"^([!-9;-~]+)[ \t]*:")
-
-
-class FilterProtocolError(ValueError):
-    """A line from smtpd that is not an event we can read."""
-
-
-# NamedTuples, not dataclasses: one is built for every line of every message.
-class Report(NamedTuple):
-    """``report|<version>|<time>|<subsystem>|<event>|<session>[|<params>]``."""
-
-    version: str
-    subsystem: str
-    event: str
-    session: str
-    params: str
-
-
-class FilterRequest(NamedTuple):
-    """``filter|<version>|<time>|<subsystem>|<phase>|<session>|<token>[|<params>]``."""
-
-    version: str
-    subsystem: str
-    phase: str
-    session: str
-    token: str
-    params: str
-
-
-def parse_line(line: str) -> ConfigEntry | Report | FilterRequest:
-    """One line from smtpd (without its newline). Only the last field may hold ``|``."""
-    # data lines first: they are nearly all the traffic
-    if line.startswith("filter|"):
-        fields = line.split("|", 7)
-        if len(fields) < 7 or not fields[5] or not fields[6]:
-            raise FilterProtocolError(f"filter request with too few fields: {line[:80]!r}")
-        params = fields[7] if len(fields) == 8 else ""
-        return FilterRequest(fields[1], fields[3], fields[4], fields[5], fields[6], params)
-    if line.startswith("report|"):
-        fields = line.split("|", 6)
-        if len(fields) < 6 or not fields[5]:
-            raise FilterProtocolError(f"report with too few fields: {line[:80]!r}")
-        params = fields[6] if len(fields) == 7 else ""
-        return Report(fields[1], fields[3], fields[4], fields[5], params)
-    if line.startswith("config|"):
-        entry = parse_config_line(line)
-        if entry is None:
-            raise FilterProtocolError(f"malformed config line {line[:80]!r}")
-        return entry
-    raise FilterProtocolError(f"unknown line type {line.split('|', 1)[0][:40]!r}")
-
-
-def registrations(mode: str) -> list[str]:
-    """The handshake answer to ``config|ready`` for one direction."""
-    lines = [f"register|report|{SUBSYSTEM}|{event}" for event in REPORTS]
-    lines += [f"register|filter|{SUBSYSTEM}|{phase}" for phase in FILTERS[mode]]
-    return [*lines, "register|ready"]
-
-
-def _one_line(text: str) -> str:
-    return text.replace("\r", " ").replace("\n", " ")
-
-
-def format_result(session: str, token: str, reply: str | None) -> str:
-    """``filter-result``: proceed for None, else reject with the SMTP reply."""
-    decision = "proceed" if reply is None else f"reject|{_one_line(reply)}"
-    return f"filter-result|{session}|{token}|{decision}\n"
-
-
-def format_dataline(session: str, token: str, line: str) -> str:
-    return f"filter-dataline|{session}|{token}|{line}\n"
-
-
-def split_report_params(event: str, params: str) -> list[str]:
-    """Event parameters; the last one (an address or user name) may contain ``|``."""
-    counts = {"link-auth": 2, "tx-mail": 3, "tx-rcpt": 3}
-    return params.split("|", counts.get(event, 1) - 1)
-
-
-def plain_credentials(auth_param: str) -> tuple[str, str] | None:
-    """(user, password) from the ``auth`` phase's ``PLAIN <initial response>``, else None.
-
-    RFC 4616: base64 of ``authzid NUL authcid NUL passwd``. ``LOGIN`` and ``PLAIN``
-    without an initial response never show the password to a filter.
-    """
-    mechanism, _, response = auth_param.strip().partition(" ")
-    if mechanism.upper() != "PLAIN" or not response or response == "=":
-        return None
-    try:
-        decoded = base64.b64decode(response.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        return None
-    parts = decoded.split("\0")
-    if len(parts) != 3 or not parts[1] or not parts[2]:
-        return None
-    return parts[1], parts[2]
-
-
-def unstuff(line: str) -> str:
-    """A data line as the message holds it (RFC 5321 §4.5.2)."""
-    return line.removeprefix(".")
-
-
-def stuff(line: str) -> str:
-    return "." + line if line.startswith(".") else line
-
-
-def clean_header_lines(
-    lines: Iterable[str], drop: frozenset[str], replace: dict[str, str]
-) -> Iterable[str]:
-    """The message's lines with header fields (and their continuations) dropped/replaced.
-
-    Only the top-level header section (up to the first empty line) is touched.
-    """
-    in_header = True
-    skipping = False
-    for line in lines:
-        if in_header:
-            if not line:
-                in_header = False
-            elif line[:1] in (" ", "\t"):
-                if skipping:
-                    continue
-            else:
-                skipping = False
-                match = _FIELD_NAME.match(line)
-                name = match.group(1).lower() if match else ""
-                if name in drop:
-                    skipping = True
-                    continue
-                if name in replace:
-                    skipping = True
-                    yield replace[name]
-                    continue
-        yield line
+# Data lines are encoded into a message's buffer this many at a time (cheaper per line
+# than one by one, and a bound on the str objects a session holds).
+PENDING_LINES = 256
+# Written but not yet taken by smtpd: above this, giving a message back waits.
+OUTPUT_BUFFERED = 1 << 20
+DRAIN_POLL_S = 0.002
+# All sessions' message data together may fill this many messages of max_message_size;
+# a message that would need more is refused with FILTER_FULL (the sender retries).
+MESSAGES_BUFFERED = 8
+FILTER_FULL = "452 4.3.1 Insufficient system storage, try again later"
 
 
 @dataclass
@@ -219,21 +105,30 @@ class Session:
     """What the report stream told us about one SMTP session, and its transaction."""
 
     user: str | None = None
+    client: str | None = None  # see authfailures.client_key
     mail_from: str | None = None
     rcpts: list[str] = field(default_factory=list)
-    #: the message's lines, unstuffed, without line ends (joined once, at the final dot)
-    lines: list[str] = field(default_factory=list)
+    #: the message so far, unstuffed, CRLF line ends: one buffer, not an object per line
+    data: bytearray = field(default_factory=bytearray)
+    #: its last lines, not yet encoded into ``data`` (at most PENDING_LINES)
+    pending: list[str] = field(default_factory=list)
+    #: bytes of ``data`` plus characters (and line ends) of ``pending``
     size: int = 0
-    oversize: bool = False
+    #: the reply for a message that could not be buffered (too large, filter full)
+    refusal: str | None = None
     verdict: asyncio.Future | None = None
 
     def reset(self) -> None:
         self.mail_from = None
         self.rcpts = []
-        self.lines = []
-        self.size = 0
-        self.oversize = False
+        self.data = bytearray()
+        self.pending, self.size = [], 0
+        self.refusal = None
         self.verdict = None
+
+
+async def _written() -> None:
+    """``drain`` for a ``write`` that takes everything at once."""
 
 
 class SmtpdFilter:
@@ -252,10 +147,20 @@ class SmtpdFilter:
         self.mode = mode
         self.outgoing = mode == "outgoing"
         self.write = write
+        #: waits until smtpd has read most of what was written (run() sets the real one)
+        self.drain: Callable[[], Awaitable[None]] = _written
         self.policy = MessagePolicy(config, mode, skip_dkim=skip_dkim)
+        self.cleanup = load_header_cleanup()["submission" if self.outgoing else "delivery"]
+        #: bytes of message data held, all sessions together, and the most allowed
+        self.buffered = 0
+        self.max_message_size = config.max_message_size
+        self.max_buffered = config.max_message_size * MESSAGES_BUFFERED
         self.smtpd_config: dict[str, str] = {}
         self.registered = False
         self.sessions: dict[str, Session] = {}
+        self.failed_logins = FailedLogins(
+            config.smtpd_auth_failures_max, config.smtpd_auth_failures_window
+        )
         self.tasks: set[asyncio.Task] = set()
 
     def close(self) -> None:
@@ -305,15 +210,22 @@ class SmtpdFilter:
             return
         if report.event == "link-disconnect":
             session = self.sessions.pop(report.session, None)
-            if session is not None and session.verdict is not None:
-                session.verdict.cancel()
+            if session is not None:
+                self._release(session)
+                if session.verdict is not None:
+                    session.verdict.cancel()
             return
         session = self.sessions.setdefault(report.session, Session())
         params = split_report_params(report.event, report.params)
-        if report.event == "link-auth" and len(params) == 2:
+        if report.event == "link-connect" and len(params) == 4:
+            session.client = client_key(params[2])
+        elif report.event == "link-auth" and len(params) == 2:
             result, user = params
             session.user = user if result == "pass" else None
+            if result == "fail" and session.client is not None:
+                self.failed_logins.failed(session.client)
         elif report.event in ("tx-begin", "tx-reset"):
+            self._release(session)
             session.reset()
         elif report.event == "tx-mail" and len(params) == 3 and params[1] == "ok":
             session.mail_from = params[2]
@@ -332,64 +244,120 @@ class SmtpdFilter:
         elif phase == "mail-from":
             reply = self.policy.check_sender(request.params)
             self.write(format_result(request.session, request.token, reply))
+        elif phase == "connect" and self.outgoing:
+            # "<rdns>|<address>": refused here, a client sends no credentials at all
+            session.client = client_key(request.params.rpartition("|")[2])
+            self._throttle(session, request, "connection")
         elif phase == "auth" and self.outgoing:
-            self._spawn(self._auth(request))
+            # For sessions that were open before the address was blocked. smtpd logs the
+            # command a filter refuses as it came, AUTH PLAIN's credentials included: the
+            # connect phase above keeps that to the guesser's own sessions.
+            if not self._throttle(session, request, "AUTH"):
+                self._spawn(self._auth(request))
         else:
             self.write(format_result(request.session, request.token, None))
+
+    def _throttle(self, session: Session, request: FilterRequest, what: str) -> bool:
+        """Whether the session's address failed too many logins; then it is disconnected
+        (answered here), else the caller answers the request."""
+        if session.client is None or not self.failed_logins.blocked(session.client):
+            if what == "connection":
+                self.write(format_result(request.session, request.token, None))
+            return False
+        log.warning("refusing %s from %s: too many failed logins", what, session.client)
+        self.write(format_result(request.session, request.token, TOO_MANY_FAILED_LOGINS,
+                                 disconnect=True))  # fmt: skip
+        return True
 
     def _data_line(self, session: Session, request: FilterRequest) -> None:
         line = request.params
         if line == ".":
             session.verdict = self._spawn(self._decide(session, request))
             return
-        if session.oversize:
+        if session.refusal is not None:
             return
         line = unstuff(line)
-        # characters, not bytes: a bound on memory (smtpd enforces the byte limit itself,
-        # `smtp max-message-size`, with the same value)
-        session.size += len(line) + 2
-        if session.size > self.config.max_message_size:
-            log.info("message exceeds max_message_size %d", self.config.max_message_size)
-            session.oversize = True
-            session.lines = []
+        size = len(line) + 2  # characters; bytes are counted when the lines are encoded
+        session.size += size
+        self.buffered += size
+        # smtpd enforces the byte limit itself too (`smtp max-message-size`, same value)
+        if session.size > self.max_message_size:
+            self._too_big(session)
+        elif self.buffered > self.max_buffered:
+            log.warning("refusing a message: %d bytes of mail buffered already", self.buffered)
+            self._refuse(session, FILTER_FULL)
+        else:
+            session.pending.append(line)
+            if len(session.pending) >= PENDING_LINES:
+                self._flush(session)
+
+    def _flush(self, session: Session) -> None:
+        """Encode the pending lines into the message buffer, all at once."""
+        if not session.pending:
             return
-        session.lines.append(line)
+        text = "\r\n".join(session.pending) + "\r\n"
+        chunk = text.encode("utf-8", "surrogateescape")
+        session.pending = []
+        session.data += chunk
+        session.size += len(chunk) - len(text)
+        self.buffered += len(chunk) - len(text)
+        if session.size > self.max_message_size:
+            self._too_big(session)
+
+    def _too_big(self, session: Session) -> None:
+        log.info("message exceeds max_message_size %d", self.max_message_size)
+        self._refuse(session, TOO_BIG)
+
+    def _release(self, session: Session) -> None:
+        self.buffered -= session.size
+        session.data, session.pending, session.size = bytearray(), [], 0
+
+    def _refuse(self, session: Session, reply: str) -> None:
+        self._release(session)
+        session.refusal = reply
 
     async def _decide(self, session: Session, request: FilterRequest) -> str | None:
         """Judge the buffered message, give its lines back to smtpd; the commit reply."""
-        lines, session.lines = session.lines, []
-        if session.oversize:
-            reply: str | None = TOO_BIG
-        else:
-            data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n"
-            try:
-                verdict = await self.policy.check(session.mail_from, session.rcpts, data)
-            except Exception:
-                log.exception("filtering failed")
-                verdict = Verdict(LOCAL_ERROR, None)
-            reply = verdict.reply
-            self.policy.count(verdict.encrypted, accepted=reply is None)
-        self._emit(request.session, request.token, lines, cleanup=reply is None)
-        return reply
+        self._flush(session)
+        data, size = session.data, session.size
+        session.data, session.size = bytearray(), 0
+        try:
+            content: bytes | None = None
+            reply = session.refusal
+            if reply is None:
+                try:
+                    verdict = await self.policy.check(session.mail_from, session.rcpts, data)
+                except Exception:
+                    log.exception("filtering failed")
+                    verdict = Verdict(LOCAL_ERROR, None)
+                reply, content = verdict.reply, verdict.content
+                self.policy.count(verdict.encrypted, accepted=reply is None)
+            await self._emit(request.session, request.token,
+                             data if content is None else content, cleanup=reply is None)  # fmt: skip
+            return reply
+        finally:
+            self.buffered -= size
 
-    def _emit(self, session_id: str, token: str, lines: Iterable[str], cleanup: bool) -> None:
-        if cleanup:
-            if self.outgoing:
-                lines = clean_header_lines(lines, OUTGOING_DROP, OUTGOING_REPLACE)
-            else:
-                lines = clean_header_lines(lines, INCOMING_DROP, {})
+    async def _emit(
+        self, session_id: str, token: str, data: bytes | bytearray, cleanup: bool
+    ) -> None:
+        """The message back to smtpd as data lines (header cleaned up if it passes), each
+        chunk once smtpd has taken the ones before (``drain``): with the protocol prefix,
+        the lines of a message of short lines are several times its size."""
         prefix = format_dataline(session_id, token, "")[:-1]
-        chunk: list[str] = []
-        size = 0
-        for line in lines:
-            text = f"{prefix}{stuff(line)}\n"
-            chunk.append(text)
-            size += len(text)
-            if size >= OUTPUT_CHUNK:
-                self.write("".join(chunk))
-                chunk, size = [], 0
-        chunk.append(f"{prefix}.\n")
-        self.write("".join(chunk))
+        body_start = 0
+        if cleanup:
+            header_end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n") + 2
+            if header_end == 1:  # no empty line: all header
+                header_end = len(data)
+            lines = bytes(data[:header_end]).decode("utf-8", "surrogateescape").split("\r\n")
+            cleaned = clean_header_lines(lines[:-1], self.cleanup.drop, self.cleanup.replace)
+            self.write("".join(f"{prefix}{stuff(line)}\n" for line in cleaned))
+            body_start = header_end
+        for chunk in message_dataline_chunks(prefix.encode(), data, body_start):
+            self.write(chunk.decode("utf-8", "surrogateescape"))
+            await self.drain()
+        self.write(f"{prefix}.\n")
 
     async def _commit(self, session: Session, request: FilterRequest) -> None:
         reply: str | None
@@ -418,10 +386,27 @@ class SmtpdFilter:
         self.write(format_result(request.session, request.token, None))
 
 
-async def open_stdio(
-    stdin=None, stdout=None
-) -> tuple[asyncio.StreamReader, Callable[[str], None], Callable[[], None]]:
-    """Non-blocking line reader on stdin, a writer to stdout, and a closer.
+class Output(NamedTuple):
+    """Where answers to smtpd go: ``write`` a text, ``drain`` until it is mostly sent."""
+
+    write: Callable[[str], None]
+    drain: Callable[[], Awaitable[None]]
+    close: Callable[[], None]
+
+
+def _output(transport: asyncio.WriteTransport) -> Output:
+    def write(text: str) -> None:
+        transport.write(text.encode("utf-8", "surrogateescape"))
+
+    async def drain() -> None:
+        while transport.get_write_buffer_size() > OUTPUT_BUFFERED and not transport.is_closing():
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    return Output(write, drain, transport.close)
+
+
+async def open_stdio(stdin=None, stdout=None) -> tuple[asyncio.StreamReader, Output]:
+    """Non-blocking line reader on stdin, and the output to stdout.
 
     smtpd gives a filter one socket as stdin and stdout (a socketpair): that is one
     bidirectional stream. asyncio's write-pipe transport must not be used on it: it
@@ -436,19 +421,13 @@ async def open_stdio(
     if stat.S_ISSOCK(in_stat.st_mode) and os.path.samestat(in_stat, out_stat):
         sock = socket.socket(fileno=os.dup(stdin.fileno()))
         reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
-
-        def write(text: str) -> None:
-            writer.write(text.encode("utf-8", "surrogateescape"))
-
-        return reader, write, writer.close
+        # closing through the writer keeps it referenced: Python 3.13 closes the transport
+        # of a StreamWriter that is garbage-collected
+        return reader, _output(writer.transport)._replace(close=writer.close)
     reader = asyncio.StreamReader(limit=MAX_LINE)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
-
-    def write_pipe(text: str) -> None:
-        transport.write(text.encode("utf-8", "surrogateescape"))
-
-    return reader, write_pipe, transport.close
+    return reader, _output(transport)
 
 
 async def run(
@@ -457,8 +436,9 @@ async def run(
     stdout=None,
 ) -> None:
     """Read smtpd's lines from stdin until it closes it, writing answers to stdout."""
-    reader, write, close = await open_stdio(stdin, stdout)
-    smtpd_filter = smtpd_filter_factory(write)
+    reader, output = await open_stdio(stdin, stdout)
+    smtpd_filter = smtpd_filter_factory(output.write)
+    smtpd_filter.drain = output.drain
     try:
         while True:
             try:
@@ -484,7 +464,7 @@ async def run(
         if smtpd_filter.tasks:
             await asyncio.wait(set(smtpd_filter.tasks), timeout=10)
         smtpd_filter.close()
-        close()
+        output.close()
     log.info("smtpd closed the filter's input, exiting")
 
 

@@ -17,7 +17,8 @@ import pytest
 from aiosmtpd.smtp import SMTP
 from filtermail_support import Filtermail, LoopThread, Sink, encrypted_mail, load_mail, send
 
-from chatmaild.filtermail import refuses_cleartext, split_params
+from chatmaild.filtermail import split_params
+from chatmaild.policy import refuses_cleartext
 from chatmaild.smtpclient import LOCAL_ERROR, Recipient, Reinjector
 
 SENDER = "alice@chat.example.org"
@@ -80,12 +81,16 @@ def test_outgoing_accepts_encrypted_byte_identical(start, sink, name):
 def test_outgoing_large_encrypted_with_dot_lines(start, sink):
     fm = start("outgoing")
     data = encrypted_mail(SENDER, OTHER, size=2_000_000)
-    # A preamble line starting with "." must survive dot-stuffing in both hops.
-    data = data.replace(
+    # Lines starting with "." must survive dot-stuffing in both hops. The preamble that
+    # held them is cut now (cleartext), so a self-sent Autocrypt Setup Message carries them.
+    dotted = data.replace(
         b"\r\n\r\n--Xb8nFq2Wt0\r\n", b"\r\n\r\n.hidden\r\n..\r\n.\r\n--Xb8nFq2Wt0\r\n", 1
     )
-    assert send(fm.port, SENDER, [OTHER], data)[0] == 250
+    assert send(fm.port, SENDER, [OTHER], dotted)[0] == 250
     assert sink.received[0].content == data
+    asm = load_mail("asm", SENDER, SENDER).replace(b"</pre>", b".hidden\r\n..\r\n.\r\n</pre>")
+    assert send(fm.port, SENDER, [SENDER], asm)[0] == 250
+    assert sink.received[1].content == asm
 
 
 @pytest.mark.parametrize(
@@ -709,3 +714,51 @@ def test_console_script_start_failure(make_config, ini_path, mode, overrides, me
     )
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        (b"MAILER-DAEMON@test.example.org>", b"MAILER-DAEMON@[192.0.2.1]>"),
+        (b"Auto-Submitted: auto-replied", b"Auto-Submitted: no"),
+        (b"Auto-Submitted: auto-replied", b"Auto-Submitted: yes"),
+        (b"report-type=delivery-status", b"report-type=disposition-notification"),
+        (b"Content-Type: message/delivery-status", b"Content-Type: text/plain"),
+        (b"MAILER-DAEMON@", b"MAILER-DAEMON.x@"),
+    ],
+    ids=["ip-literal-sender", "auto-submitted-no", "auto-submitted-other", "not-dsn",
+         "no-status-part", "other-localpart"],
+)  # fmt: skip
+def test_incoming_bounce_exception_is_strict(start, sink, make_config, change):
+    """Only a real bounce passes in cleartext to an account that refuses cleartext; an
+    IP-address sender can't be authenticated, so its "bounce" never does."""
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    data = load_mail("mailer-daemon", OTHER, LOCAL)
+    changed = data.replace(*change)
+    assert changed != data
+    assert send(fm.port, "<>", [LOCAL], changed)[0] == 523
+    assert sink.received == []
+
+
+def test_incoming_bounce_needs_the_null_envelope_sender(start, sink, make_config):
+    enforce_e2ee(make_config, LOCAL)
+    fm = start("incoming")
+    data = load_mail("mailer-daemon", OTHER, LOCAL)
+    assert send(fm.port, "MAILER-DAEMON@test.example.org", [LOCAL], data)[0] == 523
+    assert send(fm.port, "<>", [LOCAL], data)[0] == 250
+
+
+@pytest.mark.parametrize(
+    ("preamble", "epilogue"),
+    [(b"Buy now!\r\n", b""), (b"", b"P.S. cleartext\r\n"), (b"Hi\r\n", b"\r\nBye\r\n")],
+    ids=["preamble", "epilogue", "both"],
+)
+def test_text_around_encrypted_parts_is_cut(start, sink, preamble, epilogue):
+    fm = start("incoming")
+    data = load_mail("encrypted", OTHER, LOCAL)
+    notice = b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n"
+    assert notice in data
+    changed = data.replace(notice, preamble, 1) + epilogue
+    assert send(fm.port, OTHER, [LOCAL], changed)[0] == 250
+    assert sink.received[0].content == data.replace(notice, b"", 1)

@@ -301,3 +301,34 @@ def test_from_fast_path_agrees_with_full_parser(value):
     header = default_policy.header_factory("From", value)
     assert not header.defects
     assert [a.addr_spec for a in header.addresses] == [single_address(value)]
+
+
+def hostile_delimiter_flood(size: int) -> bytes:
+    """A multipart/encrypted message whose body is nothing but delimiter lines."""
+    header = (
+        b"From: <bob@other.example>\r\nTo: <alice@chat.example.org>\r\nSubject: x\r\n"
+        b"Content-Type: multipart/encrypted; boundary=b\r\n\r\n"
+    )
+    return header + b"--b\r\n" * (size // 5) + b"--b--\r\n"
+
+
+def test_delimiter_flood_memory_is_bounded():
+    """Millions of delimiter lines cost no memory per line (was ~38x the message)."""
+    import tracemalloc
+
+    data = hostile_delimiter_flood(6_000_000)
+    tracemalloc.start()
+    try:
+        mail = parse_mail(data)
+        assert not is_encrypted(mail, outgoing=False)
+        assert not is_securejoin(mail)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data) // 10, peak
+
+
+def test_split_multipart_stops_after_max_parts():
+    body = memoryview(b"--b\r\nA\r\n--b\r\nB\r\n--b\r\nC\r\n--b--\r\n")
+    assert [bytes(p) for p in split_multipart(body, "b", max_parts=3)] == [b"A", b"B", b"C"]
+    assert split_multipart(body, "b", max_parts=2) is None

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatmaild.accounts import verify_password
+from chatmaild.authfailures import FailedLogins, client_key
 from chatmaild.smtpdfilter import (
     ConfigEntry,
     FilterProtocolError,
@@ -371,17 +372,18 @@ def test_outgoing_encrypted_proceeds_with_submission_cleanup(start):
         if not line.startswith(("Received:", "\tby", "X-Mailer:", "User-Agent:", "X-Orig"))
     ]
     expected[expected.index("Subject: private")] = "Subject: [...]"
-    assert output == expected
-    assert output[-3:] == ["..dotted line", "..", "."]  # stuffed again on the way out
+    # the text after the closing boundary (the epilogue) is cut: cleartext can't ride along
+    assert output == expected[:-3] + ["."]
     assert "Outgoing: Filtering encrypted mail." in fp.log()
 
 
 def test_outgoing_cleartext_refused_with_523(start):
     fp = start("outgoing")
-    message = load_mail("plain", SENDER, OTHER)
+    message = load_mail("plain", SENDER, OTHER) + b".dotted line\r\n.\r\n"
     output, verdict = send_message(fp, "s1", SENDER, [OTHER], message)
     assert verdict == "reject|523 Encryption Needed: Invalid Unencrypted Mail"
     assert output == data_lines(message)  # refused mail goes back unchanged
+    assert output[-3:] == ["..dotted line", "..", "."]  # stuffed again on the way out
 
 
 @pytest.mark.parametrize(
@@ -639,3 +641,170 @@ def test_random_lines_never_raise_and_answer_whole_lines(example_config, lines):
         assert text.endswith("\n"), text
         for line in text[:-1].split("\n"):
             assert line.split("|", 1)[0] in ("register", "filter-result", "filter-dataline"), line
+
+
+def test_filter_does_not_load_the_aiosmtpd_transport():
+    """The OpenSMTPD filter gets the rules from chatmaild.policy, not from filtermail."""
+    code = (
+        "import sys, chatmaild.smtpdfilter; print(sorted(m for m in sys.modules"
+        " if 'aiosmtpd' in m or m == 'chatmaild.filtermail'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"
+
+
+def test_hostile_message_memory_is_bounded(example_config):
+    """A 6 MB message of delimiter lines, buffered and judged by the filter in-process:
+    peak memory stays a small multiple of the message (was ~15x for one str per line)."""
+    import tracemalloc
+
+    lines = 1_200_000
+
+    async def feed() -> None:
+        smtpd_filter = SmtpdFilter(example_config, "incoming", lambda text: None, skip_dkim=True)
+        smtpd_filter.handle_line("config|ready")
+        smtpd_filter.handle_line(f"report|0.7|{TS}|smtp-in|tx-mail|s1|m|ok|{OTHER}")
+        smtpd_filter.handle_line(f"report|0.7|{TS}|smtp-in|tx-rcpt|s1|m|ok|{LOCAL}")
+        header = ["From: <bob@other.example>", "Content-Type: multipart/encrypted; boundary=b", ""]
+        for line in header:
+            smtpd_filter.handle_line(f"filter|0.7|{TS}|smtp-in|data-line|s1|t|{line}")
+        request = f"filter|0.7|{TS}|smtp-in|data-line|s1|t|"
+        for _ in range(lines):
+            smtpd_filter.handle_line(request + "--b")  # each line a new str, as from smtpd
+        smtpd_filter.handle_line(request + "--b--")
+        smtpd_filter.handle_line(request + ".")
+        await asyncio.wait(set(smtpd_filter.tasks), timeout=60)
+
+    tracemalloc.start()
+    try:
+        asyncio.run(feed())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = lines * 5
+    assert peak < 3 * size, f"peak {peak} for a {size} byte message"
+
+
+def test_total_buffered_bytes_are_bounded(start):
+    """Sessions together hold at most MESSAGES_BUFFERED messages of max_message_size; a
+    message that would need more is refused for now (452), and space is freed again."""
+    from chatmaild.smtpdfilter import MESSAGES_BUFFERED
+
+    fp = start("outgoing", max_message_size=21_000)
+    message = encrypted_mail(SENDER, OTHER, size=20_000)
+    lines = data_lines(message)[:-1]
+    sessions = [f"s{n}" for n in range(MESSAGES_BUFFERED + 1)]
+    for sid in sessions:
+        fp.envelope(sid, SENDER, [OTHER])
+        for line in lines:
+            fp.request(sid, "d", "data-line", line)
+    verdicts = {}
+    for sid in sessions:
+        fp.request(sid, "d", "data-line", ".")
+        fp.output(sid, "d")
+        verdicts[sid] = fp.commit(sid)
+    assert list(verdicts.values())[:-1] == ["proceed"] * MESSAGES_BUFFERED
+    assert verdicts[sessions[-1]] == "reject|452 4.3.1 Insufficient system storage, try again later"
+    _, verdict = send_message(fp, "again", SENDER, [OTHER], message)
+    assert verdict == "proceed"
+
+
+# -- failed-login throttling -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [("192.0.2.7:40000", "192.0.2.7"), ("IPv6:2001:db8::1:40000", "2001:db8::/64"),
+     ("IPv6:2001:db8:0:0:ffff::2:5", "2001:db8::/64"), ("192.0.2.7", "192.0.2.7"),
+     ("IPv6:2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("local:0", "local"),
+     ("garbage", "garbage")],
+    ids=["ipv4", "ipv6", "ipv6-same-64", "ipv4-no-port", "ipv6-no-port", "local", "garbage"],
+)  # fmt: skip
+def test_client_key(source, key):
+    assert client_key(source) == key
+
+
+def test_failed_logins_window_and_bounded_table():
+    now = [1000.0]
+    failed = FailedLogins(3, 60, max_clients=100, clock=lambda: now[0])
+    for _ in range(2):
+        failed.failed("a")
+    assert not failed.blocked("a")
+    failed.failed("a")
+    assert failed.blocked("a") and not failed.blocked("b")
+    now[0] += 61
+    assert not failed.blocked("a")
+    for n in range(1000):
+        failed.failed(f"c{n}")
+    assert len(failed) == 100
+
+
+def report_connect(fp: FilterProcess, sid: str, source: str) -> None:
+    fp.report(sid, "link-connect", "rdns.example", "pass", source, "127.0.0.1:587")
+
+
+def test_failed_logins_throttle_the_auth_phase(start, tmp_path):
+    fp = start("outgoing", smtpd_auth_failures_max=3)
+    report_connect(fp, "s1", "192.0.2.7:40000")
+    for n in range(3):
+        assert (
+            auth_plain(fp, "s1", SENDER, "wrong-password", f"a{n}")
+            == f"filter-result|s1|a{n}|proceed"
+        )
+        fp.report("s1", "link-auth", "fail", SENDER)
+    # the next AUTH from that address, in this session or a new one, is refused
+    fp.request("s1", "a3", "auth", "PLAIN " + base64.b64encode(b"\0x\0y").decode())
+    expected = "disconnect|421 4.7.0 Too many failed logins, try again later"
+    assert fp.read() == f"filter-result|s1|a3|{expected}"
+    report_connect(fp, "s2", "192.0.2.7:40001")
+    fp.request("s2", "b", "auth", "LOGIN")
+    assert fp.read() == f"filter-result|s2|b|{expected}"
+    # new connections from there are refused before they send credentials
+    fp.request("s4", "c", "connect", "rdns.example|192.0.2.7")
+    assert fp.read() == f"filter-result|s4|c|{expected}"
+    fp.request("s5", "c", "connect", "rdns.example|192.0.2.10")
+    assert fp.read() == "filter-result|s5|c|proceed"
+    assert "refusing connection from 192.0.2.7" in fp.log()
+    # another address, and its first login (creating the account), is not slowed
+    report_connect(fp, "s3", "192.0.2.8:40000")
+    other = f"carol1234@{DOMAIN}"
+    assert auth_plain(fp, "s3", other, "long-enough-pw") == "filter-result|s3|au|proceed"
+    assert User(tmp_path / "mailboxes", other).get_password() is not None
+    fp.report("s3", "link-auth", "pass", other)
+    assert "refusing AUTH from 192.0.2.7: too many failed logins" in fp.log()
+
+
+def test_successful_logins_are_not_counted(start):
+    fp = start("outgoing", smtpd_auth_failures_max=2)
+    report_connect(fp, "s1", "192.0.2.9:40000")
+    for n in range(5):
+        assert (
+            auth_plain(fp, "s1", SENDER, "long-enough-pw", f"a{n}")
+            == f"filter-result|s1|a{n}|proceed"
+        )
+        fp.report("s1", "link-auth", "pass", SENDER)
+
+
+def peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+def test_output_to_a_slow_smtpd_is_not_piled_up(start):
+    """The lines given back to smtpd (~6x a message of short lines, with the protocol
+    prefix) go out as smtpd takes them, not into an ever-growing write buffer."""
+    fp = start("incoming", env={"FILTERMAIL_SKIP_DKIM": "1"})
+    lines = 1_000_000
+    fp.envelope("s1", OTHER, [LOCAL])
+    header = ["From: <bob@other.example>", "Content-Type: multipart/mixed; boundary=b", ""]
+    before = peak_rss(fp.proc.pid)
+    request = f"filter|0.7|{TS}|smtp-in|data-line|s1|d4t4|"
+    fp.send(*(request + line for line in header))
+    for _ in range(lines // 10_000):
+        fp.send(*[request + "--b"] * 10_000)
+    fp.send(request + "--b--", request + ".")
+    assert len(fp.output("s1", "d4t4")) == len(header) + lines + 2
+    assert fp.commit("s1") == "proceed"
+    growth = peak_rss(fp.proc.pid) - before
+    assert growth < 3 * 5 * lines, f"peak RSS grew by {growth} for a {5 * lines} byte message"

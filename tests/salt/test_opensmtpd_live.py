@@ -605,3 +605,29 @@ def test_oversize_message_is_refused_with_552(relay):
     # filtermail's reply, from the filter (smtpd's own check would say otherwise)
     assert (err.value.smtp_code, err.value.smtp_error) == (552, b"Message exceeds maximum size")
     assert not [r for r in relay["sink"].received if rcpt in r[1]]
+
+
+def test_failed_logins_are_throttled(relay):
+    """After smtpd_auth_failures_max (10) failed logins from an address, new connections
+    from it get 421 from the filter, before any credentials, even the right ones. Last in
+    this file: every test here connects from 127.0.0.1, and earlier ones fail logins too."""
+    addr = new_address("guess")
+    login(relay, addr).quit()
+
+    def attempt(password: str) -> int:
+        try:
+            with submission(relay) as client:
+                return client.login(addr, password)[0]
+        except (smtplib.SMTPConnectError, smtplib.SMTPAuthenticationError) as err:
+            return err.smtp_code
+
+    # (smtplib tries PLAIN, then LOGIN: two failed logins per attempt)
+    codes = [attempt(PASSWORD + "guess")]
+    while codes[-1] != 421 and len(codes) < 12:
+        codes.append(attempt(PASSWORD + "guess"))
+    log = relay["smtpd_log"].read_text()
+    assert codes[-1] == 421 and set(codes[:-1]) <= {535}, (codes, log[-5000:])
+    assert attempt(PASSWORD) == 421
+    log = relay["smtpd_log"].read_text()
+    assert "refusing connection from 127.0.0.1: too many failed logins" in log
+    assert PASSWORD not in log and base64.b64encode(PASSWORD.encode()).decode() not in log

@@ -814,3 +814,22 @@ def test_auth_penalty_can_be_turned_off(render, tmp_path, test_cert, request, pl
     trixie_root = request.getfixturevalue("trixie_root") if platform == "debian13" else None
     out = doveconf_check(rendered, tmp_path, *test_cert, trixie_root)
     assert re.search(r"unix_listener anvil-auth-penalty \{\s+mode = 0+\s+\}", out), out
+
+
+def test_postfix_header_tables_are_the_filters_list(render):
+    """Postfix's maps are rendered from the list the OpenSMTPD filter applies itself."""
+    from chatmaild.policy import load_header_cleanup
+
+    rendered = render("debian12", "example")
+    for table, stage in (("submission_header_cleanup", "submission"),
+                         ("lmtp_header_cleanup", "delivery")):  # fmt: skip
+        cleanup = load_header_cleanup()[stage]
+        path = rendered.path(f"/etc/postfix/{table}")
+        query = lambda header, path=path: run(
+            ["postmap", "-q", header, f"regexp:{path}"]
+        ).stdout.strip()
+        for name in cleanup.drop:
+            assert query(f"{name.title()}: x") == "IGNORE", (table, name)
+        for name, line in cleanup.replace.items():
+            assert query(f"{name.upper()}: x") == f"REPLACE {line}", (table, name)
+        assert query("From: a@b") == ""

@@ -22,12 +22,26 @@ chatmail-mta-mailname:
     - require:
       - pkg: chatmail-packages
 
-{%- for map in ["login_map", "submission_header_cleanup", "lmtp_header_cleanup", "smtp_tls_policy_map"] %}
+{%- for map in ["login_map", "smtp_tls_policy_map"] %}
 
 chatmail-mta-{{ map | replace("_", "-") }}:
   file.managed:
     - name: {{ dir }}/{{ map }}
     - source: salt://chatmail/mta/postfix/files/{{ map }}
+    - mode: "0644"
+    - require:
+      - pkg: chatmail-packages
+    - require_in:
+      - file: chatmail-mta-main-cf
+{%- endfor %}
+{%- for map, stage in [("submission_header_cleanup", "submission"), ("lmtp_header_cleanup", "delivery")] %}
+
+chatmail-mta-{{ map | replace("_", "-") }}:
+  file.managed:
+    - name: {{ dir }}/{{ map }}
+    - source: salt://chatmail/mta/postfix/files/header_cleanup.jinja
+    - template: jinja
+    - context: {stage: {{ stage }}}
     - mode: "0644"
     - require:
       - pkg: chatmail-packages
