@@ -140,27 +140,27 @@ chatmail-chatmaild-version:
         "description": "chatmail doveauth: Dovecot passdb/userdb, creates accounts on first login",
         "exec_start": bin ~ "doveauth /run/doveauth/doveauth.socket " ~ ini,
         "runtime_dir": "doveauth", "read_write_paths": mailboxes_rw, "protect_home": "no",
-        "restart_sec": 5, "wants_network": false},
+        "wants_network": false},
       "chatmail-metadata": {
         "description": "chatmail metadata: IMAP METADATA and push notifications",
         "exec_start": bin ~ "chatmail-metadata /run/chatmail-metadata/metadata.socket " ~ ini,
         "runtime_dir": "chatmail-metadata", "read_write_paths": mailboxes_rw, "protect_home": "no",
-        "restart_sec": 5, "wants_network": true},
+        "wants_network": true},
       "lastlogin": {
         "description": "chatmail lastlogin: records the day of each account's last login",
         "exec_start": bin ~ "lastlogin /run/chatmail-lastlogin/lastlogin.socket " ~ ini,
         "runtime_dir": "chatmail-lastlogin", "read_write_paths": mailboxes_rw, "protect_home": "no",
-        "restart_sec": 5, "wants_network": false},
+        "wants_network": false},
       "filtermail": {
         "description": "chatmail filtermail (outgoing): only encrypted mail leaves",
         "exec_start": bin ~ "filtermail " ~ ini ~ " outgoing",
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "yes",
-        "restart_sec": 5, "wants_network": false},
+        "wants_network": false},
       "filtermail-incoming": {
         "description": "chatmail filtermail (incoming): DKIM alignment and encryption",
         "exec_start": bin ~ "filtermail " ~ ini ~ " incoming",
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "read-only",
-        "restart_sec": 5, "wants_network": true},
+        "wants_network": true},
     } %}
 {#- The service file per init system comes from the map (chatmail.init_files): a systemd
     unit, or an rc.d script on OpenBSD (whose service names cannot contain "-"). #}
