@@ -353,8 +353,15 @@ class Relay:
         pidfile: Path | None = None,
         suite: str = DEFAULT_SUITE,
         mail_fs_mb: int = 0,
+        network_bridge: str = "",
+        repo_mount: str = REPO_MOUNT,
     ):
         self.root = Path(root)
+        #: "" = the host's network (ports on 127.0.0.1); a bridge name = a network
+        #: namespace of its own, a veth into that bridge (the lab: scripts/lib/lab.py).
+        self.network_bridge = network_bridge
+        #: Where ``repo`` appears inside ("" = not at all: a minion of a salt master).
+        self.repo_mount = repo_mount
         #: With mail_fs_mb, the mailboxes live on a loop-mounted ext4 of that size, mounted on
         #: the host at ``mail_fs`` (it survives a crash of the container; tests fill it up).
         self.mail_fs_mb = mail_fs_mb
@@ -406,17 +413,22 @@ class Relay:
 
     def boot(self, timeout: float = 120) -> None:
         require_tools()
-        require_free_ports()
+        if not self.network_bridge:
+            require_free_ports()
         cmd = nspawn_base(self.root) + [
             "-b",
             f"--machine={self.name}",
             "--console=read-only",
-            f"--bind-ro={self.repo}:{REPO_MOUNT}",
             f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
+        if self.repo_mount:
+            cmd.append(f"--bind-ro={self.repo}:{self.repo_mount}")
         if self.mail_fs.is_mount():
             cmd.append(f"--bind={self.mail_fs}:{MAILBOXES_PARENT}")
+        if self.network_bridge:
+            # The rootfs carries its own resolv.conf (the lab's DNS), not the host's.
+            cmd += [f"--network-bridge={self.network_bridge}", "--resolv-conf=off"]
         with open(self.log_path, "ab") as console:
             proc = subprocess.Popen(
                 cmd,
