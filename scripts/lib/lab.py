@@ -74,6 +74,8 @@ MASTER_CONFIG = {
 }
 PILLAR_ROOT = "/srv/pillar"
 NSD_ZONES = "/etc/nsd/lab-zones"
+#: Reverse DNS for the lab subnet (the relays' PTR records).
+REVERSE_ZONE = "0.18.198.in-addr.arpa"
 #: Salt's CLI gives up on a minion after this long without a return; a first apply
 #: installs packages for minutes. (Salt 3008's --static and -b give up after 15 s.)
 SALT_TIMEOUT = 1800
@@ -157,6 +159,8 @@ class Lab:
                 network_bridge=BRIDGE,
                 # only the master has the checkout: minions get the formula from it
                 repo_mount=MASTER_CHECKOUT if name == "master" else "",
+                # hosts of one release install packages at the same time (and e2e's too)
+                shared_apt_cache=False,
             )
             self.state["hosts"][name] = str(root)
         self._save_state()
@@ -258,8 +262,8 @@ class Lab:
             timeout=600,
         )
         zones = "".join(
-            f'zone:\n    name: "{r.domain}"\n    zonefile: "{NSD_ZONES}/{r.domain}.zone"\n'
-            for r in self.relays
+            f'zone:\n    name: "{name}"\n    zonefile: "{NSD_ZONES}/{name}.zone"\n'
+            for name in [r.domain for r in self.relays] + [REVERSE_ZONE]
         )
         self.master.write_file(
             "/etc/nsd/nsd.conf.d/lab.conf",
@@ -267,6 +271,8 @@ class Lab:
         )
         for relay in self.relays:
             self.master.write_file(f"{NSD_ZONES}/{relay.domain}.zone", zone_file(relay, ""))
+        # The hosting provider's part: reverse DNS for every relay address.
+        self.master.write_file(f"{NSD_ZONES}/{REVERSE_ZONE}.zone", reverse_zone(self.relays))
         self.master.run("nsd-checkconf /etc/nsd/nsd.conf && systemctl restart nsd")
 
     def fill_dns(self) -> list[ZoneFill]:
@@ -523,17 +529,28 @@ def relay_pillar(relay: RelaySpec, **settings: object) -> dict:
 
 def zone_file(relay: RelaySpec, api_zone: str) -> str:
     """SOA, NS and the relay's A record, then what its API proposes (if anything yet)."""
-    origin = f"{relay.domain}."
-    serial = int(time.time())
-    head = (
-        f"$ORIGIN {origin}\n$TTL 60\n"
-        f"@ IN SOA ns.{origin} hostmaster.{origin} {serial} 60 60 600 60\n"
-        f"@ IN NS ns.{origin}\n"
-        f"ns IN A {DNS_ADDRESS}\n"
-    )
+    head = zone_head(f"{relay.domain}.")
     if not api_zone:
         return head + f"@ IN A {relay.address}\n"
     return head + api_zone
+
+
+def zone_head(origin: str) -> str:
+    return (
+        f"$ORIGIN {origin}\n$TTL 60\n"
+        f"@ IN SOA ns.{origin} hostmaster.{origin} {int(time.time())} 60 60 600 60\n"
+        f"@ IN NS ns.{origin}\n"
+        f"ns IN A {DNS_ADDRESS}\n"
+    )
+
+
+def reverse_zone(relays: list[RelaySpec]) -> str:
+    origin = f"{REVERSE_ZONE}."
+    records = "".join(
+        f"{ipaddress.ip_address(r.address).reverse_pointer}. IN PTR {r.domain}.\n"
+        for r in relays
+    )
+    return zone_head(origin) + records
 
 
 def monitor_token(host: relayctl.Relay) -> str:
@@ -557,15 +574,18 @@ def api_get(host: relayctl.Relay, path: str) -> str:
 
 
 def default_relays() -> list[RelaySpec]:
+    # Not under .test: unbound serves test. (like invalid. and onion.) as an empty local
+    # zone by default, so the relays' resolvers would never ask the lab DNS.
     return [
-        RelaySpec("relay1", "_relay1.test", "bookworm", "postfix", "198.18.0.11"),
-        RelaySpec("relay2", "_relay2.test", "trixie", "opensmtpd", "198.18.0.12"),
+        RelaySpec("relay1", "_relay1.lab.example", "bookworm", "postfix", "198.18.0.11"),
+        RelaySpec("relay2", "_relay2.lab.example", "trixie", "opensmtpd", "198.18.0.12"),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("up", "destroy"))
+    parser.add_argument("--no-apply", action="store_true", help="boot only (keys accepted)")
     args = parser.parse_args(argv)
     lab = Lab(default_relays())
     if args.command == "destroy":
@@ -582,10 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             lab.create()
             lab.write_pillar()
-            results = lab.apply()
-            for minion_id, result in sorted(results.items()):
-                print(f"{minion_id}: {result.summary()}", file=sys.stderr)
-            lab.fill_dns()
+            if not args.no_apply:
+                results = lab.apply()
+                for minion_id, result in sorted(results.items()):
+                    print(f"{minion_id}: {result.summary()}", file=sys.stderr)
+                lab.fill_dns()
             log(f"lab is up (state: {STATE_FILE}); Ctrl-C removes it")
         except RelayError as exc:
             log(f"error: {exc}\nthe lab stays for inspection; Ctrl-C removes it")

@@ -355,6 +355,7 @@ class Relay:
         mail_fs_mb: int = 0,
         network_bridge: str = "",
         repo_mount: str = REPO_MOUNT,
+        shared_apt_cache: bool = True,
     ):
         self.root = Path(root)
         #: "" = the host's network (ports on 127.0.0.1); a bridge name = a network
@@ -362,6 +363,9 @@ class Relay:
         self.network_bridge = network_bridge
         #: Where ``repo`` appears inside ("" = not at all: a minion of a salt master).
         self.repo_mount = repo_mount
+        #: True: the suite's .deb cache is bind-mounted (apt in two containers at once
+        #: fails on its lock). False: the container gets hard links to the cached .debs.
+        self.shared_apt_cache = shared_apt_cache
         #: With mail_fs_mb, the mailboxes live on a loop-mounted ext4 of that size, mounted on
         #: the host at ``mail_fs`` (it survives a crash of the container; tests fill it up).
         self.mail_fs_mb = mail_fs_mb
@@ -399,6 +403,11 @@ class Relay:
             ]
         )
         log(f"unpacked {tarball.name} to {self.root} in {time.monotonic() - started:.1f} s")
+        if not self.shared_apt_cache:
+            archives = self.root / "var/cache/apt/archives"
+            archives.mkdir(parents=True, exist_ok=True)
+            for deb in apt_cache(self.suite).glob("*.deb"):
+                os.link(deb, archives / deb.name)
         if self.mail_fs_mb:
             self._make_mail_fs()
 
@@ -419,9 +428,10 @@ class Relay:
             "-b",
             f"--machine={self.name}",
             "--console=read-only",
-            f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
+        if self.shared_apt_cache:
+            cmd.append(f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives")
         if self.repo_mount:
             cmd.append(f"--bind-ro={self.repo}:{self.repo_mount}")
         if self.mail_fs.is_mount():
