@@ -11,14 +11,17 @@ master), which knows nothing but the relays' zones.
 
 The salt master runs the same Salt as the minions (the base rootfs's venv), with
 ``file_roots`` as README.md documents, the repository (a snapshot) at
-/srv/chatmail-relay and one pillar file per relay.
+/srv/chatmail-relay and one pillar file per relay; the minions' keys are preseeded. A lab
+CA (the host's openssl) certifies every relay with an ordinary name (``tls: external``);
+every host trusts it, so relay-to-relay TLS is verified as on the internet, while ``_``
+domains stay self-signed (encryption without verification, upstream's rule).
 
 Everything the lab creates is recorded in ``STATE_DIR/lab.json`` before it is created;
 ``Lab.destroy`` removes it (containers, bridge, nftables table, the ip_forward value), and
 the next lab removes what a killed one left behind. One lab at a time per host
 (``LOCK_PATH``).
 
-CLI (for a look by hand): ``python3 scripts/lib/lab.py up|destroy``.
+CLI (for a look by hand): ``python3 scripts/lib/lab.py up [--no-apply]|destroy``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ MASTER_CONFIG = {
 }
 PILLAR_ROOT = "/srv/pillar"
 NSD_ZONES = "/etc/nsd/lab-zones"
+#: The lab CA's certificate in every host's trust store (update-ca-certificates).
+CA_TRUST_PATH = "usr/local/share/ca-certificates/chatmail-lab-ca.crt"
+#: A relay's lab-CA certificate and key (pillar tls:cert, tls:key).
+RELAY_CERT = "/etc/chatmail-lab/tls/cert.pem"
+RELAY_KEY = "/etc/chatmail-lab/tls/key.pem"
 #: Reverse DNS for the lab subnet (the relays' PTR records).
 REVERSE_ZONE = "0.18.198.in-addr.arpa"
 #: Salt's CLI gives up on a minion after this long without a return; a first apply
@@ -83,13 +91,21 @@ SALT_TIMEOUT = 1800
 
 @dataclass
 class RelaySpec:
-    """One relay minion: its minion id, domain, Debian release and MTA."""
+    """One relay minion: its minion id, domain, Debian release and MTA.
+
+    An ordinary domain gets a certificate from the lab CA (``tls: external``), which
+    every lab host trusts, so other relays verify it; a ``_`` domain stays self-signed.
+    """
 
     minion_id: str
     domain: str
     suite: str
     mta: str
     address: str
+
+    @property
+    def lab_ca_cert(self) -> bool:
+        return not self.domain.startswith("_")
 
 
 @dataclass
@@ -110,6 +126,7 @@ class Lab:
     state: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     minion_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    ca: LabCA | None = None
     _lock: object = None
 
     # --- state file: what exists, so a later run can remove it ---------------------
@@ -166,6 +183,9 @@ class Lab:
         self._save_state()
         # Preseeded keys (Salt's documented way): the master accepts exactly these.
         self.minion_keys = {r.minion_id: generate_keypair() for r in self.relays}
+        ca_dir = STATE_DIR / "ca"
+        self._record(ca_dir=str(ca_dir))
+        self.ca = LabCA(ca_dir)
         with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
             list(
                 pool.map(
@@ -210,37 +230,38 @@ class Lab:
         host = self.hosts[name]
         host.unpack()
         prepare_rootfs(host.root, name, address, self.host_entries(), mirrors)
+        write_file(host.root, "/" + CA_TRUST_PATH, self.ca.cert.read_bytes())
         if name == "master":
-            write_unit(host.root, "salt-master", "/opt/salt/bin/salt-master")
-            master_conf = host.root / "etc/salt/master.d/chatmail.conf"
-            master_conf.parent.mkdir(parents=True, exist_ok=True)
-            master_conf.write_text(json.dumps(MASTER_CONFIG, indent=2) + "\n")
-            for tool in ("salt", "salt-key", "salt-run"):
-                link = host.root / "usr/local/bin" / tool
-                link.unlink(missing_ok=True)
-                link.symlink_to(f"{relayctl.SALT_VENV}/bin/{tool}")
-            for relay in self.relays:
-                accepted = host.root / "etc/salt/pki/master/minions" / relay.minion_id
-                accepted.parent.mkdir(parents=True, exist_ok=True)
-                accepted.write_text(self.minion_keys[relay.minion_id][1])
+            self._prepare_master(host.root)
         else:
-            private, public = self.minion_keys[name]
-            pki = host.root / "etc/salt/pki/minion"
-            pki.mkdir(parents=True, exist_ok=True)
-            (pki / "minion.pub").write_text(public)
-            (pki / "minion.pem").write_text(private)
-            (pki / "minion.pem").chmod(0o400)
-            write_unit(host.root, "salt-minion", "/opt/salt/bin/salt-minion")
-            minion_conf = host.root / "etc/salt/minion.d/lab.conf"
-            minion_conf.parent.mkdir(parents=True, exist_ok=True)
-            minion_conf.write_text(
-                json.dumps(
-                    {"master": MASTER_ADDRESS, "id": name, "acceptance_wait_time": 2},
-                    indent=2,
-                )
-                + "\n"
-            )
+            self._prepare_minion(host.root, next(r for r in self.relays if r.minion_id == name))
         host.boot()
+        host.run(["update-ca-certificates"])
+
+    def _prepare_master(self, root: Path) -> None:
+        write_unit(root, "salt-master", "/opt/salt/bin/salt-master")
+        write_file(
+            root, "/etc/salt/master.d/chatmail.conf", json.dumps(MASTER_CONFIG, indent=2) + "\n"
+        )
+        for tool in ("salt", "salt-key", "salt-run"):
+            link = root / "usr/local/bin" / tool
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"{relayctl.SALT_VENV}/bin/{tool}")
+        for relay in self.relays:
+            public = self.minion_keys[relay.minion_id][1]
+            write_file(root, f"/etc/salt/pki/master/minions/{relay.minion_id}", public)
+
+    def _prepare_minion(self, root: Path, relay: RelaySpec) -> None:
+        private, public = self.minion_keys[relay.minion_id]
+        write_file(root, "/etc/salt/pki/minion/minion.pub", public)
+        write_file(root, "/etc/salt/pki/minion/minion.pem", private, mode=0o400)
+        minion = {"master": MASTER_ADDRESS, "id": relay.minion_id, "acceptance_wait_time": 2}
+        write_file(root, "/etc/salt/minion.d/lab.conf", json.dumps(minion, indent=2) + "\n")
+        write_unit(root, "salt-minion", "/opt/salt/bin/salt-minion")
+        if relay.lab_ca_cert:
+            cert, key = self.ca.issue(relay.domain)
+            write_file(root, RELAY_CERT, cert)
+            write_file(root, RELAY_KEY, key, mode=0o600)
 
     def host_entries(self) -> list[tuple[str, str]]:
         return [(MASTER_ADDRESS, "master")] + [(r.address, r.minion_id) for r in self.relays]
@@ -376,6 +397,37 @@ def require_host() -> None:
         raise RelayError(f"the lab needs {', '.join(missing)} (apt-get install iproute2 nftables)")
 
 
+class LabCA:
+    """A throw-away certificate authority (the host's openssl) for the lab's relays."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.cert, self.key = self.dir / "ca.crt", self.dir / "ca.key"
+        run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+            + ["-noenc", "-days", "7", "-subj", "/CN=chatmail lab CA"]
+            + ["-keyout", str(self.key), "-out", str(self.cert)]
+            + ["-addext", "basicConstraints=critical,CA:TRUE"]
+            + ["-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+        )
+
+    def issue(self, domain: str) -> tuple[bytes, bytes]:
+        """(certificate, key) for the relay's names, as an ACME CA would issue them."""
+        cert, key = self.dir / f"{domain}.crt", self.dir / f"{domain}.key"
+        names = ",".join(f"DNS:{n}" for n in (domain, f"www.{domain}", f"mta-sts.{domain}"))
+        run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+            + ["-noenc", "-days", "7", "-subj", f"/CN={domain}"]
+            + ["-CA", str(self.cert), "-CAkey", str(self.key)]
+            + ["-keyout", str(key), "-out", str(cert)]
+            + ["-addext", f"subjectAltName={names}"]
+            + ["-addext", "basicConstraints=critical,CA:FALSE"]
+            + ["-addext", "extendedKeyUsage=serverAuth,clientAuth"]
+        )
+        return cert.read_bytes(), key.read_bytes()
+
+
 def _destroy_quietly(host: relayctl.Relay) -> str:
     try:
         host.destroy()
@@ -445,8 +497,9 @@ def teardown(state: dict) -> None:
             if nspawn_pid and relayctl.is_nspawn(nspawn_pid):
                 host.attach(nspawn_pid)
         host.destroy()
-    if state.get("source"):
-        relayctl.remove_tree(Path(state["source"]))
+    for tree in ("source", "ca_dir"):
+        if state.get(tree):
+            relayctl.remove_tree(Path(state[tree]))
     if state.get("nft_table"):
         run(["nft", "delete", "table", "ip", state["nft_table"]], check=False)
     if state.get("bridge"):
@@ -505,6 +558,19 @@ def prepare_rootfs(
     (root / "etc/hosts").write_text("\n".join(lines) + "\n")
 
 
+def write_file(root: Path, path: str, content: str | bytes, mode: int = 0o644) -> None:
+    """A file in a host's root filesystem (before it boots), created with its final mode."""
+    if isinstance(content, str):
+        content = content.encode()
+    target = root / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(content)
+    os.chmod(target, mode)  # whatever the umask
+
+
 def write_unit(root: Path, name: str, exec_start: str) -> None:
     unit = root / f"etc/systemd/system/{name}.service"
     unit.write_text(
@@ -524,6 +590,8 @@ def write_unit(root: Path, name: str, exec_start: str) -> None:
 def relay_pillar(relay: RelaySpec, **settings: object) -> dict:
     pillar = relayctl.local_relay_pillar(relay.domain, mta=relay.mta, **settings)
     pillar["chatmail"]["dns_forwarder"] = DNS_ADDRESS
+    if relay.lab_ca_cert:
+        pillar["chatmail"]["tls"] = {"mode": "external", "cert": RELAY_CERT, "key": RELAY_KEY}
     return pillar
 
 
@@ -577,8 +645,9 @@ def default_relays() -> list[RelaySpec]:
     # Not under .test: unbound serves test. (like invalid. and onion.) as an empty local
     # zone by default, so the relays' resolvers would never ask the lab DNS.
     return [
-        RelaySpec("relay1", "_relay1.lab.example", "bookworm", "postfix", "198.18.0.11"),
-        RelaySpec("relay2", "_relay2.lab.example", "trixie", "opensmtpd", "198.18.0.12"),
+        RelaySpec("relay1", "relay1.lab.example", "bookworm", "postfix", "198.18.0.11"),
+        RelaySpec("relay2", "relay2.lab.example", "trixie", "opensmtpd", "198.18.0.12"),
+        RelaySpec("relay3", "_relay3.lab.example", "trixie", "postfix", "198.18.0.13"),
     ]
 
 

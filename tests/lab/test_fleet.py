@@ -142,13 +142,13 @@ class Account:
 
 
 @pytest.fixture(scope="module")
-def accounts(dns_filled):
-    relay1, relay2 = dns_filled.relays
-    pair = Account(relay1), Account(relay2)
-    for account in pair:
-        with account.imap():  # the first login creates the account
+def accounts(dns_filled) -> dict[str, Account]:
+    """One account per relay, created by its first login."""
+    created = {relay.minion_id: Account(relay) for relay in dns_filled.relays}
+    for account in created.values():
+        with account.imap():
             pass
-    return pair
+    return created
 
 
 def inbound_session(host, mta: str, from_addr: str, to_addr: str) -> list[str]:
@@ -167,29 +167,66 @@ def inbound_session(host, mta: str, from_addr: str, to_addr: str) -> list[str]:
     return [e["MESSAGE"] for e in entries if session(e) in sessions]
 
 
-def test_encrypted_message_crosses_between_relays_both_ways(dns_filled, accounts):
-    """Over port 25, encrypted without verification (upstream's rule for _ domains)."""
-    a1, a2 = accounts
-    for sender, recipient in ((a1, a2), (a2, a1)):
-        msgid = message_id(sender.relay.domain)
-        started = time.monotonic()
-        sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
-        raw = recipient.wait_for(msgid)
-        print(
-            f"\n{sender.relay.minion_id} -> {recipient.relay.minion_id}: "
-            f"{time.monotonic() - started:.1f} s"
-        )
-        assert b"-----BEGIN PGP MESSAGE-----" in raw
-        lines = inbound_session(
-            dns_filled.relay(recipient.relay.minion_id),
-            recipient.relay.mta,
-            sender.addr,
-            recipient.addr,
-        )
-        assert lines, f"{recipient.relay.minion_id} logged no SMTP session for {msgid}"
-        assert any(sender.relay.address in line for line in lines), lines
-        tls = ("TLS connection established from", " smtp tls ")  # Postfix, OpenSMTPD
-        assert any(marker in line for line in lines for marker in tls), lines
+def outbound_session(host, mta: str, to_addr: str) -> list[str]:
+    """The sending MTA's log lines of the delivery to this recipient."""
+    source = ["-t", "postfix/smtp"] if mta == "postfix" else ["-u", "opensmtpd"]
+    out = host.run(["journalctl", "--no-pager", "-o", "json", *source]).stdout
+    entries = [json.loads(line) for line in out.splitlines()]
+    entries = [e for e in entries if isinstance(e.get("MESSAGE"), str)]
+
+    def session(entry: dict) -> str:
+        return entry.get("_PID", "") if mta == "postfix" else entry["MESSAGE"].split()[0]
+
+    def delivered(message: str) -> bool:
+        if mta == "postfix":
+            return f"to=<{to_addr}>" in message and "status=sent" in message
+        return " mta delivery " in message and f"to=<{to_addr}>" in message
+
+    sessions = {session(e) for e in entries if delivered(e["MESSAGE"])}
+    return [e["MESSAGE"] for e in entries if session(e) in sessions]
+
+
+#: How the sending MTA logs verified TLS (a lab-CA certificate for the recipient's name)
+#: and encryption without verification (a _ domain's self-signed certificate).
+TLS_LOG = {
+    ("postfix", True): "Verified TLS connection established to",
+    ("postfix", False): "Untrusted TLS connection established to",
+    ("opensmtpd", True): 'cert-check result="valid"',
+    ("opensmtpd", False): 'cert-check result="unverified"',
+}
+
+
+#: Postfix and OpenSMTPD both ways with verified TLS; each MTA to and from a _ domain.
+ROUTES = [
+    ("relay1", "relay2"),
+    ("relay2", "relay1"),
+    ("relay1", "relay3"),
+    ("relay3", "relay1"),
+    ("relay2", "relay3"),
+]
+
+
+@pytest.mark.parametrize(("source", "destination"), ROUTES, ids=["->".join(r) for r in ROUTES])
+def test_encrypted_message_crosses_between_relays(dns_filled, accounts, source, destination):
+    """Over port 25 with TLS: verified for a relay with a lab-CA certificate, encryption
+    without verification for a _ domain (upstream's rule)."""
+    sender, recipient = accounts[source], accounts[destination]
+    msgid = message_id(sender.relay.domain)
+    started = time.monotonic()
+    sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+    raw = recipient.wait_for(msgid)
+    print(f"\n{source} -> {destination}: {time.monotonic() - started:.1f} s")
+    assert b"-----BEGIN PGP MESSAGE-----" in raw
+    received = inbound_session(
+        dns_filled.relay(destination), recipient.relay.mta, sender.addr, recipient.addr
+    )
+    assert received, f"{destination} logged no SMTP session for {msgid}"
+    assert any(sender.relay.address in line for line in received), received
+    tls = ("TLS connection established from", " smtp tls ")  # Postfix, OpenSMTPD
+    assert any(marker in line for line in received for marker in tls), received
+    sent = outbound_session(dns_filled.relay(source), sender.relay.mta, recipient.addr)
+    expected = TLS_LOG[(sender.relay.mta, recipient.relay.lab_ca_cert)]
+    assert any(expected in line for line in sent), (expected, sent)
 
 
 # --- the fleet, again -------------------------------------------------------------------
