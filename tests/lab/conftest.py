@@ -4,11 +4,12 @@
 namespace with an address from 198.18.0.0/15. The master applies the formula to relay1
 (Debian 12, Postfix) and relay2 (Debian 13, OpenSMTPD), both with certificates from a lab
 CA every host trusts, and to relay3 (Debian 13, Postfix, a self-signed ``_`` domain); nsd
-on the master serves each relay's zone as its own ``GET /dns/zone`` proposes it. The lab binds no host port,
-so it can run next to tests/e2e; it is removed after the last test of this folder (also on
-Ctrl-C or SIGTERM), and a lab left by a killed run is removed by the next one.
+on the master serves each relay's zone as its own ``GET /dns/zone`` proposes it. The lab
+binds no host port, so it can run next to tests/e2e; it is removed after the last test of
+this folder (also on Ctrl-C or SIGTERM), and a lab left by a killed run is removed by the
+next one.
 
-    .venv/bin/python -m pytest tests/lab -s     # ~3.5 min with cached base rootfs tarballs
+    .venv/bin/python -m pytest tests/lab -s     # ~3-5 min with cached base rootfs tarballs
     python3 scripts/lib/lab.py up [--no-apply]  # the same lab by hand, until Ctrl-C
 """
 
