@@ -487,10 +487,10 @@ def nft_ruleset(mirrors: dict[str, str], routing_was_off: bool) -> str:
 """
 
 
-def teardown(state: dict) -> None:
+def teardown(state: dict, state_file: Path = STATE_FILE) -> None:
     """Remove what ``state`` records (containers first), whatever of it still exists."""
     for name, root in state.get("hosts", {}).items():
-        pidfile = STATE_DIR / f"{name}.pid"
+        pidfile = Path(f"{root}.pid")
         host = relayctl.Relay(Path(root), name=f"cmlab-{name}", pidfile=pidfile)
         with contextlib.suppress(ValueError, FileNotFoundError):
             nspawn_pid = int(pidfile.read_text().split()[0])
@@ -506,7 +506,7 @@ def teardown(state: dict) -> None:
         run(["ip", "link", "delete", state["bridge"]], check=False)
     if state.get("ip_forward_before") is not None:
         IP_FORWARD.write_text(state["ip_forward_before"] + "\n")
-    STATE_FILE.unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
 
 
 def remove_stale_lab() -> None:
