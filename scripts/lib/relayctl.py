@@ -11,7 +11,8 @@ the recipe rebuilds it and a new machine builds it on first use. Downloaded .deb
 wheels are cached there too and bind-mounted into every container.
 
 The container shares the host's network: the relay's ports appear on 127.0.0.1, and they
-must be free on the host before a container boots.
+must be free on the host before a container boots. (``network_bridge`` gives a container a
+network namespace of its own instead: the fleet lab, ``scripts/lib/lab.py``.)
 
 CLI: ``python3 scripts/lib/relayctl.py up|destroy|status|shell|build`` (see ``main``).
 """
