@@ -325,13 +325,20 @@ class Lab:
                 raise RelayError(f"minions do not answer the master: {sorted(wanted - answered)}")
             time.sleep(1)
 
-    def write_pillar(self, settings: dict[str, dict] | None = None) -> None:
-        """top.sls and one pillar file per relay, as README.md's master section shows."""
-        settings = settings or {}
+    def write_pillar(
+        self, settings: dict[str, dict] | None = None, overrides: dict[str, dict] | None = None
+    ) -> None:
+        """top.sls and one pillar file per relay, as README.md's master section shows.
+
+        ``settings``: {minion id: chatmail.ini settings}; ``overrides``: {minion id: keys
+        that replace the pillar's own under ``chatmail:``}.
+        """
+        settings, overrides = settings or {}, overrides or {}
         top = {"base": {r.minion_id: [f"relays.{r.minion_id}"] for r in self.relays}}
         self.master.write_file(f"{PILLAR_ROOT}/top.sls", json.dumps(top, indent=2))
         for relay in self.relays:
             pillar = relay_pillar(relay, **settings.get(relay.minion_id, {}))
+            pillar["chatmail"].update(overrides.get(relay.minion_id, {}))
             self.master.write_file(
                 f"{PILLAR_ROOT}/relays/{relay.minion_id}.sls",
                 json.dumps(pillar, indent=2),
@@ -430,7 +437,8 @@ class LabCA:
 
 def _destroy_quietly(host: relayctl.Relay) -> str:
     try:
-        host.destroy()
+        # a lab host is thrown away: no minute-long wait for a daemon that will not stop
+        host.destroy(shutdown_timeout=15)
     except Exception as exc:  # teardown() retries from the state file
         return f"{host.name}: {exc}"
     return ""

@@ -538,12 +538,12 @@ class Relay:
             time.sleep(0.2)
         return False
 
-    def destroy(self) -> None:
+    def destroy(self, shutdown_timeout: float = 60) -> None:
         """Stop the container and remove its files (nothing to do if already done)."""
         if self.nspawn_pid is None and not self.root.exists():
             return
         started = time.monotonic()
-        self.shutdown()
+        self.shutdown(shutdown_timeout)
         stopped = time.monotonic()
         if self.mail_fs.is_mount():
             run_host(["umount", str(self.mail_fs)])

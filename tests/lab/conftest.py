@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -45,18 +44,6 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def wait_for_port(address: str, port: int, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((address, port), timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise relayctl.RelayError(f"nothing listens on {address}:{port}") from None
-            time.sleep(0.5)
 
 
 @pytest.fixture(scope="package")
@@ -97,7 +84,7 @@ def fleet(lab):
         pytest.fail(f"fleet apply failed (returns from {sorted(results)}):\n{summary}")
     for relay in lab.relays:
         for port in relayctl.PUBLIC_PORTS:
-            wait_for_port(relay.address, port)
+            lab.relay(relay.minion_id).wait_for_port(port, host=relay.address, timeout=90)
     return lab
 
 

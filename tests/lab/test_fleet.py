@@ -249,6 +249,21 @@ def test_dry_run_after_apply_reports_no_change_and_nothing_pending(fleet):
         assert not pending, (minion_id, pending)
 
 
+def test_a_relay_with_a_broken_pillar_fails_alone_and_keeps_serving(dns_filled):
+    broken, *others = dns_filled.relays
+    dns_filled.write_pillar(overrides={broken.minion_id: {"tls": {"mode": "letsencrypt"}}})
+    results = dns_filled.apply()
+    assert set(results) == {r.minion_id for r in dns_filled.relays}
+    failed = results[broken.minion_id]
+    assert not failed.ok, failed.summary()
+    assert any("tls:mode must be acme, self or external" in e for e in failed.errors), failed.raw
+    for relay in others:
+        result = results[relay.minion_id]
+        assert result.ok and not result.changed, (relay.minion_id, result.changed_summary())
+    for port in (25, 993):  # the broken relay's daemons were not touched
+        dns_filled.relay(broken.minion_id).wait_for_port(port, host=broken.address, timeout=5)
+
+
 def test_pillar_change_on_the_master_reaches_every_relay_by_the_next_apply(dns_filled):
     size = "123M"
     dns_filled.write_pillar(
