@@ -4,7 +4,7 @@
 # validators and must never start here: the test containers share the host's ports.
 HOST_PACKAGES=(
     python3 python3-venv ca-certificates openssl curl
-    debootstrap systemd-container zstd sslscan
+    debootstrap systemd-container zstd sslscan nftables iproute2
     postfix dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua
     nginx-light libnginx-mod-stream unbound nsd opendkim opendkim-tools lua5.4 lua-socket
     chromium fonts-dejavu-core

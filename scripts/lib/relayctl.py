@@ -11,7 +11,8 @@ the recipe rebuilds it and a new machine builds it on first use. Downloaded .deb
 wheels are cached there too and bind-mounted into every container.
 
 The container shares the host's network: the relay's ports appear on 127.0.0.1, and they
-must be free on the host before a container boots.
+must be free on the host before a container boots. (``network_bridge`` gives a container a
+network namespace of its own instead: the fleet lab, ``scripts/lib/lab.py``.)
 
 CLI: ``python3 scripts/lib/relayctl.py up|destroy|status|shell|build`` (see ``main``).
 """
@@ -353,8 +354,19 @@ class Relay:
         pidfile: Path | None = None,
         suite: str = DEFAULT_SUITE,
         mail_fs_mb: int = 0,
+        network_bridge: str = "",
+        repo_mount: str = REPO_MOUNT,
+        shared_apt_cache: bool = True,
     ):
         self.root = Path(root)
+        #: "" = the host's network (ports on 127.0.0.1); a bridge name = a network
+        #: namespace of its own, a veth into that bridge (the lab: scripts/lib/lab.py).
+        self.network_bridge = network_bridge
+        #: Where ``repo`` appears inside ("" = not at all: a minion of a salt master).
+        self.repo_mount = repo_mount
+        #: True: the suite's .deb cache is bind-mounted (apt in two containers at once
+        #: fails on its lock). False: the container gets hard links to the cached .debs.
+        self.shared_apt_cache = shared_apt_cache
         #: With mail_fs_mb, the mailboxes live on a loop-mounted ext4 of that size, mounted on
         #: the host at ``mail_fs`` (it survives a crash of the container; tests fill it up).
         self.mail_fs_mb = mail_fs_mb
@@ -392,6 +404,11 @@ class Relay:
             ]
         )
         log(f"unpacked {tarball.name} to {self.root} in {time.monotonic() - started:.1f} s")
+        if not self.shared_apt_cache:
+            archives = self.root / "var/cache/apt/archives"
+            archives.mkdir(parents=True, exist_ok=True)
+            for deb in apt_cache(self.suite).glob("*.deb"):
+                os.link(deb, archives / deb.name)
         if self.mail_fs_mb:
             self._make_mail_fs()
 
@@ -406,17 +423,23 @@ class Relay:
 
     def boot(self, timeout: float = 120) -> None:
         require_tools()
-        require_free_ports()
+        if not self.network_bridge:
+            require_free_ports()
         cmd = nspawn_base(self.root) + [
             "-b",
             f"--machine={self.name}",
             "--console=read-only",
-            f"--bind-ro={self.repo}:{REPO_MOUNT}",
-            f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
+        if self.shared_apt_cache:
+            cmd.append(f"--bind={apt_cache(self.suite)}:/var/cache/apt/archives")
+        if self.repo_mount:
+            cmd.append(f"--bind-ro={self.repo}:{self.repo_mount}")
         if self.mail_fs.is_mount():
             cmd.append(f"--bind={self.mail_fs}:{MAILBOXES_PARENT}")
+        if self.network_bridge:
+            # The rootfs carries its own resolv.conf (the lab's DNS), not the host's.
+            cmd += [f"--network-bridge={self.network_bridge}", "--resolv-conf=off"]
         with open(self.log_path, "ab") as console:
             proc = subprocess.Popen(
                 cmd,
@@ -515,12 +538,12 @@ class Relay:
             time.sleep(0.2)
         return False
 
-    def destroy(self) -> None:
+    def destroy(self, shutdown_timeout: float = 60) -> None:
         """Stop the container and remove its files (nothing to do if already done)."""
         if self.nspawn_pid is None and not self.root.exists():
             return
         started = time.monotonic()
-        self.shutdown()
+        self.shutdown(shutdown_timeout)
         stopped = time.monotonic()
         if self.mail_fs.is_mount():
             run_host(["umount", str(self.mail_fs)])

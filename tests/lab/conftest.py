@@ -1,0 +1,97 @@
+"""The fleet lab: a salt master and three relay minions on a bridge of their own.
+
+``scripts/lib/lab.py`` builds it: every host a systemd-nspawn container in its own network
+namespace with an address from 198.18.0.0/15. The master applies the formula to relay1
+(Debian 12, Postfix) and relay2 (Debian 13, OpenSMTPD), both with certificates from a lab
+CA every host trusts, and to relay3 (Debian 13, Postfix, a self-signed ``_`` domain); nsd
+on the master serves each relay's zone as its own ``GET /dns/zone`` proposes it. The lab
+binds no host port, so it can run next to tests/e2e; it is removed after the last test of
+this folder (also on Ctrl-C or SIGTERM), and a lab left by a killed run is removed by the
+next one.
+
+    .venv/bin/python -m pytest tests/lab -s     # ~3-5 min with cached base rootfs tarballs
+    python3 scripts/lib/lab.py up [--no-apply]  # the same lab by hand, until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
+
+import lab as labctl
+import relayctl
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the fixture's finalizer still removes the lab."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="package")
+def lab():
+    """The booted lab: keys accepted, nsd serving SOA/NS/A, nothing applied yet."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab needs root (systemd-nspawn, a bridge, nftables)")
+    the_lab = labctl.Lab(labctl.default_relays())
+    with _sigterm_as_interrupt():
+        try:
+            try:
+                the_lab.create()
+            except relayctl.RelayError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            yield the_lab
+        finally:
+            started = time.monotonic()
+            the_lab.destroy()
+            the_lab.timings["teardown"] = time.monotonic() - started
+            print(
+                "\nlab timings: "
+                + ", ".join(f"{k} {v:.0f} s" for k, v in the_lab.timings.items())
+            )
+
+
+@pytest.fixture(scope="package")
+def fleet(lab):
+    """The lab after `salt '*' state.apply chatmail` on the master; results in
+    ``lab.first_apply`` ({minion id: ApplyResult})."""
+    lab.write_pillar()
+    results = lab.apply()
+    lab.timings["apply"] = max((r.seconds for r in results.values()), default=0)
+    lab.first_apply = results
+    summary = "\n".join(f"{m}: {r.summary()}" for m, r in sorted(results.items()))
+    print(f"\nfleet apply from the master:\n{summary}")
+    wanted = {r.minion_id for r in lab.relays}
+    if set(results) != wanted or not all(r.ok for r in results.values()):
+        pytest.fail(f"fleet apply failed (returns from {sorted(results)}):\n{summary}")
+    for relay in lab.relays:
+        for port in relayctl.PUBLIC_PORTS:
+            lab.relay(relay.minion_id).wait_for_port(port, host=relay.address, timeout=90)
+    return lab
+
+
+@pytest.fixture(scope="package")
+def dns_filled(fleet):
+    """nsd serves every relay's zone as its API proposes it."""
+    started = time.monotonic()
+    fleet.zone_fills = fleet.fill_dns()
+    fleet.timings["dns"] = time.monotonic() - started
+    return fleet
