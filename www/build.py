@@ -270,12 +270,16 @@ def _read_manifest(out: Path) -> set[str]:
     return {name for name in names if (root / name).resolve().is_relative_to(root)}
 
 
-def _write_if_different(path: Path, data: bytes) -> bool:
+def _differs(path: Path, data: bytes) -> bool:
     try:
-        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o644:
-            return False
+        return not (path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o644)
     except FileNotFoundError:
-        pass
+        return True
+
+
+def _write_if_different(path: Path, data: bytes) -> bool:
+    if not _differs(path, data):
+        return False
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_bytes_atomic(path, data, mode=0o644)
     os.chmod(path, 0o644)  # readable by the web server whatever the umask
@@ -297,29 +301,42 @@ def _remove_files(out: Path, relatives: set[str]) -> list[str]:
     return removed
 
 
-def write_site(files: dict[str, bytes], out: Path) -> WriteResult:
-    """Make ``out`` hold exactly ``files`` plus whatever this builder never wrote."""
+def write_site(files: dict[str, bytes], out: Path, dry_run: bool = False) -> WriteResult:
+    """Make ``out`` hold exactly ``files`` plus whatever this builder never wrote.
+
+    ``dry_run``: touch nothing, report what a build would write and remove (Salt's test mode).
+    """
+    stale = _read_manifest(out) - set(files)
+    if dry_run:
+        written = [name for name, data in sorted(files.items()) if _differs(out / name, data)]
+        removed = [name for name in sorted(stale) if (out / name).is_file()]
+        return WriteResult(written=tuple(written), removed=tuple(removed))
     out.mkdir(mode=0o755, parents=True, exist_ok=True)
     written = [
         name for name, data in sorted(files.items()) if _write_if_different(out / name, data)
     ]
-    removed = _remove_files(out, _read_manifest(out) - set(files))
+    removed = _remove_files(out, stale)
     manifest = "".join(f"{name}\n" for name in sorted(files)).encode("utf-8")
     _write_if_different(out / MANIFEST, manifest)
     return WriteResult(written=tuple(written), removed=tuple(removed))
 
 
-def clean_site(out: Path) -> WriteResult:
+def clean_site(out: Path, dry_run: bool = False) -> WriteResult:
     """Remove every file an earlier build wrote (the pages are disabled)."""
+    if dry_run:
+        built = [name for name in sorted(_read_manifest(out)) if (out / name).is_file()]
+        return WriteResult(written=(), removed=tuple(built))
     removed = _remove_files(out, _read_manifest(out))
     (out / MANIFEST).unlink(missing_ok=True)
     return WriteResult(written=(), removed=tuple(removed))
 
 
-def build(ini_path: Path, out: Path, source: Path | None = None) -> WriteResult:
+def build(
+    ini_path: Path, out: Path, source: Path | None = None, dry_run: bool = False
+) -> WriteResult:
     config = read_config(ini_path)
     files = render_site(config, source_dir(config, ini_path, source))
-    return write_site(files, out)
+    return write_site(files, out, dry_run)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -337,6 +354,11 @@ def _parser() -> argparse.ArgumentParser:
         "--clean",
         action="store_true",
         help="remove the files an earlier build wrote instead of building",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write nothing; report what the build (or --clean) would change",
     )
     parser.add_argument(
         "--salt-stateful",
@@ -358,20 +380,24 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(args.ini, args.out, args.src, args.port)
     try:
-        result = clean_site(args.out) if args.clean else build(args.ini, args.out, args.src)
+        if args.clean:
+            result = clean_site(args.out, args.dry_run)
+        else:
+            result = build(args.ini, args.out, args.src, args.dry_run)
     except (BuildError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
     except OSError as exc:
         log.error("cannot write the site to %s: %s", args.out, exc)
         return 1
+    would = "would have " if args.dry_run else ""
     for name in result.written:
-        log.info("wrote %s", args.out / name)
+        log.info("%swritten %s", would, args.out / name)
     for name in result.removed:
-        log.info("removed %s", args.out / name)
+        log.info("%sremoved %s", would, args.out / name)
     if args.salt_stateful:
         comment = (
-            f"{len(result.written)} written, {len(result.removed)} removed in {args.out}"
+            f"{would}{len(result.written)} written, {len(result.removed)} removed in {args.out}"
             if result.changed
             else f"{args.out} is up to date"
         )

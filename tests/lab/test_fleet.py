@@ -234,11 +234,6 @@ def test_encrypted_message_crosses_between_relays(dns_filled, accounts, source, 
 # --- the fleet, again -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dry run still shows pending work: chatmail-www-build (cmd.run without a test "
-    "mode) on every relay, the filtermail service states on OpenSMTPD relays (issue 10)",
-)
 def test_dry_run_after_apply_reports_no_change_and_nothing_pending(fleet):
     results = fleet.apply("*", "test=True")
     assert set(results) == {r.minion_id for r in fleet.relays}

@@ -278,6 +278,25 @@ def test_cli_salt_stateful_reports_changes_then_none(site, tmp_path):
     assert len(second.stdout.strip().splitlines()) == 1  # Salt parses stdout as one JSON object
 
 
+def test_dry_run_reports_without_writing(site, make_config, tmp_path):
+    """Salt's test mode runs the build with --dry-run: nothing pending on a built site, the
+    pending change after a setting change, and no file touched either way."""
+    def snapshot():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in site.out.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    assert not build(site.ini, site.out, dry_run=True).changed
+    domain = site.config.mail_domain
+    contacts = CONTACTS if domain == "chat.example.org" else {}
+    make_config(domain, **{**SETTINGS, "delete_mails_after": 9}, **contacts)
+    pending = build(site.ini, site.out, dry_run=True)
+    assert set(pending.written) == set(PAGES) and not pending.removed
+    assert set(clean_site(site.out, dry_run=True).removed) >= set(PAGES)
+    fresh = build(site.ini, tmp_path / "never-made", dry_run=True)
+    assert set(PAGES) <= set(fresh.written) and not (tmp_path / "never-made").exists()
+    assert snapshot() == before
+
+
 def test_clean_removes_only_built_files(site):
     (site.out / "unrelated.txt").write_text("keep me")
     result = clean_site(site.out)

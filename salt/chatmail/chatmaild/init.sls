@@ -215,6 +215,8 @@ chatmail-chatmaild-{{ name }}-service:
   service.dead:
     - name: {{ service }}
     - enable: False
+    # Only where an earlier apply installed it: a dry run then shows nothing pending.
+    - onlyif: test -e {{ init.dir }}/{{ service }}{{ init.suffix }}
 
 chatmail-chatmaild-{{ name }}-unit:
   file.absent:

@@ -32,21 +32,27 @@ chatmail-www-source:
 {%-     set source = www.source_dir %}
 {%-   endif %}
 
+{%-   set build = builder ~ " --ini " ~ chatmail.paths.ini ~ " --out " ~ chatmail.paths.www_root
+          ~ (" --src " ~ source if source else "") ~ " --salt-stateful" %}
+
 chatmail-www-build:
   cmd.run:
-    - name: >-
-        {{ builder }} --ini {{ chatmail.paths.ini }} --out {{ chatmail.paths.www_root }}
-        {%- if source %} --src {{ source }}{% endif %} --salt-stateful
-    - stateful: true
+    - name: {{ build }}
+    # test=True runs the dry run: a fleet's dry run shows pending pages only when there are.
+    - stateful:
+      - test_name: {{ build }} --dry-run
     - require:
       - cmd: chatmail-chatmaild-venv
       - file: chatmail-chatmaild-ini
 {%- else %}
 
+{%-   set clean = builder ~ " --clean --out " ~ chatmail.paths.www_root ~ " --salt-stateful" %}
+
 chatmail-www-clean:
   cmd.run:
-    - name: {{ builder }} --clean --out {{ chatmail.paths.www_root }} --salt-stateful
-    - stateful: true
+    - name: {{ clean }}
+    - stateful:
+      - test_name: {{ clean }} --dry-run
     - onlyif: test -x {{ builder }}
     - require:
       - cmd: chatmail-chatmaild-venv
