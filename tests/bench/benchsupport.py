@@ -41,6 +41,7 @@ def applied_relay(platform_id: str):
         repo=source,
         pidfile=SESSIONS_DIR / f"{name}.pid",
         suite=platform.suite,
+        mail_fs_mb=512,  # the mailboxes on their own filesystem: the campaign fills it
     )
     try:
         relayctl.snapshot_repo(REPO_ROOT, source)
