@@ -526,6 +526,11 @@ class Relay:
         if not self._wait_exit(pid, 30):
             raise RelayError(f"container {self.name} survived SIGKILL")
         self.nspawn_pid = self.init_pid = None
+        # The kernel reaps the container's other processes (thousands under load) after
+        # its init: their sockets hold the ports a little longer than nspawn lives.
+        deadline = time.monotonic() + 60
+        while busy_ports() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
