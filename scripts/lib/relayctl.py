@@ -155,6 +155,20 @@ def rootfs_tarball(suite: str) -> Path:
     return CACHE_DIR / f"rootfs-{suite}-{rootfs_key(suite)}.tar.zst"
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so finalizers still stop containers and remove the lab."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_host(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kwargs)
 

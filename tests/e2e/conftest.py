@@ -18,9 +18,7 @@ The harness itself is ``scripts/lib/relayctl.py`` (shared with ``scripts/deploy`
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import uuid
 from pathlib import Path
 
@@ -70,20 +68,6 @@ def pytest_runtest_teardown(item, nextitem):
             relay = _RUNNING.pop()
             relay.destroy()
             relayctl.remove_tree(relay.repo)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM unwinds like Ctrl-C, so fixture finalizers still stop the container."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def selected_platforms() -> tuple:
@@ -151,7 +135,7 @@ def container(platform):
         suite=platform.suite,
         mail_fs_mb=512,
     )
-    with _sigterm_as_interrupt():
+    with relayctl.sigterm_as_interrupt():
         try:
             relayctl.snapshot_repo(REPO_ROOT, source)
             relay.unpack()

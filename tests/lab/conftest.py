@@ -15,9 +15,7 @@ next one.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,27 +30,13 @@ import lab as labctl
 import relayctl
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM unwinds like Ctrl-C, so the fixture's finalizer still removes the lab."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @pytest.fixture(scope="package")
 def lab():
     """The booted lab: keys accepted, nsd serving SOA/NS/A, nothing applied yet."""
     if os.geteuid() != 0:
         pytest.fail("the lab needs root (systemd-nspawn, a bridge, nftables)")
     the_lab = labctl.Lab(labctl.default_relays())
-    with _sigterm_as_interrupt():
+    with relayctl.sigterm_as_interrupt():
         try:
             try:
                 the_lab.create()
