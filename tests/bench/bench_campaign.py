@@ -26,7 +26,8 @@ from benchsupport import applied_relay, platform_argument
 import campaign
 
 SERVICES = [
-    "postfix@-.service",
+    "postfix.service",  # Debian 13's main instance
+    "postfix@-.service",  # Debian 12's
     "opensmtpd.service",
     "dovecot.service",
     "opendkim.service",

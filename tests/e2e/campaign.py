@@ -431,9 +431,6 @@ def standard_faults(relay: RelayClient, outage: float = 8.0) -> list[Fault]:
     daemons = ["doveauth.service", "chatmail-metadata.service", "lastlogin.service", "chatmail-api.service"]
     if platform.mta == "postfix":
         daemons += ["filtermail.service", "filtermail-incoming.service"]
-        mta_unit = "postfix@-.service"
-    else:
-        mta_unit = "opensmtpd.service"
     faults = [Fault(f"kill -9 {unit.removesuffix('.service')}", kill9(unit)) for unit in daemons]
     if platform.mta == "opensmtpd":
         faults.append(
@@ -443,7 +440,8 @@ def standard_faults(relay: RelayClient, outage: float = 8.0) -> list[Fault]:
         faults.append(Fault("mailbox filesystem full", lambda: fill_for(container.mail_fs, outage)))
     faults += [
         Fault("restart dovecot", systemctl("restart", "dovecot.service")),
-        Fault(f"restart {platform.mta}", systemctl("restart", mta_unit)),
+        # The unit the operator restarts (Debian 12's postfix.service restarts postfix@-).
+        Fault(f"restart {platform.mta}", systemctl("restart", platform.mta_unit)),
         Fault("resolver down", stopped_for("unbound.service")),
     ]
     if platform.mta == "postfix":

@@ -79,6 +79,10 @@ chatmail-dovecot-restart-dropin:
         [Service]
         Restart=always
         RestartSec=30
+        # Dovecot 2.4 (Debian 13) can take systemd's whole 90 s to stop after mail traffic:
+        # no IMAP for that long on every restart. Maildir writes are atomic renames, so
+        # what is left after 15 s is killed.
+        TimeoutStopSec=15
   module.run:
     - service.systemctl_reload: []
     - onchanges:
