@@ -31,6 +31,7 @@ import base64
 import contextlib
 import email
 import hashlib
+import itertools
 import os
 import shutil
 import smtplib
@@ -317,8 +318,18 @@ def tls_context() -> ssl.SSLContext:
     return context
 
 
-def submission(relay) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", relay["ports"]["submission"], timeout=60)
+_sources = itertools.count(1)
+
+
+def submission(relay, source: str = "") -> smtplib.SMTP:
+    """A STARTTLS connection, from a loopback address of its own unless ``source`` is
+    given: the filter counts failed logins per client address, and the tests here fail
+    logins on purpose."""
+    n = next(_sources)
+    source = source or f"127.1.{n // 250}.{n % 250 + 1}"
+    client = smtplib.SMTP(
+        "127.0.0.1", relay["ports"]["submission"], timeout=60, source_address=(source, 0)
+    )
     client.starttls(context=tls_context())
     return client
 
@@ -609,14 +620,14 @@ def test_oversize_message_is_refused_with_552(relay):
 
 def test_failed_logins_are_throttled(relay):
     """After smtpd_auth_failures_max (10) failed logins from an address, new connections
-    from it get 421 from the filter, before any credentials, even the right ones. Last in
-    this file: every test here connects from 127.0.0.1, and earlier ones fail logins too."""
+    from it get 421 from the filter, before any credentials, even the right ones."""
     addr = new_address("guess")
     login(relay, addr).quit()
+    attacker = "127.0.0.99"
 
     def attempt(password: str) -> int:
         try:
-            with submission(relay) as client:
+            with submission(relay, attacker) as client:
                 return client.login(addr, password)[0]
         except (smtplib.SMTPConnectError, smtplib.SMTPAuthenticationError) as err:
             return err.smtp_code
@@ -629,5 +640,5 @@ def test_failed_logins_are_throttled(relay):
     assert codes[-1] == 421 and set(codes[:-1]) <= {535}, (codes, log[-5000:])
     assert attempt(PASSWORD) == 421
     log = relay["smtpd_log"].read_text()
-    assert "refusing connection from 127.0.0.1: too many failed logins" in log
+    assert f"refusing connection from {attacker}: too many failed logins" in log
     assert PASSWORD not in log and base64.b64encode(PASSWORD.encode()).decode() not in log

@@ -67,7 +67,11 @@ def test_default_build_state_is_idempotent(www_pillar, www_states, tmp_path):
     states = www_states(www_pillar)
     assert list(states) == ["chatmail-www-build"]
     build = state_args(states["chatmail-www-build"], "cmd.run")
-    assert build["stateful"] is True
+    # test=True runs the dry run, which reports and writes nothing
+    assert build["stateful"] == [{"test_name": build["name"] + " --dry-run"}]
+    dry = run_stateful(build["stateful"][0]["test_name"])
+    assert dry["changed"] is True and "index.html" in dry["written"]
+    assert not (tmp_path / "html").exists()
     assert build["require"] == [
         {"cmd": "chatmail-chatmaild-venv"},
         {"file": "chatmail-chatmaild-ini"},
@@ -83,6 +87,7 @@ def test_default_build_state_is_idempotent(www_pillar, www_states, tmp_path):
         "written": [],
         "removed": [],
     }
+    assert run_stateful(build["stateful"][0]["test_name"])["changed"] is False
 
 
 def test_local_source_folder(www_pillar, www_states, tmp_path):
@@ -116,6 +121,9 @@ def test_disabled_pages_are_removed(www_pillar, www_states, tmp_path):
     assert list(states) == ["chatmail-www-clean"]
     clean = state_args(states["chatmail-www-clean"], "cmd.run")
     assert clean["onlyif"] == f"test -x {VENV}/bin/chatmail-www"
+    assert clean["stateful"] == [{"test_name": clean["name"] + " --dry-run"}]
+    assert "privacy.html" in run_stateful(clean["stateful"][0]["test_name"])["removed"]
+    assert (tmp_path / "html" / "privacy.html").is_file()
     result = run_stateful(clean["name"])
     assert result["changed"] is True and "privacy.html" in result["removed"]
     assert sorted(p.name for p in (tmp_path / "html").iterdir()) == ["operator-note.txt"]

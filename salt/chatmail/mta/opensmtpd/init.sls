@@ -74,11 +74,32 @@ chatmail-mta-config:
       - sls: chatmail.dkim
 {%- endif %}
 
+{%- if chatmail.init == "systemd" %}
+
+chatmail-mta-restart-dropin:
+  file.managed:
+    - name: {{ chatmail.paths.systemd_units }}/{{ chatmail.service.opensmtpd }}.service.d/10-chatmail-restart.conf
+    - makedirs: True
+    - contents: |
+        # Managed by Salt (chatmail formula): smtpd exits when one of its filters dies
+        # (kill -9 of chatmail-smtpd-filter stopped all mail until a manual restart).
+        [Service]
+        Restart=always
+        RestartSec=2
+  module.run:
+    - service.systemctl_reload: []
+    - onchanges:
+      - file: chatmail-mta-restart-dropin
+{%- endif %}
+
 chatmail-mta-service:
   service.running:
     - name: {{ chatmail.service.opensmtpd }}
     - enable: True
     - watch:
+{%- if chatmail.init == "systemd" %}
+      - module: chatmail-mta-restart-dropin
+{%- endif %}
       - file: chatmail-mta-config
       {#- smtpd runs the filters and the table: new code or settings need a restart #}
       - cmd: chatmail-chatmaild-venv
