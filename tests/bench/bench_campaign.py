@@ -69,7 +69,7 @@ def clean(report, offered: float) -> bool:
     )
 
 
-async def bench(relay, idle: int, seconds: float) -> None:
+async def bench(relay, idle: int, seconds: float, faults: bool) -> None:
     quiet, _, _ = await latency_run(relay, 0, 2.0, seconds)
     print(quiet.line())
     loaded, run, usage = await latency_run(relay, idle, 2.0, seconds)
@@ -91,7 +91,8 @@ async def bench(relay, idle: int, seconds: float) -> None:
             break
         sustained, rate = rate, rate * 2
     print(f"sustained rate: {sustained or '< 4'} messages/s with {idle} IDLE sessions")
-
+    if not faults:
+        return
     reports, _ = await campaign.run(
         relay, campaign.standard_faults(relay), seconds, idle, 4.0, log=print
     )
@@ -104,11 +105,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--no-faults", action="store_true", help="load measurements only")
     platform_argument(parser)
     args = parser.parse_args()
     print(f"platform: {args.platform}")
     with applied_relay(args.platform) as (relay, _):
-        asyncio.run(bench(relay, args.idle, args.seconds))
+        asyncio.run(bench(relay, args.idle, args.seconds, not args.no_faults))
     return 0
 
 
