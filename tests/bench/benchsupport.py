@@ -43,7 +43,7 @@ def applied_relay(platform_id: str):
         suite=platform.suite,
         mail_fs_mb=512,  # the mailboxes on their own filesystem: the campaign fills it
     )
-    try:
+    with relayctl.sigterm_as_interrupt(), _removed(container, source):
         relayctl.snapshot_repo(REPO_ROOT, source)
         container.unpack()
         container.boot()
@@ -53,6 +53,13 @@ def applied_relay(platform_id: str):
             raise relayctl.RelayError(first.summary())
         container.wait_for_services()
         yield RelayClient(container, DOMAIN, platform), first
+
+
+@contextlib.contextmanager
+def _removed(container, source: Path):
+    """Stop and remove the container and its source snapshot, also on SIGTERM."""
+    try:
+        yield
     finally:
         container.destroy()
         relayctl.remove_tree(source)
