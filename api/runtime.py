@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -29,8 +30,21 @@ class StatusSnapshot:
     taken: float  # monotonic
 
 
+def rate_limit_key(client: str) -> str:
+    """The unit a client is counted in: an IPv4 address, or an IPv6 /64 (one host's prefix)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if address.version == 4:
+        return client
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
+
+
 class RateLimiter:
-    """Token bucket per client address; memory is bounded by forgetting full buckets."""
+    """Token bucket per client (see rate_limit_key); memory is bounded by forgetting full buckets."""
 
     MAX_CLIENTS = 10000
 
@@ -42,6 +56,7 @@ class RateLimiter:
     def allow(self, client: str, now: float | None = None) -> float:
         """0 if the request may pass, else seconds until it would."""
         now = time.monotonic() if now is None else now
+        client = rate_limit_key(client)
         tokens, last = self.buckets.get(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < 1:

@@ -73,3 +73,13 @@ def test_rate_limiter_refills():
     assert limiter.allow("a", now=0) == pytest.approx(0.5)
     assert limiter.allow("b", now=0) == 0  # per client
     assert limiter.allow("a", now=0.6) == 0
+
+
+def test_rate_limiter_counts_ipv6_per_64():
+    """One IPv6 host owns a whole /64: new addresses from it share one bucket (as nginx)."""
+    limiter = RateLimiter(rate_per_s=1, burst=1)
+    assert limiter.allow("2001:db8:1:2::1", now=0) == 0
+    assert limiter.allow("2001:db8:1:2:ffff::9", now=0) > 0
+    assert limiter.allow("2001:db8:1:3::1", now=0) == 0  # the next /64 is someone else
+    assert limiter.allow("192.0.2.1", now=0) == 0
+    assert limiter.allow("192.0.2.2", now=0) == 0  # IPv4 per address
