@@ -84,6 +84,12 @@ RELAY_CERT = "/etc/chatmail-lab/tls/cert.pem"
 RELAY_KEY = "/etc/chatmail-lab/tls/key.pem"
 #: Reverse DNS for the lab subnet (the relays' PTR records).
 REVERSE_ZONE = "0.18.198.in-addr.arpa"
+#: A network namespace on the bridge for clients in the lab (Delta Chat): an address of
+#: its own, the lab DNS (ip-netns(8) bind-mounts /etc/netns/<name>/resolv.conf) and no
+#: route out of the lab.
+CLIENT_NETNS = "cmlab-client"
+CLIENT_ADDRESS = "198.18.0.30"
+CLIENT_VETH = "cmlab-client0"
 #: Salt's CLI gives up on a minion after this long without a return; a first apply
 #: installs packages for minutes. (Salt 3008's --static and -b give up after 15 s.)
 SALT_TIMEOUT = 1800
@@ -200,6 +206,28 @@ class Lab:
         self._check_minions()
         self.timings["master"] = time.monotonic() - started
 
+    @classmethod
+    def attach(cls, relays: list[RelaySpec]) -> Lab:
+        """The lab ``lab.py up`` keeps running, for tests against it (the tests' conftest:
+        CHATMAIL_LAB_REUSE=1); it stays when they end."""
+        state = json.loads(STATE_FILE.read_text())
+        lab = cls(relays, state=state)
+        for name, root in state["hosts"].items():
+            pidfile = Path(f"{root}.pid")
+            host = relayctl.Relay(
+                Path(root),
+                name=f"cmlab-{name}",
+                pidfile=pidfile,
+                network_bridge=BRIDGE,
+                repo_mount=MASTER_CHECKOUT if name == "master" else "",
+                shared_apt_cache=False,
+            )
+            if relayctl.is_nspawn(nspawn_pid := int(pidfile.read_text().split()[0])):
+                host.attach(nspawn_pid)
+            lab.hosts[name] = host
+        lab.ca = LabCA(Path(state["ca_dir"]), create=False)
+        return lab
+
     def destroy(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(max(1, len(self.hosts))) as pool:
             for failure in pool.map(_destroy_quietly, self.hosts.values()):
@@ -223,6 +251,25 @@ class Lab:
         run(["ip", "link", "set", BRIDGE, "up"])
         run(["nft", "-f", "-"], input=nft_ruleset(mirrors, routing_was_off=before == "0"))
         IP_FORWARD.write_text("1\n")
+
+    def add_client_netns(self) -> list[str]:
+        """The command prefix that runs a program in the lab's client namespace."""
+        etc = Path("/etc/netns") / CLIENT_NETNS
+        prefix = ["ip", "netns", "exec", CLIENT_NETNS]
+        if self.state.get("netns"):
+            return prefix
+        self._record(netns=CLIENT_NETNS, netns_etc=str(etc))
+        run(["ip", "netns", "add", CLIENT_NETNS])
+        run(["ip", "link", "add", CLIENT_VETH, "type", "veth", "peer", "name", "host0"]
+            + ["netns", CLIENT_NETNS])
+        run(["ip", "link", "set", CLIENT_VETH, "master", BRIDGE, "up"])
+        inside = ["ip", "-n", CLIENT_NETNS]
+        run(inside + ["addr", "add", f"{CLIENT_ADDRESS}/{LAB_SUBNET.prefixlen}", "dev", "host0"])
+        run(inside + ["link", "set", "host0", "up"])
+        run(inside + ["link", "set", "lo", "up"])
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"nameserver {DNS_ADDRESS}\n")
+        return prefix
 
     # --- hosts ---------------------------------------------------------------------
 
@@ -288,7 +335,10 @@ class Lab:
         )
         self.master.write_file(
             "/etc/nsd/nsd.conf.d/lab.conf",
-            f"server:\n    ip-address: {DNS_ADDRESS}\n    ip-address: 127.0.0.1\n\n{zones}",
+            # No zone database: the zone files are the truth, so a zone file taken away
+            # is a zone no longer served (tests/lab/test_federation.py), not a stale copy.
+            f'server:\n    database: ""\n    ip-address: {DNS_ADDRESS}\n'
+            f"    ip-address: 127.0.0.1\n\n{zones}",
         )
         for relay in self.relays:
             self.master.write_file(f"{NSD_ZONES}/{relay.domain}.zone", zone_file(relay, ""))
@@ -407,10 +457,12 @@ def require_host() -> None:
 class LabCA:
     """A throw-away certificate authority (the host's openssl) for the lab's relays."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, create: bool = True):
         self.dir = directory
-        self.dir.mkdir(mode=0o700, exist_ok=True)
         self.cert, self.key = self.dir / "ca.crt", self.dir / "ca.key"
+        if not create:
+            return
+        self.dir.mkdir(mode=0o700, exist_ok=True)
         run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
             + ["-noenc", "-days", "7", "-subj", "/CN=chatmail lab CA"]
@@ -505,6 +557,10 @@ def teardown(state: dict, state_file: Path = STATE_FILE) -> None:
             if nspawn_pid and relayctl.is_nspawn(nspawn_pid):
                 host.attach(nspawn_pid)
         host.destroy()
+    if state.get("netns"):
+        run(["ip", "netns", "delete", state["netns"]], check=False)  # and its veth
+    if state.get("netns_etc"):
+        shutil.rmtree(state["netns_etc"], ignore_errors=True)
     for tree in ("source", "ca_dir"):
         if state.get(tree):
             relayctl.remove_tree(Path(state[tree]))

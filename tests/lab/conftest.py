@@ -11,6 +11,7 @@ next one.
 
     .venv/bin/python -m pytest tests/lab -s     # ~3-5 min with cached base rootfs tarballs
     python3 scripts/lib/lab.py up [--no-apply]  # the same lab by hand, until Ctrl-C
+    CHATMAIL_LAB_REUSE=1 .venv/bin/python -m pytest tests/lab/test_federation.py  # against it
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def lab():
     """The booted lab: keys accepted, nsd serving SOA/NS/A, nothing applied yet."""
     if os.geteuid() != 0:
         pytest.fail("the lab needs root (systemd-nspawn, a bridge, nftables)")
+    if os.environ.get("CHATMAIL_LAB_REUSE"):
+        # Development loop: the lab `scripts/lib/lab.py up` keeps running, applied; it stays.
+        yield labctl.Lab.attach(labctl.default_relays())
+        return
     the_lab = labctl.Lab(labctl.default_relays())
     with relayctl.sigterm_as_interrupt():
         try:
@@ -57,6 +62,9 @@ def lab():
 def fleet(lab):
     """The lab after `salt '*' state.apply chatmail` on the master; results in
     ``lab.first_apply`` ({minion id: ApplyResult})."""
+    if os.environ.get("CHATMAIL_LAB_REUSE"):
+        lab.first_apply = {}
+        return lab
     lab.write_pillar()
     results = lab.apply()
     lab.timings["apply"] = max((r.seconds for r in results.values()), default=0)
@@ -75,7 +83,19 @@ def fleet(lab):
 @pytest.fixture(scope="package")
 def dns_filled(fleet):
     """nsd serves every relay's zone as its API proposes it."""
+    if os.environ.get("CHATMAIL_LAB_REUSE"):
+        return fleet
     started = time.monotonic()
     fleet.zone_fills = fleet.fill_dns()
     fleet.timings["dns"] = time.monotonic() - started
     return fleet
+
+
+@pytest.fixture(scope="package")
+def client_netns(dns_filled):
+    """The lab with its client namespace (``lab.client_prefix`` runs a program in it)."""
+    dns_filled.client_prefix = dns_filled.add_client_netns()
+    yield dns_filled
+    if os.environ.get("CHATMAIL_LAB_REUSE"):  # the namespace is ours, the lab is not
+        netns = {k: dns_filled.state[k] for k in ("netns", "netns_etc")}
+        labctl.teardown(netns, state_file=labctl.STATE_DIR / "netns.json")

@@ -3,18 +3,16 @@ their zones as their APIs propose them, and the relays exchange encrypted mail."
 
 from __future__ import annotations
 
-import imaplib
 import ipaddress
 import json
 import os
-import smtplib
 import time
-from contextlib import contextmanager
 
 import lab as labctl
 import pytest
 import relayctl
-from relayclient import encrypted_mail, message_id, unverified_context
+from fleetclient import Account, inbound_session, outbound_session
+from relayclient import encrypted_mail, message_id
 
 # The first test waits for the lab to boot and the first apply (minutes on a busy host).
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
@@ -35,7 +33,11 @@ def test_hosts_have_own_network_namespace_and_only_lab_addresses(lab):
         nameservers = [
             line.split()[1] for line in resolv.splitlines() if line.startswith("nameserver")
         ]
-        assert nameservers == [labctl.DNS_ADDRESS], (name, resolv)
+        if nameservers == ["127.0.0.1"]:  # an applied relay: its unbound asks the lab DNS
+            forwards = host.run(["unbound-control", "list_forwards"]).stdout
+            assert f"IN forward {labctl.DNS_ADDRESS}" in forwards, (name, forwards)
+        else:
+            assert nameservers == [labctl.DNS_ADDRESS], (name, resolv)
 
 
 def _connects(host, address: str, port: int) -> bool:
@@ -98,49 +100,6 @@ def test_lab_dns_serves_each_relays_proposed_zone_and_every_check_is_ok(dns_fill
 # --- federation -----------------------------------------------------------------------
 
 
-class Account:
-    def __init__(self, relay: labctl.RelaySpec):
-        self.relay = relay
-        user = os.urandom(6).hex()[:9]
-        self.addr = f"{user}@{relay.domain}"
-        self.password = os.urandom(12).hex()
-
-    @contextmanager
-    def imap(self):
-        conn = imaplib.IMAP4_SSL(
-            self.relay.address, 993, ssl_context=unverified_context(), timeout=30
-        )
-        try:
-            conn.login(self.addr, self.password)
-            yield conn
-        finally:
-            try:
-                conn.logout()
-            except (imaplib.IMAP4.error, OSError):
-                pass
-
-    def send(self, to: Account, msg: bytes) -> None:
-        with smtplib.SMTP_SSL(
-            self.relay.address, 465, context=unverified_context(), timeout=30
-        ) as conn:
-            conn.login(self.addr, self.password)
-            conn.sendmail(self.addr, [to.addr], msg)
-
-    def wait_for(self, msgid: str, timeout: float = 60) -> bytes:
-        deadline = time.monotonic() + timeout
-        with self.imap() as conn:
-            while True:
-                conn.select("INBOX")
-                _, data = conn.search(None, "HEADER", "Message-ID", msgid)
-                ids = data[0].split()
-                if ids:
-                    _, fetched = conn.fetch(ids[-1], "(RFC822)")
-                    return fetched[0][1]
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{msgid} did not reach {self.addr} in {timeout} s")
-                time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def accounts(dns_filled) -> dict[str, Account]:
     """One account per relay, created by its first login."""
@@ -149,41 +108,6 @@ def accounts(dns_filled) -> dict[str, Account]:
         with account.imap():
             pass
     return created
-
-
-def inbound_session(host, mta: str, from_addr: str, to_addr: str) -> list[str]:
-    """The receiving MTA's log lines of the SMTP session that accepted this envelope."""
-    source = ["-t", "postfix/smtpd"] if mta == "postfix" else ["-u", "opensmtpd"]
-    out = host.run(["journalctl", "--no-pager", "-o", "json", *source]).stdout
-    entries = [json.loads(line) for line in out.splitlines()]
-    entries = [e for e in entries if isinstance(e.get("MESSAGE"), str)]
-
-    def session(entry: dict) -> str:
-        # Postfix: one smtpd process per connection at a time; OpenSMTPD: a session id
-        return entry.get("_PID", "") if mta == "postfix" else entry["MESSAGE"].split()[0]
-
-    envelope = f"from=<{from_addr}> to=<{to_addr}>"
-    sessions = {session(e) for e in entries if envelope in e["MESSAGE"]}
-    return [e["MESSAGE"] for e in entries if session(e) in sessions]
-
-
-def outbound_session(host, mta: str, to_addr: str) -> list[str]:
-    """The sending MTA's log lines of the delivery to this recipient."""
-    source = ["-t", "postfix/smtp"] if mta == "postfix" else ["-u", "opensmtpd"]
-    out = host.run(["journalctl", "--no-pager", "-o", "json", *source]).stdout
-    entries = [json.loads(line) for line in out.splitlines()]
-    entries = [e for e in entries if isinstance(e.get("MESSAGE"), str)]
-
-    def session(entry: dict) -> str:
-        return entry.get("_PID", "") if mta == "postfix" else entry["MESSAGE"].split()[0]
-
-    def delivered(message: str) -> bool:
-        if mta == "postfix":
-            return f"to=<{to_addr}>" in message and "status=sent" in message
-        return " mta delivery " in message and f"to=<{to_addr}>" in message
-
-    sessions = {session(e) for e in entries if delivered(e["MESSAGE"])}
-    return [e["MESSAGE"] for e in entries if session(e) in sessions]
 
 
 #: How the sending MTA logs verified TLS (a lab-CA certificate for the recipient's name)
@@ -213,7 +137,7 @@ def test_encrypted_message_crosses_between_relays(dns_filled, accounts, source, 
     sender, recipient = accounts[source], accounts[destination]
     msgid = message_id(sender.relay.domain)
     started = time.monotonic()
-    sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+    sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
     raw = recipient.wait_for(msgid)
     print(f"\n{source} -> {destination}: {time.monotonic() - started:.1f} s")
     assert b"-----BEGIN PGP MESSAGE-----" in raw
