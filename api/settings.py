@@ -84,6 +84,8 @@ class ProbeSettings(_Strict):
     verify_tls: bool = False
     timeout_s: float = Field(30.0, gt=0)
     interval_s: float = Field(ge=0)
+    #: First retry of a failed scheduled probe; doubled per failure up to interval_s.
+    retry_s: float = Field(30.0, gt=0)
 
 
 class NewAccountSettings(_Strict):
