@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from chatmaild.accountstats import AccountStats, read_stats, scan_mailboxes
+from chatmaild.blocklist import Blocklist
 from chatmaild.config import Config
 
 from .accountcreation import AccountCreationControl, CreationState
+from .adminctl import IndexCache
 from .checks import Checker, CheckResult, CheckStateStore, Facts, overall
 from .dnscheck import check_dns
 from .models import Check, DnsReport, ProbeResult, Status
@@ -68,6 +70,8 @@ class Runtime:
         self.creation = AccountCreationControl(config, settings.audit_log_path)
         self.checker = Checker(settings, config, self.creation, self.creation_state)
         self.check_states = CheckStateStore(settings.check_state_path)
+        self.account_index = IndexCache(settings.account_index_file)
+        self.blocklist = Blocklist(config.blocklist_file)
         self.rate_limiter = RateLimiter(settings.new_account.rate_per_s, settings.new_account.burst)
         self.last_status: StatusSnapshot | None = None
         self.account_stats: AccountStats | None = None
