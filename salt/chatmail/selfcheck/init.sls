@@ -5,7 +5,8 @@
     too. It runs as the API user: the probe account's credentials are the API's. No
     change is ever reported (Salt's stateful protocol); test=True only announces it. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
-{%- set check = chatmail.paths.venv ~ "/bin/chatmail-selfcheck --settings " ~ chatmail.api.settings_file %}
+{%- set check = chatmail.paths.venv ~ "/bin/chatmail-selfcheck --settings " ~ chatmail.api.settings_file
+                 ~ " --within " ~ chatmail.api.selfcheck_within %}
 
 include:
   - chatmail.api
