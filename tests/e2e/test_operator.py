@@ -200,3 +200,32 @@ def test_highstate_probe_fails_with_dovecot_stopped(relay):
     )
     assert ok.returncode == 0, ok.stdout[-2000:]
     assert "chatmail probe: mail flows" in ok.stdout
+
+
+def _metric(api, name: str) -> float:
+    text = api.get("/metrics", headers=api.monitor).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+
+
+def test_metrics_count_logins_deliveries_dkim_noqueue(relay, api):
+    """Counted for real: logins (lastlogin), and upstream's mtail counters from the journal."""
+    sender, sender_pw = relay.new_account()
+    rcpt, rcpt_pw = relay.new_account()
+    relay.fetch_inbox_message(rcpt, rcpt_pw, send_to(relay, sender, sender_pw, rcpt))
+    postfix = relay.platform.mta == "postfix"
+    if postfix:  # an open-relay attempt: refused before queueing
+        with relay.smtp(25) as conn, pytest.raises(smtplib.SMTPRecipientsRefused):
+            conn.sendmail("someone@example.org", ["victim@example.org"], b"Subject: x\r\n\r\nx")
+    expected = ["chatmail_logins_total", "chatmail_delivered_mail_total"]
+    if postfix:
+        expected += ["chatmail_postfix_noqueue_total", "chatmail_dkim_signed_total"]
+    deadline = time.monotonic() + 20
+    while True:
+        counts = {name: _metric(api, name) for name in expected}
+        if all(counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(counts.values()), counts
+    for name in ("chatmail_quota_exceeded_total", "chatmail_mailer_daemon_mail_total"):
+        assert f"\n{name} " in api.get("/metrics", headers=api.monitor).text
