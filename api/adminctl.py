@@ -54,14 +54,16 @@ class AccountIndex:
     """The account list, sorted three ways once per file version."""
 
     scanned_at: float
-    by_address: list  # rows [address, last_login, bytes, messages]
+    by_address: list  # rows (address, last_login, bytes, messages)
     addresses: list[str]
     by_last_login: list
     by_size: list
 
     @classmethod
     def build(cls, scanned_at: float, rows: list) -> AccountIndex:
-        rows = sorted(rows, key=lambda r: r[0])
+        # tuples of str/int/None leave the garbage collector's tracking: 100,000 rows
+        # must not make every full collection (a latency spike) walk them
+        rows = sorted((tuple(r) for r in rows), key=lambda r: r[0])
         return cls(
             scanned_at=scanned_at,
             by_address=rows,
