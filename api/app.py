@@ -35,7 +35,8 @@ def create_app(settings: Settings, config: Config | None = None) -> FastAPI:
     app = FastAPI(
         title="chatmail relay control API",
         version="1",
-        description="Status, DNS, account creation, metrics and probes of one chatmail relay.",
+        description="Status, DNS, account creation, accounts, queue, metrics and probes of one "
+        "chatmail relay.",
         lifespan=lifespan,
     )
     app.state.runtime = runtime
