@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stdin:
             count_lines(sys.stdin, counters)
             return 0
+        log.info("counting from %s", " ".join(JOURNALCTL))
         with subprocess.Popen(
             JOURNALCTL, stdout=subprocess.PIPE, text=True, errors="replace", bufsize=1
         ) as journal:

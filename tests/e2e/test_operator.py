@@ -226,6 +226,13 @@ def test_metrics_count_logins_deliveries_dkim_noqueue(relay, api):
         if all(counts.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert all(counts.values()), counts
+    if not all(counts.values()):
+        unit = relay.container.run(
+            "systemctl status chatmail-logcounter --no-pager; journalctl -u chatmail-logcounter "
+            "--no-pager -n 30; ls -l /var/lib/chatmail/counters; id vmail; "
+            "journalctl --no-pager -n 20 | grep -i 'saved mail\\|DKIM-Sig\\|NOQUEUE'",
+            check=False,
+        )
+        pytest.fail(f"{counts}\n{unit.stdout}{unit.stderr}")
     for name in ("chatmail_quota_exceeded_total", "chatmail_mailer_daemon_mail_total"):
         assert f"\n{name} " in api.get("/metrics", headers=api.monitor).text
