@@ -172,14 +172,19 @@ class AccountCreationControl:
             raise CreationStateError(f"cannot remove {target}: {exc.strerror or exc}") from None
 
     def _audit(self, action: str, by: str, client: str | None, **fields: object) -> None:
-        entry = {"ts": round(time.time(), 3), "action": action, "by": by, "client": client}
-        entry.update(fields)
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        append_audit(self.audit_log, action, by, client, **fields)
+
+
+def append_audit(path: Path, action: str, by: str, client: str | None, **fields: object) -> None:
+    """One JSON line per change made through the API (account creation, accounts)."""
+    entry = {"ts": round(time.time(), 3), "action": action, "by": by, "client": client}
+    entry.update(fields)
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            fd = os.open(self.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)  # one write on O_APPEND: lines never interleave
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.error("cannot append to audit log %s: %s", self.audit_log, exc)
+            os.write(fd, line)  # one write on O_APPEND: lines never interleave
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.error("cannot append to audit log %s: %s", path, exc)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from chatmaild.config import Config, read_config
 
 from .metrics import make_registry
-from .routes import account_creation, dns, health, metrics, new, probe, status
+from .routes import account_creation, accounts, dns, health, metrics, new, probe, queue, status
 from .runtime import Runtime
 from .settings import Settings
 
@@ -35,12 +35,13 @@ def create_app(settings: Settings, config: Config | None = None) -> FastAPI:
     app = FastAPI(
         title="chatmail relay control API",
         version="1",
-        description="Status, DNS, account creation, metrics and probes of one chatmail relay.",
+        description="Status, DNS, account creation, accounts, queue, metrics and probes of one "
+        "chatmail relay.",
         lifespan=lifespan,
     )
     app.state.runtime = runtime
     app.state.registry = make_registry(runtime)
-    for module in (health, status, dns, account_creation, metrics, probe, new):
+    for module in (health, status, dns, account_creation, accounts, queue, metrics, probe, new):
         app.include_router(module.router)
 
     @app.exception_handler(RequestValidationError)

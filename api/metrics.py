@@ -42,6 +42,28 @@ COUNTERS = {
         (),
     ),
     "logins_total": ("chatmail_logins", "Successful logins", ()),
+    # chatmail-logcounter: upstream's mtail counters, from the journal
+    "delivered_mail_total": (
+        "chatmail_delivered_mail",
+        "Messages delivered into a mailbox (Dovecot LMTP)",
+        (),
+    ),
+    "quota_exceeded_total": (
+        "chatmail_quota_exceeded",
+        "Deliveries refused because the mailbox is full",
+        (),
+    ),
+    "dkim_signed_total": ("chatmail_dkim_signed", "Outgoing messages DKIM-signed", ()),
+    "mailer_daemon_mail_total": (
+        "chatmail_mailer_daemon_mail",
+        "Incoming delivery reports (mailer-daemon) let through",
+        (),
+    ),
+    "postfix_noqueue_total": (
+        "chatmail_postfix_noqueue",
+        "SMTP commands Postfix refused before queueing (NOQUEUE)",
+        (),
+    ),
 }
 
 

@@ -109,3 +109,61 @@ class NewCredentials(_Model):
     email: str
     password: str
     dclogin_url: str | None = None
+
+
+class AccountBlockEntry(_Model):
+    reason: str
+    by: str
+    since: datetime
+    deleted: bool = Field(description="The mailbox was deleted; the address stays blocked")
+
+
+class AccountSummary(_Model):
+    address: str
+    last_login: datetime | None
+    storage_bytes: int
+    messages: int
+    blocked: bool
+
+
+class AccountPage(_Model):
+    accounts: list[AccountSummary]
+    total: int = Field(description="Accounts matching the filter")
+    offset: int
+    limit: int
+    indexed_at: datetime | None = Field(
+        None, description="When the account list was last scanned (blocks are live)"
+    )
+
+
+class AccountDetail(_Model):
+    address: str
+    exists: bool = Field(description="The mailbox exists (false: deleted, still blocked)")
+    created: datetime | None
+    last_login: datetime | None
+    storage_bytes: int
+    quota_bytes: int
+    messages: int
+    enforce_e2ee: bool = Field(description="Incoming cleartext is refused")
+    push_token: bool = Field(description="A device registered a push notification token")
+    blocked: AccountBlockEntry | None
+
+
+class AccountAction(_Model):
+    reason: str = Field("", max_length=500)
+
+
+class QueueMessage(_Model):
+    id: str
+    age_s: int
+    size: int | None = Field(description="Bytes; null where the MTA does not list it")
+    recipient_domains: list[str]
+    last_error: str | None
+
+
+class QueueListing(_Model):
+    messages: list[QueueMessage]
+
+
+class Done(_Model):
+    changed: bool

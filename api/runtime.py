@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from chatmaild.accountstats import AccountStats, read_stats, scan_mailboxes
+from chatmaild.blocklist import Blocklist
 from chatmaild.config import Config
 
 from .accountcreation import AccountCreationControl, CreationState
+from .adminctl import IndexCache
 from .checks import Checker, CheckResult, CheckStateStore, Facts, overall
 from .dnscheck import check_dns
 from .models import Check, DnsReport, ProbeResult, Status
@@ -20,6 +22,9 @@ from .probe import run_probe
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How often the first scheduled probe asks whether the services it needs are active.
+SERVICES_POLL_S = 2.0
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Runtime:
         self.creation = AccountCreationControl(config, settings.audit_log_path)
         self.checker = Checker(settings, config, self.creation, self.creation_state)
         self.check_states = CheckStateStore(settings.check_state_path)
+        self.account_index = IndexCache(settings.account_index_file)
+        self.blocklist = Blocklist(config.blocklist_file)
         self.rate_limiter = RateLimiter(settings.new_account.rate_per_s, settings.new_account.burst)
         self.last_status: StatusSnapshot | None = None
         self.account_stats: AccountStats | None = None
@@ -168,12 +175,57 @@ class Runtime:
         )
         return self.account_stats
 
-    async def run_probe(self) -> ProbeResult:
+    async def run_probe(self, publish: bool = True) -> ProbeResult:
+        """Probe now; ``publish=False`` keeps the result out of /status and /metrics."""
         async with self._probe_lock:
             result = await run_probe(self.settings, self.config)
-        self.checker.probe_result = result
-        self.invalidate_status()
+        if publish:
+            self.checker.probe_result = result
+            self.invalidate_status()
         return result
+
+    async def services_active(self) -> bool:
+        """Whether every service the checks watch (the probe's path) is active."""
+        results = await self.checker.check_services()
+        return all(r.state == "ok" for r in results)
+
+    async def _wait_for_services(self, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while not await self.services_active():
+            if time.monotonic() >= deadline:
+                log.warning("probing although not every service is active after %.0f s", limit)
+                return
+            await asyncio.sleep(SERVICES_POLL_S)
+
+    async def _probe_schedule(self) -> None:
+        """The scheduled probe: after the services are up, every ``interval_s``; a failure
+        is retried after ``retry_s``, doubling up to the interval, and is published only
+        when the retry fails too, so one hiccup (a daemon still starting during an apply)
+        never turns /health down."""
+        probe = self.settings.probe
+        await self._wait_for_services(probe.interval_s)
+        retry = probe.retry_s
+        failed_before = False
+        while True:
+            try:
+                result = await self.run_probe(publish=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background probe failed")
+                result = None
+            if result is not None and (result.ok or failed_before):
+                self.checker.probe_result = result
+                self.invalidate_status()
+            if result is not None and result.ok:
+                failed_before, retry = False, probe.retry_s
+                await asyncio.sleep(probe.interval_s)
+                continue
+            if result is not None:
+                log.warning("probe failed, retrying in %.0f s: %s", retry, result.detail)
+            failed_before = True
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, probe.interval_s)
 
     async def check_dns(self) -> DnsReport:
         report = await check_dns(self.settings, self.config)
@@ -187,7 +239,7 @@ class Runtime:
             self._every(s.account_scan_interval_s, self.scan_accounts, "account scan")
         self._every(s.reopen_interval_s, self._reopen, "account creation re-open")
         if s.probe.enabled and s.probe.interval_s > 0:
-            self._every(s.probe.interval_s, self.run_probe, "probe", delay=30.0)
+            self._tasks.append(asyncio.create_task(self._probe_schedule(), name="probe"))
         if s.dns.check_interval_s > 0:
             self._every(s.dns.check_interval_s, self.check_dns, "dns check", delay=10.0)
 

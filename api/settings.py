@@ -84,6 +84,8 @@ class ProbeSettings(_Strict):
     verify_tls: bool = False
     timeout_s: float = Field(30.0, gt=0)
     interval_s: float = Field(ge=0)
+    #: First retry of a failed scheduled probe; doubled per failure up to interval_s.
+    retry_s: float = Field(30.0, gt=0)
 
 
 class NewAccountSettings(_Strict):
@@ -146,6 +148,13 @@ class Settings(_Strict):
     #: Read the counts from this file (written by ``chatmail-accountstats`` as the mailbox
     #: owner) instead of walking mailboxes the API user cannot read; None: walk them.
     account_stats_file: Path | None
+    #: The account list chatmail-accountstats writes (GET /accounts); None: no listing.
+    account_index_file: Path | None = None
+    #: Sockets of chatmail-adminctl (accounts: as vmail; queue: as root); None: the
+    #: routes needing them answer 503.
+    accounts_socket: Path | None = None
+    queue_socket: Path | None = None
+    admin_timeout_s: float = Field(30.0, gt=0)
     #: How often an expired ``until`` re-opens account creation without a request.
     reopen_interval_s: float = Field(30.0, gt=0)
     dns: DnsSettings

@@ -9,6 +9,7 @@ A new account is refused (``registration rejected: <reason> (...)`` in the log, 
 ``registrations_rejected_total{reason}``) when, checked in this order:
 
 - ``nocreate``: ``config.nocreate_file`` exists;
+- ``blocked``: the address is in the block list (a deleted or blocked account);
 - ``domain``: the address is not ``<localpart>@<config.address_domain>``;
 - ``username_invalid``: the address is unusable as a directory name (``/``, ``..``,
   NUL, no ``@``), or the localpart is shorter than ``username_min_length``, longer than
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import filelock
 
+from .blocklist import read_entries
 from .config import Config
 from .counters import Counters
 from .syslimits import SystemReadings, exceeded_limit, read_system
@@ -83,6 +85,7 @@ RESERVED_LOCALPARTS = frozenset(
 
 REJECTION_REASONS = (
     "nocreate",
+    "blocked",
     "password_short",
     "username_invalid",
     "domain",
@@ -108,6 +111,8 @@ def check_creation(
     """
     if config.nocreate_file.exists():
         return Refusal("nocreate", f"{config.nocreate_file} exists")
+    if addr in read_entries(config.blocklist_file):
+        return Refusal("blocked", "address is in the block list")
     user = _user_or_refusal(config, addr)
     if isinstance(user, Refusal):
         return user

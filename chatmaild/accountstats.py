@@ -45,7 +45,20 @@ class AccountStats:
     duration_s: float = 0.0
 
 
-def _walk_sizes(path: str, in_maildir_leaf: bool, storage: dict[str, int]) -> None:
+@dataclass
+class Usage:
+    """One mailbox: message files (in Maildir cur/new/tmp) and everything else."""
+
+    messages: int = 0
+    message_bytes: int = 0
+    extra_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.message_bytes + self.extra_bytes
+
+
+def _walk(path: str, in_maildir_leaf: bool, usage: Usage) -> None:
     try:
         entries = list(os.scandir(path))
     except OSError:
@@ -53,12 +66,22 @@ def _walk_sizes(path: str, in_maildir_leaf: bool, storage: dict[str, int]) -> No
     for entry in entries:
         try:
             if entry.is_dir(follow_symlinks=False):
-                _walk_sizes(entry.path, entry.name in MAILDIR_LEAVES, storage)
+                _walk(entry.path, entry.name in MAILDIR_LEAVES, usage)
             elif entry.is_file(follow_symlinks=False):
-                kind = "messages" if in_maildir_leaf else "extra"
-                storage[kind] += entry.stat(follow_symlinks=False).st_size
+                size = entry.stat(follow_symlinks=False).st_size
+                if in_maildir_leaf:
+                    usage.messages += 1
+                    usage.message_bytes += size
+                else:
+                    usage.extra_bytes += size
         except OSError:
             continue
+
+
+def mailbox_usage(maildir: str) -> Usage:
+    usage = Usage()
+    _walk(maildir, False, usage)
+    return usage
 
 
 def password_file_usable(path: str) -> bool | None:
@@ -73,8 +96,11 @@ def password_file_usable(path: str) -> bool | None:
     return is_stored_hash(raw.decode("ascii", errors="replace").strip())
 
 
-def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
-    """Count accounts (directories with ``@``), recent logins and bytes stored."""
+def scan_mailboxes(
+    mailboxes: Path, now: float | None = None, index: list | None = None
+) -> AccountStats:
+    """Count accounts (directories with ``@``), recent logins and bytes stored; with
+    ``index``, append one ``[address, last_login, bytes, messages]`` row per account."""
     now = time.time() if now is None else now
     started = time.monotonic()
     stats = AccountStats()
@@ -100,7 +126,12 @@ def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
             for days in ACTIVE_DAYS:
                 if age_days <= days:
                     stats.active[days] += 1
-        _walk_sizes(entry.path, False, stats.storage)
+        usage = mailbox_usage(entry.path)
+        stats.storage["messages"] += usage.message_bytes
+        stats.storage["extra"] += usage.extra_bytes
+        if index is not None:
+            login = int(last_login) if last_login is not None else None
+            index.append([entry.name, login, usage.total_bytes, usage.messages])
     stats.storage["total"] = stats.storage["messages"] + stats.storage["extra"]
     stats.unusable_password_examples.sort()
     stats.scanned_at = now
@@ -110,6 +141,13 @@ def scan_mailboxes(mailboxes: Path, now: float | None = None) -> AccountStats:
 
 def write_stats(stats: AccountStats, path: Path) -> None:
     write_text_atomic(path, json.dumps(asdict(stats), sort_keys=True), mode=0o640)
+
+
+def write_index(rows: list, scanned_at: float, path: Path) -> None:
+    """The account list for ``GET /accounts``, sorted by address."""
+    rows.sort(key=lambda row: row[0])
+    body = {"scanned_at": scanned_at, "accounts": rows}
+    write_text_atomic(path, json.dumps(body, separators=(",", ":")), mode=0o640)
 
 
 def read_stats(path: Path) -> AccountStats | None:
@@ -142,13 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("ini", nargs="?", default=str(DEFAULT_INI_PATH), help="chatmail.ini")
     parser.add_argument("out", type=Path, help="the stats file the control API reads")
+    parser.add_argument("--index", type=Path, help="also write the account list here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = config_for_main(args.ini)
     if config is None:
         return EXIT_CONFIG
-    stats = scan_mailboxes(config.mailboxes_path)
+    index: list | None = [] if args.index else None
+    stats = scan_mailboxes(config.mailboxes_path, index=index)
     write_stats(stats, args.out)
+    if args.index and index is not None:
+        write_index(index, stats.scanned_at, args.index)
     log.info("%d accounts, %d bytes", stats.accounts["all"], stats.storage["total"])
     if stats.unusable_password_files:
         log.error(

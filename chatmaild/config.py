@@ -97,6 +97,8 @@ class Config(BaseModel):
     dns_resolver: str = ""
     push_notification_url: str = "https://notifications.delta.chat/notify"
     counters_dir: Path = Path("/var/lib/chatmail/counters")
+    #: Blocked and deleted addresses (chatmaild.blocklist); written by chatmail-adminctl.
+    blocklist_file: Path = Path("/var/lib/chatmail/blocklist/blocked.json")
     # OpenSMTPD's submission filter: a client address with this many failed SMTP logins
     # within the window (seconds) gets "421" for its next AUTH until they age out.
     smtpd_auth_failures_max: int = Field(10, ge=1)

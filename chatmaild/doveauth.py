@@ -30,6 +30,7 @@ from contextlib import closing
 from pathlib import Path
 
 from .accounts import get_or_create
+from .blocklist import Blocklist, BlocklistError
 from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .dictproxy import DictProxy, LookupFailed, ProtocolError
@@ -128,6 +129,7 @@ class AuthDictProxy(DictProxy):
         self._domain_suffix = "@" + config.address_domain
         self._mailboxes = os.fspath(config.mailboxes_path)
         self._replies: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self.blocklist = Blocklist(config.blocklist_file)
 
     def lookup(self, key: str, user: str) -> str | None:
         try:
@@ -143,6 +145,8 @@ class AuthDictProxy(DictProxy):
                 password, addr = parse_passdb_key(key[len(PASSDB_PREFIX) :])
             except ProtocolError as exc:
                 log.warning("malformed passdb lookup: %s", exc)
+                return None
+            if self._blocked(addr):
                 return None
             cached = self._cached_reply(addr)
             if cached is not None:
@@ -164,6 +168,17 @@ class AuthDictProxy(DictProxy):
             return None if password_hash is None else self._remember(addr, password_hash)
         log.warning("unknown lookup key %r", key)
         return None
+
+    def _blocked(self, addr: str) -> bool:
+        """A blocked or deleted address logs in nowhere; an unreadable list fails closed."""
+        try:
+            if self.blocklist.entry(addr) is None:
+                return False
+        except BlocklistError as exc:
+            log.error("%s: failing logins until it is repaired", exc)
+            raise LookupFailed("unreadable block list") from exc
+        log.info("login refused: %s is blocked", addr)
+        return True
 
     def loggable_key(self, key: str) -> str:
         """A passdb key without its plaintext password (the address follows the last ``"``)."""

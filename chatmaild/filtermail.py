@@ -241,6 +241,9 @@ class FilterHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        refusal = self.policy.check_recipient(address)
+        if refusal is not None:
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.recipients.append(Recipient(address, dict(server.extra_params)))
         return "250 OK"

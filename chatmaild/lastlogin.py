@@ -9,7 +9,8 @@ Dovecot's ``last_login`` plugin writes through the dict protocol::
 
 Each login commits a transaction setting ``shared/last-login/<addr>`` to a unix
 timestamp; the day lands as the mtime of the account's ``password`` file, which is what
-``chatmail-expire`` reads to delete inactive accounts.
+``chatmail-expire`` reads to delete inactive accounts. Each one counts as a login in
+``logins_total`` (the API's ``chatmail_logins_total``).
 
 Usage: ``lastlogin SOCKET INI``.
 """
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import EXIT_CONFIG, Config, config_for_main
+from .counters import Counters
 from .dictproxy import DictProxy
 from .user import InvalidAddress, User
 
@@ -40,8 +42,9 @@ def parse_last_login(key: str, value: str) -> tuple[str, int]:
 
 
 class LastLoginDictProxy(DictProxy):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, counters: Counters | None = None):
         self.config = config
+        self.counters = counters
 
     def set(self, user: str, key: str, value: str) -> bool:
         try:
@@ -51,6 +54,8 @@ class LastLoginDictProxy(DictProxy):
             log.warning("ignoring last-login write: %s", exc)
             return False
         account.set_last_login_timestamp(timestamp)
+        if self.counters is not None:
+            self.counters.inc("logins_total")
         return True
 
 
@@ -63,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     config = config_for_main(argv[1])
     if config is None:
         return EXIT_CONFIG
-    LastLoginDictProxy(config).serve_forever(Path(argv[0]))
+    counters = Counters(config.counters_dir, "lastlogin")
+    try:
+        LastLoginDictProxy(config, counters).serve_forever(Path(argv[0]))
+    finally:
+        counters.flush()
     return 0
 
 

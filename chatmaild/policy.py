@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .blocklist import Blocklist, BlocklistError
 from .config import Config
 from .counters import Counters
 from .dkimverify import DKIMVerifier, TxtLookup
@@ -180,6 +181,20 @@ class MessagePolicy:
             config.max_user_send_per_minute, config.max_user_send_burst_size
         )
         self.dkim = None if skip_dkim else DKIMVerifier(TxtLookup(config.dns_resolver))
+        self.blocklist = Blocklist(config.blocklist_file)
+
+    def check_recipient(self, address: str) -> str | None:
+        """The reply refusing RCPT TO ``address`` (a blocked or deleted account), or None."""
+        address = address.strip().strip("<>")
+        try:
+            entry = self.blocklist.entry(address.lower())
+        except BlocklistError as exc:
+            log.error("%s: deferring mail until it is repaired", exc)
+            return "451 4.3.0 Temporary failure, try again later"
+        if entry is None:
+            return None
+        log.info("Rejected mail to a blocked account: %s", address)
+        return f"550 5.2.1 <{address}>: mailbox disabled by the relay's operator"
 
     def check_sender(self, address: str) -> str | None:
         """The reply refusing envelope sender ``address`` (outgoing: rate limit), or None."""

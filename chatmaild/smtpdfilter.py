@@ -244,6 +244,9 @@ class SmtpdFilter:
         elif phase == "mail-from":
             reply = self.policy.check_sender(request.params)
             self.write(format_result(request.session, request.token, reply))
+        elif phase == "rcpt-to":
+            reply = self.policy.check_recipient(request.params)
+            self.write(format_result(request.session, request.token, reply))
         elif phase == "connect" and self.outgoing:
             # "<rdns>|<address>": refused here, a client sends no credentials at all
             session.client = client_key(request.params.rpartition("|")[2])

@@ -19,8 +19,8 @@ REPORTS = ("link-auth", "link-disconnect", "tx-begin", "tx-mail", "tx-rcpt", "tx
 # outgoing also learns each session's client address, for failed-login throttling
 OUTGOING_REPORTS = ("link-connect", *REPORTS)
 FILTERS = {
-    "incoming": ("data-line", "commit"),
-    "outgoing": ("connect", "auth", "mail-from", "data-line", "commit"),
+    "incoming": ("rcpt-to", "data-line", "commit"),
+    "outgoing": ("connect", "auth", "mail-from", "rcpt-to", "data-line", "commit"),
 }
 # Data lines given back to smtpd are built in chunks of about this many bytes.
 OUTPUT_CHUNK = 1 << 16

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .accounts import authenticate_or_create, strip_scheme
+from .blocklist import Blocklist
 from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .smtpdproto import ConfigEntry, parse_config_line
@@ -150,6 +151,7 @@ class ChatmailTable:
         self.services = tuple(services)
         self.counters = counters
         self.smtpd_config: dict[str, str] = {}
+        self.blocklist = Blocklist(config.blocklist_file)
 
     # -- answers ----------------------------------------------------------------------
 
@@ -184,6 +186,8 @@ class ChatmailTable:
             return f"error|service {query.service!r} not registered"
         if query.op == "fetch":
             return f"error|fetch is not supported for {query.service}"
+        if query.service in ("auth", "credentials") and self._blocked(query.key or ""):
+            return "not-found"
         if query.service == "auth":
             if query.op != "check":
                 return "error|auth supports check only"
@@ -210,6 +214,14 @@ class ChatmailTable:
         # Like Dovecot's default auth_username_format (%Lu): Alice@ and alice@ are one account.
         result = authenticate_or_create(self.config, addr.lower(), password, self.counters)
         return result.ok
+
+    def _blocked(self, key: str) -> bool:
+        """Logins of blocked and deleted addresses are refused (BlocklistError: error|)."""
+        addr = key.partition(":")[0].lower()
+        if self.blocklist.entry(addr) is None:
+            return False
+        log.info("login refused: %s is blocked", addr)
+        return True
 
     def _existing_hash(self, addr: str) -> str | None:
         if not addr.endswith("@" + self.config.address_domain):

@@ -30,6 +30,7 @@ def make_config(tmp_path: Path):
             "mailboxes_dir": tmp_path / "mailboxes",
             "counters_dir": tmp_path / "counters",
             "nocreate_file": tmp_path / "chatmail-nocreate",
+            "blocklist_file": tmp_path / "blocked.json",
             "passdb_path": tmp_path / "passdb.sqlite",
         }
         params.update(overrides)

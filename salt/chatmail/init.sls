@@ -21,3 +21,6 @@ include:
   - chatmail.www
   - chatmail.logging
   - chatmail.limits
+{%- if chatmail.api.enabled %}
+  - chatmail.selfcheck
+{%- endif %}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import threading
 from pathlib import Path
+
+from chatmaild import adminctl
 
 MONITOR_TOKEN = "monitor-token-0123456789"
 ADMIN_TOKEN = "admin-token-0123456789ab"
@@ -55,3 +58,22 @@ def free_port() -> int:
 def checks_by_id(status: dict) -> dict:
     """The checks of a /status body, by check id."""
     return {c["id"]: c for c in status["checks"]}
+
+
+def serve_adminctl(config, path: Path, scope: str = "accounts") -> socket.socket:
+    """A stand-in for systemd's Accept=yes socket: each connection is served once."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(16)
+
+    def loop():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
+                adminctl.serve_one(config, scope, "postfix", rfile, wfile)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server

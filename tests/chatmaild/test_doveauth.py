@@ -662,6 +662,7 @@ def test_dovecot_dict_client_carries_control_characters(doveauth_process, passwo
 def test_accounts_module_exports_reasons():
     assert set(accounts.REJECTION_REASONS) == {
         "nocreate",
+        "blocked",
         "password_short",
         "username_invalid",
         "domain",

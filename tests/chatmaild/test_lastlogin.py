@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chatmaild.counters import Counters, read_counters
 from chatmaild.dictproxy import DictClient
 from chatmaild.lastlogin import LastLoginDictProxy, parse_last_login
 from chatmaild.user import User
@@ -150,3 +151,18 @@ def test_console_script(example_config, account, tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
     assert account.get_last_login_timestamp() == 86400
+
+
+def test_every_login_is_counted(example_config, account, tmp_path, serve_dict):
+    """chatmail_logins_total: the API sums the counters file this writes."""
+    counters = Counters(example_config.counters_dir, "lastlogin")
+    proxy = LastLoginDictProxy(example_config, counters)
+    socket_path = serve_dict(proxy, tmp_path / "counted.socket")
+    with DictClient(socket_path) as client:
+        for timestamp in (100000, 100001, 200000):
+            assert client.set_values({f"shared/last-login/{account.addr}": str(timestamp)})
+        assert client.set_values({"shared/last-login/no-at-sign": "1"}) is False
+    assert counters.value("logins_total") == 3
+    counters.flush()
+    totals = read_counters(example_config.counters_dir)
+    assert totals["logins_total"] == {(): 3}

@@ -311,6 +311,7 @@ def test_registrations():
         "register|report|smtp-in|tx-mail",
         "register|report|smtp-in|tx-rcpt",
         "register|report|smtp-in|tx-reset",
+        "register|filter|smtp-in|rcpt-to",
         "register|filter|smtp-in|data-line",
         "register|filter|smtp-in|commit",
         "register|ready",

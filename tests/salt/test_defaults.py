@@ -34,6 +34,7 @@ DERIVED = {
     "mailboxes_dir",
     "nocreate_file",
     "counters_dir",
+    "blocklist_file",
 }
 
 

@@ -32,6 +32,7 @@ import contextlib
 import email
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import smtplib
@@ -642,3 +643,24 @@ def test_failed_logins_are_throttled(relay):
     log = relay["smtpd_log"].read_text()
     assert f"refusing connection from {attacker}: too many failed logins" in log
     assert PASSWORD not in log and base64.b64encode(PASSWORD.encode()).decode() not in log
+
+
+def test_blocked_account_is_refused_by_smtpd(relay):
+    """A blocked address (the block list chatmail-adminctl writes): its SMTP login is
+    refused by the table and mail to it by the filter's rcpt-to phase, with 5.2.1."""
+    addr = new_address("blocked")
+    create_account(relay, addr)
+    blocklist = relay["root"] / "var/lib/chatmail/blocklist/blocked.json"
+    blocklist.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"reason": "test", "by": "t", "since": 0, "deleted": False}
+    blocklist.write_text(json.dumps({addr: entry}))
+    try:
+        with submission(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login(addr, PASSWORD)
+        with port25(relay) as client, pytest.raises(smtplib.SMTPRecipientsRefused) as err:
+            client.sendmail(f"carol@{REMOTE}", [addr], remote_mail(relay, "encrypted", addr))
+        code, text = err.value.recipients[addr]
+        assert code == 550 and b"5.2.1" in text and b"disabled" in text, (code, text)
+    finally:
+        blocklist.unlink()
+    login(relay, addr).quit()

@@ -4,6 +4,8 @@
     account-creation.sls  /etc/chatmail-nocreate as a link the API may switch
     stats.sls             account counts and storage, a scheduled job as vmail
     queue.sls             OpenSMTPD's queue listing, a scheduled job as root
+    adminctl.sls          the block list and chatmail-adminctl, the privileged half of
+                          /accounts (as vmail) and /queue (as root), socket-activated
     daemon.sls            the API's unit (or rc.d script) and service
     The API runs as chatmail.users.api in a sandbox (ProtectSystem=strict, no
     capabilities) and never reads mailboxes. #}
@@ -16,5 +18,8 @@ include:
   - chatmail.api.stats
 {%- if chatmail.mta == "opensmtpd" %}
   - chatmail.api.queue
+{%- endif %}
+{%- if chatmail.init == "systemd" %}
+  - chatmail.api.adminctl
 {%- endif %}
   - chatmail.api.daemon

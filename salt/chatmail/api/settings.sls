@@ -2,7 +2,7 @@
     checks), rendered from the map; and the public half of the DKIM key for GET /dns
     (the key directory is the signer's only). #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
-{%- from "chatmail/api/common.jinja" import systemd, smtpd_queue, queue_snapshot, stats_file with context %}
+{%- from "chatmail/api/common.jinja" import systemd, smtpd_queue, queue_snapshot, stats_file, index_file, accounts_socket, queue_socket with context %}
 {%- set api = chatmail.api %}
 {%- set paths = chatmail.paths %}
 {%- set separator = chatmail.init_files[chatmail.init].name_separator %}
@@ -41,6 +41,9 @@ include:
       "queue_command": ["postqueue", "-j"] if chatmail.mta == "postfix" else ["smtpctl", "show", "queue"],
       "queue_snapshot": queue_snapshot if smtpd_queue else none,
       "account_stats_file": stats_file,
+      "account_index_file": index_file,
+      "accounts_socket": accounts_socket,
+      "queue_socket": queue_socket,
       "account_scan_interval_s": 60,
       "dns": {"dkim_selector": chatmail.dkim.selector, "dkim_txt": api.dkim_public},
       "probe": {"enabled": true, "interval_s": api.probe_interval,

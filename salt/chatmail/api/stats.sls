@@ -3,7 +3,7 @@
     file in a vmail:<api group> 2750 directory. #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- from "chatmail/files/schedule.jinja" import scheduled_job with context %}
-{%- from "chatmail/api/common.jinja" import stats_file with context %}
+{%- from "chatmail/api/common.jinja" import stats_file, index_file with context %}
 {%- set api = chatmail.api %}
 
 include:
@@ -24,7 +24,7 @@ chatmail-api-stats-dir:
 {{ scheduled_job("chatmail-api-stats", {
      "unit": "chatmail-account-stats",
      "description": "chatmail account statistics for the control API's /metrics",
-     "command": chatmail.paths.venv ~ "/bin/chatmail-accountstats " ~ chatmail.paths.ini ~ " " ~ stats_file,
+     "command": chatmail.paths.venv ~ "/bin/chatmail-accountstats " ~ chatmail.paths.ini ~ " " ~ stats_file ~ " --index " ~ index_file,
      "user": chatmail.users.vmail,
      "every": api.stats_interval,
      "source": "salt://chatmail/chatmaild/files/daemon.service.jinja",

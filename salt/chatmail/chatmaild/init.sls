@@ -156,6 +156,11 @@ chatmail-chatmaild-version:
         "exec_start": bin ~ "filtermail " ~ ini ~ " outgoing",
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "yes",
         "wants_network": false},
+      "chatmail-logcounter": {
+        "description": "chatmail logcounter: upstream's mtail counters from the journal",
+        "exec_start": bin ~ "chatmail-logcounter " ~ ini,
+        "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "yes",
+        "supplementary_groups": ["systemd-journal"], "wants_network": false},
       "filtermail-incoming": {
         "description": "chatmail filtermail (incoming): DKIM alignment and encryption",
         "exec_start": bin ~ "filtermail " ~ ini ~ " incoming",
