@@ -1,8 +1,12 @@
 """``chatmail-logcounter``: what upstream's mtail counted from the journal, as counters
 the control API exports (``/metrics``) like every daemon's.
 
-It follows the journal (``journalctl -f -n 0 -o short-iso``) and counts lines by the same
-patterns upstream's ``delivered_mail.mtail`` used, so the numbers mean the same:
+Every few seconds it reads the journal entries since its last read (``journalctl
+--cursor-file``) and counts lines by the same patterns upstream's ``delivered_mail.mtail``
+used, so the numbers mean the same. Why a cursor and not ``journalctl --follow``: the
+cursor file (next to the counters) makes a restart count every line once, and ``--follow``
+never wakes up under ``ProtectControlGroups``/``ProtectKernelTunables`` in a container
+(seen in systemd-nspawn on cgroup v1: it prints nothing, while a plain read works).
 
 =========================  =====================================================
 counter                    log line
@@ -24,7 +28,9 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from .config import DEFAULT_INI_PATH, EXIT_CONFIG, config_for_main
 from .counters import Counters
@@ -38,7 +44,8 @@ PATTERNS = (
     ("mailer_daemon_mail_total", re.compile(r"Incoming: Filtering mailer-daemon message")),
     ("postfix_noqueue_total", re.compile(r"postfix/.*NOQUEUE")),
 )
-JOURNALCTL = ["journalctl", "--follow", "--lines=0", "--output=short-iso", "--no-pager"]
+JOURNALCTL = ["journalctl", "--output=short-iso", "--no-pager", "--quiet"]
+POLL_INTERVAL_S = 5.0
 #: Longer lines are cut: a hostile peer's text must not grow our memory.
 MAX_LINE = 16 * 1024
 
@@ -66,15 +73,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.stdin:
             count_lines(sys.stdin, counters)
             return 0
-        log.info("counting from %s", " ".join(JOURNALCTL))
-        with subprocess.Popen(
-            JOURNALCTL, stdout=subprocess.PIPE, text=True, errors="replace", bufsize=1
-        ) as journal:
-            count_lines(journal.stdout, counters)
-        log.error("journalctl exited with %s", journal.returncode)
-        return 1
+        cursor = Path(config.counters_dir) / "logcounter.cursor"
+        log.info("counting journal lines every %.0f s (cursor %s)", POLL_INTERVAL_S, cursor)
+        while True:
+            if not read_new_entries(cursor, counters):
+                return 1
+            time.sleep(POLL_INTERVAL_S)
     finally:
         counters.flush()
+
+
+def read_new_entries(cursor: Path, counters: Counters) -> bool:
+    """Count the entries after ``cursor`` (the first run starts at the journal's end)."""
+    since = [] if cursor.exists() else ["--lines=0"]
+    cmd = [*JOURNALCTL, f"--cursor-file={cursor}", *since]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, errors="replace") as journal:
+        count_lines(journal.stdout, counters)
+    if journal.returncode:
+        log.error("%s exited with %s", " ".join(cmd), journal.returncode)
+    return journal.returncode == 0
 
 
 if __name__ == "__main__":

@@ -34,3 +34,34 @@ def test_counts_upstreams_patterns(example_config, ini_path):
         "mailer_daemon_mail_total": 1,
         "postfix_noqueue_total": 2,
     }
+
+
+def test_reads_from_its_cursor_and_starts_at_the_end(tmp_path, monkeypatch):
+    """The first read starts at the journal's end; later reads continue from the cursor
+    that journalctl keeps, so a restart neither recounts nor skips lines."""
+    from chatmaild.counters import Counters
+    from chatmaild.logcounter import read_new_entries
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "journalctl"
+    fake.parent.mkdir()
+    # A stand-in for journalctl's --cursor-file contract: it prints what follows the cursor
+    # and writes the new cursor.
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'for a in "$@"; do case "$a" in --cursor-file=*) c="${a#--cursor-file=}";; esac; done\n'
+        'case " $* " in *" --lines=0 "*) ;; *) echo "h dovecot[1]: lmtp(a@b): saved mail to INBOX";; esac\n'
+        'echo "s=1" > "$c"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    counters = Counters(None, "logcounter")
+    cursor = tmp_path / "logcounter.cursor"
+    assert read_new_entries(cursor, counters)
+    assert counters.value("delivered_mail_total") == 0
+    assert read_new_entries(cursor, counters)
+    assert counters.value("delivered_mail_total") == 1
+    first, second = calls.read_text().splitlines()
+    assert "--lines=0" in first.split() and "--lines=0" not in second.split()
+    assert f"--cursor-file={cursor}" in second.split()
