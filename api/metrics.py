@@ -42,6 +42,16 @@ COUNTERS = {
         (),
     ),
     "logins_total": ("chatmail_logins", "Successful logins", ()),
+    "outbound_deliveries_total": (
+        "chatmail_outbound_deliveries",
+        "Deliveries to other relays by chatmail-mxtransport, by channel (https, smtp)",
+        ("channel", "result"),
+    ),
+    "mxdeliv_received_total": (
+        "chatmail_mxdeliv_received",
+        "POST /mxdeliv requests from other relays, by result",
+        ("result",),
+    ),
 }
 
 
