@@ -18,7 +18,7 @@ include:
 chatmail-mta-mailname:
   file.managed:
     - name: /etc/mailname
-    - contents: {{ chatmail.mail_domain | json }}
+    - contents: {{ chatmail.address_domain | json }}
     - require:
       - pkg: chatmail-packages
 
