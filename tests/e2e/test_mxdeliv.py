@@ -6,6 +6,7 @@ refuses with the same SMTP reply."""
 from __future__ import annotations
 
 import http.client
+import time
 
 import dkim
 import pytest
@@ -104,3 +105,63 @@ def test_port_25_refusals_are_https_refusals_and_the_listener_keeps_serving(rela
     status, _ = post(relay, signer(encrypted_mail(sender, [rcpt], msgid)), sender, [rcpt])
     assert status == 200
     relay.fetch_inbox_message(rcpt, password, msgid)
+
+
+def journal(relay, *match: str) -> str:
+    return relay.container.run(["journalctl", "--no-pager", "-o", "cat", *match]).stdout
+
+
+def wait_for_line(relay, needle: str, *match: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in journal(relay, *match).splitlines() if needle in line]
+        if lines:
+            return lines[-1]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {needle!r} in {match} after {timeout} s")
+        time.sleep(0.5)
+
+
+def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
+    relay, relay_pillar, platform
+):
+    """The HTTPS-first transport with the real Postfix: a _ peer domain that resolves to
+    this very relay, so its own nginx and /mxdeliv answer (refusing: the peer is not our
+    domain), then, with /mxdeliv gone, the SMTP channel (Postfix's smtp client, port 25)."""
+    if platform.mta != "postfix":
+        pytest.skip("OpenSMTPD sends over SMTP only")
+    container = relay.container
+    pillar = relay_pillar()
+    pillar["chatmail"]["daemons"] = {"mxtransport": True}
+    container.configure_salt(pillar)
+    try:
+        result = container.apply()
+        assert result.ok, result.summary()
+        assert "default_transport = mxtransport:inet:127.0.0.1:10083" in container.read_file(
+            "/etc/postfix/main.cf"
+        )
+        relay.local_data("_peer.test. 300 IN A 127.0.0.1")
+        addr, password = relay.new_account()
+        peer = "bob@_peer.test"
+        relay.send(465, addr, password, [peer], encrypted_mail(addr, [peer], message_id("x")))
+        # over HTTPS: the receiver's refusal is the reply Postfix bounces with
+        line = wait_for_line(relay, f"to=<{peer}>", "-u", "mxtransport")
+        assert "channel=https result=refused relay=_peer.test" in line, line
+        bounced = wait_for_line(relay, f"to=<{peer}>", "-t", "postfix/mxtransport")
+        assert "status=bounced" in bounced and "Relay access denied" in bounced, bounced
+        # without /mxdeliv (its listener stopped: nginx answers 502): the SMTP channel
+        container.run(["systemctl", "stop", "mxdeliv"])
+        peer2 = "carol@_peer.test"
+        relay.send(465, addr, password, [peer2], encrypted_mail(addr, [peer2], message_id("y")))
+        line = wait_for_line(relay, f"to=<{peer2}>", "-u", "mxtransport")
+        assert "channel=smtp result=accepted relay=_peer.test" in line, line
+        assert "https: HTTP 502" in line, line
+        # queued again for Postfix's smtp client, which tries port 25 of _peer.test
+        smtp = wait_for_line(relay, f"to=<{peer2}>", "-t", "postfix/smtp")
+        assert "relay=" in smtp, smtp
+    finally:
+        container.run(["systemctl", "start", "mxdeliv"], check=False)
+        container.configure_salt(relay_pillar())
+        result = container.apply()
+    assert result.ok, result.summary()
+    assert "default_transport" not in container.read_file("/etc/postfix/main.cf")
