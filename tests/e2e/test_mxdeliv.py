@@ -147,7 +147,7 @@ def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
         # over HTTPS: the receiver's refusal is the reply Postfix bounces with
         line = wait_for_line(relay, f"to=<{peer}>", "-u", "mxtransport")
         assert "channel=https result=refused relay=_peer.test" in line, line
-        bounced = wait_for_line(relay, f"to=<{peer}>", "-t", "postfix/mxtransport")
+        bounced = wait_for_line(relay, f"to=<{peer}>", "-t", "postfix/mxtransport/lmtp")
         assert "status=bounced" in bounced and "Relay access denied" in bounced, bounced
         # without /mxdeliv (its listener stopped: nginx answers 502): the SMTP channel
         container.run(["systemctl", "stop", "mxdeliv"])

@@ -104,7 +104,7 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
     sent = channel_lines(host, recipient.addr, since)
     assert any("channel=https result=accepted" in line for line in sent), sent
     # Postfix's own log names the channel too (the LMTP reply)
-    postfix = journal(host, since, "-t", "postfix/mxtransport")
+    postfix = journal(host, since, "-t", "postfix/mxtransport/lmtp")
     assert any(f"to=<{recipient.addr}>" in line and "channel=https" in line for line in postfix)
     received = journal(https_fleet.relay(destination), since, "-u", "mxdeliv")
     assert any(f"from=<{sender.addr}>" in line and "status=200" in line for line in received)
