@@ -359,3 +359,22 @@ def test_lmtp_server_answers_per_recipient(loop_thread, ip_relay, sink, make_con
         lmtp.quit()
     finally:
         loop_thread.run(_close(server, t))
+
+
+def test_parse_head_takes_upstreams_spellings():
+    """Header names are case-insensitive (upstream's filtermail writes X-MAIL-FROM); a proxy
+    may fold repeated X-Mail-To into one comma-separated line."""
+    head = (
+        b"POST /mxdeliv HTTP/1.1\r\nHost: relay.example\r\nX-MAIL-FROM: <a@b.example>\r\n"
+        b"X-MAIL-TO: x@relay.example\r\nx-mail-to: <y@relay.example>, z@relay.example\r\n"
+        b"Content-Length: 7"
+    )
+    delivery = mxdeliv.parse_head(head)
+    assert delivery == mxdeliv.Delivery(
+        "a@b.example", ["x@relay.example", "y@relay.example", "z@relay.example"], 7
+    )
+
+
+def test_empty_x_mail_from_is_the_null_sender():
+    head = b"POST /mxdeliv HTTP/1.1\r\nX-Mail-From: \r\nX-Mail-To: x@r.example\r\nContent-Length: 0"
+    assert mxdeliv.parse_head(head).mail_from == ""
