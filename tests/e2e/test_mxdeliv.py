@@ -111,14 +111,16 @@ def journal(relay, *match: str) -> str:
     return relay.container.run(["journalctl", "--no-pager", "-o", "cat", *match]).stdout
 
 
-def wait_for_line(relay, needle: str, *match: str, timeout: float = 60) -> str:
+def wait_for_line(relay, needles: tuple[str, ...], *match: str, timeout: float = 60) -> str:
+    """The last log line (``journalctl MATCH``) that holds every one of ``needles``."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = [line for line in journal(relay, *match).splitlines() if needle in line]
+        text = journal(relay, *match)
+        lines = [line for line in text.splitlines() if all(n in line for n in needles)]
         if lines:
             return lines[-1]
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no {needle!r} in {match} after {timeout} s")
+            raise TimeoutError(f"no {needles} in {match} after {timeout} s:\n{text[-3000:]}")
         time.sleep(0.5)
 
 
@@ -145,19 +147,19 @@ def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
         peer = "bob@_peer.test"
         relay.send(465, addr, password, [peer], encrypted_mail(addr, [peer], message_id("x")))
         # over HTTPS: the receiver's refusal is the reply Postfix bounces with
-        line = wait_for_line(relay, f"to=<{peer}>", "-u", "mxtransport")
+        line = wait_for_line(relay, (f"to=<{peer}>",), "-u", "mxtransport")
         assert "channel=https result=refused relay=_peer.test" in line, line
-        bounced = wait_for_line(relay, f"to=<{peer}>", "-t", "postfix/mxtransport/lmtp")
+        bounced = wait_for_line(relay, (f"to=<{peer}>",), "-t", "postfix/mxtransport/lmtp")
         assert "status=bounced" in bounced and "Relay access denied" in bounced, bounced
         # without /mxdeliv (its listener stopped: nginx answers 502): the SMTP channel
         container.run(["systemctl", "stop", "mxdeliv"])
         peer2 = "carol@_peer.test"
         relay.send(465, addr, password, [peer2], encrypted_mail(addr, [peer2], message_id("y")))
-        line = wait_for_line(relay, f"to=<{peer2}>", "-u", "mxtransport")
+        line = wait_for_line(relay, (f"to=<{peer2}>", "channel=smtp"), "-u", "mxtransport")
         assert "channel=smtp result=accepted relay=_peer.test" in line, line
         assert "https: HTTP 502" in line, line
         # queued again for Postfix's smtp client, which tries port 25 of _peer.test
-        smtp = wait_for_line(relay, f"to=<{peer2}>", "-t", "postfix/smtp")
+        smtp = wait_for_line(relay, (f"to=<{peer2}>", "status="), "-t", "postfix/smtp")
         assert "relay=" in smtp, smtp
     finally:
         container.run(["systemctl", "start", "mxdeliv"], check=False)
