@@ -140,7 +140,10 @@ class Transport:
     async def post(self, host: str, domain: str, mail_from: str, rcpts: list[str], data) -> Outcome:
         verify = needs_verified_tls(domain)
         context = self.verified if verify else self.unverified
-        head = request_head(host, mail_from, rcpts, len(data))
+        try:
+            head = request_head(host, mail_from, rcpts, len(data))
+        except ValueError as exc:  # never an HTTP header: SMTP takes such addresses
+            return Outcome("failed", str(exc))
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(

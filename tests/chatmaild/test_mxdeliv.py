@@ -378,3 +378,11 @@ def test_parse_head_takes_upstreams_spellings():
 def test_empty_x_mail_from_is_the_null_sender():
     head = b"POST /mxdeliv HTTP/1.1\r\nX-Mail-From: \r\nX-Mail-To: x@r.example\r\nContent-Length: 0"
     assert mxdeliv.parse_head(head).mail_from == ""
+
+
+def test_an_address_unfit_for_a_header_goes_over_smtp(loop_thread, transport, smtp_channel):
+    t = transport(free_port())
+    odd = '"a b"@[127.0.0.1]'  # a quoted local part with a space
+    [reply] = loop_thread.run(t.deliver(SENDER, [odd], encrypted_mail(SENDER, BOB_IP)))
+    assert reply.startswith("250 2.0.0 Ok: channel=smtp")
+    assert smtp_channel.received[0].rcpt_tos == [odd]
