@@ -54,8 +54,12 @@ def port_blocked(host, address: str, port: int = 25):
     """``host`` cannot open TCP connections to ``address:port`` (a rule in its namespace)."""
     netns = ["nsenter", "-t", str(host.init_pid), "-n", "nft"]
     rules = (
-        f"table ip {NFT_TABLE} {{ chain output {{ type filter hook output priority 0;"
-        f" ip daddr {address} tcp dport {port} reject with tcp reset; }} }}\n"
+        f"table ip {NFT_TABLE} {{\n"
+        "    chain output {\n"
+        "        type filter hook output priority 0; policy accept;\n"
+        f"        ip daddr {address} tcp dport {port} reject with tcp reset\n"
+        "    }\n"
+        "}\n"
     )
     subprocess.run([*netns, "-f", "-"], input=rules, text=True, check=True)
     try:
