@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import statistics
 import subprocess
 import time
 from contextlib import contextmanager
@@ -214,3 +215,27 @@ def test_refusals_over_https_carry_the_smtp_reply(https_fleet, users, destinatio
         https_fleet.relay(destination).read_file("/var/lib/chatmail/counters/mxdeliv.json")
     )
     assert counters["mxdeliv_received_total"], counters
+
+
+def test_latency_https_vs_smtp(https_fleet, users):
+    """Median relay1 -> relay2 delivery time (submission to IMAP) over each channel, same run."""
+    sender, recipient = users["relay1"], users["relay2"]
+
+    def deliver() -> float:
+        msgid = message_id(sender.relay.domain)
+        started = time.monotonic()
+        sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+        recipient.wait_for(msgid)
+        return time.monotonic() - started
+
+    samples = 5
+    https = [deliver() for _ in range(samples)]
+    with mxdeliv_location_removed(https_fleet.relay("relay2")):
+        deliver()  # the first one finds /mxdeliv gone; the rest go straight to SMTP
+        smtp = [deliver() for _ in range(samples)]
+    median_https, median_smtp = statistics.median(https), statistics.median(smtp)
+    print(
+        f"\nrelay1 -> relay2, median of {samples}: HTTPS {median_https:.2f} s,"
+        f" SMTP {median_smtp:.2f} s, ratio HTTPS/SMTP {median_https / median_smtp:.2f}"
+    )
+    assert median_https < 30 and median_smtp < 30
