@@ -131,6 +131,8 @@ chatmail-mta-service:
 chatmail-mta-reload:
   cmd.run:
     - name: postfix reload
+    # right after a restart (master.cf changed too) the master may not be up yet
+    - retry: {attempts: 5, interval: 2}
     - onchanges:
       - file: chatmail-mta-main-cf
       - file: chatmail-mta-login-map
