@@ -64,6 +64,16 @@ COUNTERS = {
         "SMTP commands Postfix refused before queueing (NOQUEUE)",
         (),
     ),
+    "outbound_deliveries_total": (
+        "chatmail_outbound_deliveries",
+        "Deliveries to other relays by chatmail-mxtransport, by channel (https, smtp)",
+        ("channel", "result"),
+    ),
+    "mxdeliv_received_total": (
+        "chatmail_mxdeliv_received",
+        "POST /mxdeliv requests from other relays, by result",
+        ("result",),
+    ),
 }
 
 

@@ -85,6 +85,11 @@ class Config(BaseModel):
     filtermail_lmtp_port_transport: int = Field(10083, gt=0, lt=65536)
     postfix_reinject_port: int = Field(10025, gt=0, lt=65536)
     postfix_reinject_port_incoming: int = Field(10026, gt=0, lt=65536)
+    # Keys of ours for relay-to-relay HTTPS delivery (chatmaild.mxtransport): Postfix's
+    # loopback listener that queues mail for its SMTP client (the fallback channel), and
+    # how long an MX host that failed over HTTPS is left alone (upstream: 30 minutes).
+    postfix_reinject_port_smtp: int = Field(10027, gt=0, lt=65536)
+    mxdeliv_retry_after: int = Field(1800, ge=0)
     turn_socket_path: Path = Path("/run/chatmail-turn/turn.socket")
     mailboxes_dir: Path | None = None
     passdb_path: Path = Path("/home/vmail/passdb.sqlite")

@@ -128,8 +128,16 @@ def test_smtpd_conf_policy(rendered):
     assert 'filter "chatmail-in"' in inbound
     assert all('filter "submission"' in line for line in submission)
     assert 'filter "submission" chain { "chatmail-out", "dkimsign" }' in conf
-    assert set(by_tag) == {"inbound", "submission", "own"}
+    mxdeliv = m["daemons"]["mxdeliv"]
+    assert set(by_tag) == {"inbound", "submission", "own"} | ({"mxdeliv"} if mxdeliv else set())
     assert f"port {s['postfix_reinject_port']}" not in conf
+    if mxdeliv:
+        # POST /mxdeliv reinjects on loopback through the port-25 filter, our domain only
+        assert by_tag["mxdeliv"] == (
+            f"listen on 127.0.0.1 port {s['postfix_reinject_port_incoming']}"
+            ' filter "chatmail-in" tag "mxdeliv"'
+        )
+        assert f'match from local tag "mxdeliv" for domain "{d}" action "local"' in conf
     assert 'listen on socket filter "dkimsign"' in conf
     venv, ini, u = m["paths"]["venv"], m["paths"]["ini"], m["users"]
     for name, mode in (("chatmail-in", "incoming"), ("chatmail-out", "outgoing")):

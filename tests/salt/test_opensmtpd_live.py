@@ -243,7 +243,9 @@ def start_relay(
     root: Path, work: Path, render, sink: LmtpSink, procs: list, dns_resolver: str
 ) -> dict:
     names = ["smtp", "submission", "submissions"]
-    ports = dict(zip(names, free_ports(len(names))))
+    # and the loopback listener POST /mxdeliv reinjects into, ephemeral like the others
+    *listeners, mxdeliv_reinject = free_ports(len(names) + 1)
+    ports = dict(zip(names, listeners))
 
     chroot(root, "useradd", "--system", "--home-dir", "/home/vmail", "--create-home", "vmail")
     mailboxes = f"/home/vmail/mail/{DOMAIN}"
@@ -270,6 +272,7 @@ def start_relay(
             "ipv6": False,
             "tls": {"mode": "external", "cert": cert, "key": key},
             "ports": ports,
+            "settings": {"postfix_reinject_port_incoming": mxdeliv_reinject},
             "paths": {"venv": VENV, "ini": INI},
             "dkim": {"key_dir": "/etc/dkimkeys"},
             "opensmtpd": {

@@ -166,6 +166,16 @@ chatmail-chatmaild-version:
         "exec_start": bin ~ "filtermail " ~ ini ~ " incoming",
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "read-only",
         "wants_network": true},
+      "mxdeliv": {
+        "description": "chatmail mxdeliv: other relays deliver over HTTPS (POST /mxdeliv)",
+        "exec_start": bin ~ "chatmail-mxdeliv " ~ ini,
+        "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "read-only",
+        "wants_network": true},
+      "mxtransport": {
+        "description": "chatmail mxtransport: Postfix's transport, HTTPS first, then SMTP",
+        "exec_start": bin ~ "chatmail-mxtransport " ~ ini,
+        "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "yes",
+        "wants_network": true},
     } %}
 {#- The service file per init system comes from the map (chatmail.init_files): a systemd
     unit, or an rc.d script on OpenBSD (whose service names cannot contain "-"). #}

@@ -24,7 +24,11 @@ chatmail-tls-selfsigned:
         -days 36500 -keyout {{ tls.key }} -out {{ tls.cert }} -subj /CN={{ d }}
         -addext basicConstraints=critical,CA:FALSE
         -addext extendedKeyUsage=serverAuth,clientAuth
+{%- if chatmail.ip_relay %}
+        -addext subjectAltName=IP:{{ d }}
+{%- else %}
         -addext subjectAltName=DNS:{{ d }},DNS:www.{{ d }},DNS:mta-sts.{{ d }}
+{%- endif %}
     - umask: "077"
     - creates: {{ tls.cert }}
     - require:

@@ -18,7 +18,7 @@ include:
 chatmail-mta-mailname:
   file.managed:
     - name: /etc/mailname
-    - contents: {{ chatmail.mail_domain | json }}
+    - contents: {{ chatmail.address_domain | json }}
     - require:
       - pkg: chatmail-packages
 
@@ -131,6 +131,8 @@ chatmail-mta-service:
 chatmail-mta-reload:
   cmd.run:
     - name: postfix reload
+    # right after a restart (master.cf changed too) the master may not be up yet
+    - retry: {attempts: 5, interval: 2}
     - onchanges:
       - file: chatmail-mta-main-cf
       - file: chatmail-mta-login-map
