@@ -34,8 +34,7 @@ MUST_DENY = [
     "198.18.0.1",
     "224.0.0.1",
     "255.255.255.255",
-    "::1",
-    "::",
+    "::1",  # (:: and 0.0.0.0 coturn refuses itself, as loopback: CVE-2020-26262)
     "::ffff:127.0.0.1",
     "64:ff9b::a00:1",
     "2002:7f00:1::1",
@@ -103,6 +102,15 @@ def test_public_peer_is_not_denied(rendered, address):
     ip = ipaddress.ip_address(address)
     ranges = denied_ranges(config_lines(rendered))
     assert not any(first.version == ip.version and first <= ip <= last for first, last in ranges)
+
+
+def test_no_denied_range_starts_at_the_unspecified_address(rendered):
+    """coturn (4.6.1) reads a range starting at 0.0.0.0 or :: as "no lower bound" and orders
+    IPv4 before IPv6, so ``::-::1`` denied every IPv4 peer (found with the real turnserver:
+    9.9.9.9 got 403). An IPv4 range from 0.0.0.0 stays within IPv4; an IPv6 one may not
+    start at :: (coturn refuses :: itself, as loopback, since CVE-2020-26262)."""
+    ranges = denied_ranges(config_lines(rendered))
+    assert not [(f, l) for f, l in ranges if f.version == 6 and f == ipaddress.IPv6Address("::")]
 
 
 def test_external_ip_is_announced_and_denied_as_a_peer(render):
