@@ -14,10 +14,12 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import re
 import socket
 import time
 
+import httpx
 import pytest
 from aioice import stun, turn
 
@@ -204,3 +206,32 @@ def test_turn_units_are_sandboxed(applied):
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
         print(f"\nsystemd-analyze security {unit}: {score}")
         assert score < 5.0, out[-1500:]
+
+
+def test_status_checks_turn(applied):
+    """/status: coturn answers STUN, and its units run; a stopped coturn is reported."""
+    applied.wait_for_port(8077, timeout=60)
+    tokens = json.loads(applied.read_file("/etc/chatmail/api-tokens.json"))
+    ((_, monitor),) = tokens["monitor"].items()
+    headers = {"Authorization": f"Bearer {monitor}"}
+
+    def turn_checks(expect: str) -> dict:
+        deadline = time.monotonic() + 30  # /status is cached for a few seconds
+        while True:
+            status = httpx.get("http://127.0.0.1:8077/status", headers=headers, timeout=30).json()
+            checks = {c["id"]: c for c in status["checks"]}
+            if checks["turn.stun"]["state"] == expect or time.monotonic() > deadline:
+                return checks
+            time.sleep(1)
+
+    checks = turn_checks("ok")
+    for cid in ("turn.stun", "service.coturn", "service.chatmail-turn-credentials.socket"):
+        assert checks[cid]["state"] == "ok", checks[cid]
+    applied.run(["systemctl", "stop", "coturn"], check=True)
+    try:
+        stopped = turn_checks("fail")
+    finally:
+        applied.run(["systemctl", "start", "coturn"], check=True)
+    assert stopped["turn.stun"]["state"] == "fail", stopped["turn.stun"]
+    assert stopped["turn.stun"]["severity"] == "warning"
+    assert stopped["service.coturn"]["state"] == "fail"
