@@ -97,7 +97,11 @@ def is_stun_binding_success(data: bytes, transaction_id: bytes) -> bool:
     if len(data) < 20:
         return False
     kind, _, cookie = struct.unpack("!HHI", data[:8])
-    return kind == STUN_BINDING_SUCCESS and cookie == STUN_MAGIC_COOKIE and data[8:20] == transaction_id
+    return (
+        kind == STUN_BINDING_SUCCESS
+        and cookie == STUN_MAGIC_COOKIE
+        and data[8:20] == transaction_id
+    )
 
 
 def cert_not_after(pem: bytes) -> float:
@@ -300,7 +304,9 @@ class Checker:
                     if isinstance(answer, OSError):
                         return self.turn_failed(f"{where}: {answer.strerror or answer}")
                     if is_stun_binding_success(answer, transaction_id):
-                        return [CheckResult("turn.stun", "warning", "ok", f"coturn answers on {where}")]
+                        return [
+                            CheckResult("turn.stun", "warning", "ok", f"coturn answers on {where}")
+                        ]
                     problem = f"{where} answered something that is not a STUN Binding success"
         finally:
             transport.close()

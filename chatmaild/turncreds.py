@@ -67,7 +67,7 @@ def make_credentials(secret: bytes, now: float, lifetime: int = CREDENTIALS_LIFE
 
 def listening_socket(path: Path | None) -> socket.socket:
     """systemd's socket if this process was socket-activated, else one bound at ``path``."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", 0)):
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0")):
         return socket.socket(fileno=SD_LISTEN_FDS_START)
     if path is None:
         raise SystemExit("chatmail-turn-credentials: not socket-activated and no --socket given")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import socket
 import stat
 import subprocess
@@ -84,7 +83,9 @@ def test_secret_surrounding_newline_is_not_part_of_it(secret_file):
 
 def serve_in_thread(sock: socket.socket, connections: int, **kwargs) -> threading.Thread:
     thread = threading.Thread(
-        target=serve, args=(sock, SECRET.encode()), kwargs={"max_connections": connections, **kwargs}
+        target=serve,
+        args=(sock, SECRET.encode()),
+        kwargs={"max_connections": connections, **kwargs},
     )
     thread.start()
     return thread

@@ -122,7 +122,9 @@ def test_only_the_public_ports_listen_beyond_loopback(applied):
         (protocol, address, port, process)
         for protocol, address, port, process in public
         if port not in (*relayctl.PUBLIC_PORTS, TURN_PORT)
-        and not (process == "turnserver" and protocol.startswith("udp") and port in TURN_RELAY_PORTS)
+        and not (
+            process == "turnserver" and protocol.startswith("udp") and port in TURN_RELAY_PORTS
+        )
     )
     assert not unexpected, f"listening beyond loopback on non-public ports: {unexpected}"
 

@@ -29,7 +29,14 @@ TURN_KEY = "/shared/vendor/deltachat/turn"
 PORT = 3478
 RELAY_PORTS = range(49152, 65536)  # salt/chatmail/parameters/defaults.yaml turn:min/max_port
 FIVE_DAYS = 5 * 86400
-DENIED_PEERS = ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1"]
+DENIED_PEERS = [
+    "127.0.0.1",
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+]
 PUBLIC_PEER = "9.9.9.9"
 
 
@@ -63,13 +70,20 @@ def parse_turn(line: str) -> tuple[str, int, str, str]:
 
 
 def rest_password(secret: str, username: str) -> str:
-    return base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+    return base64.b64encode(
+        hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    ).decode()
 
 
 async def allocate(server: tuple[str, int], username: str, password: str, transport: str = "udp"):
     """Allocate a relay; returns the client protocol (already connected)."""
     loop = asyncio.get_running_loop()
-    kwargs = {"username": username, "password": password, "lifetime": 600, "channel_refresh_time": 500}
+    kwargs = {
+        "username": username,
+        "password": password,
+        "lifetime": 600,
+        "channel_refresh_time": 500,
+    }
     if transport == "tcp":
         inner, protocol = await loop.create_connection(
             lambda: turn.TurnClientTcpProtocol(server, **kwargs), host=server[0], port=server[1]
@@ -88,7 +102,9 @@ async def allocate(server: tuple[str, int], username: str, password: str, transp
 
 async def permission(protocol, peer: str) -> int:
     """CreatePermission for ``peer``: 200 or the server's error code."""
-    request = stun.Message(message_method=stun.Method.CREATE_PERMISSION, message_class=stun.Class.REQUEST)
+    request = stun.Message(
+        message_method=stun.Method.CREATE_PERMISSION, message_class=stun.Class.REQUEST
+    )
     request.attributes["XOR-PEER-ADDRESS"] = (peer, 0)
     try:
         await protocol.request_with_retry(request)
@@ -184,7 +200,9 @@ def test_coturn_reads_its_whole_config(applied, turn_server):
     usage = applied.run("turnserver --help 2>&1 || true", check=True).stdout
     known = set(re.findall(r"--([a-z0-9][a-z0-9_-]*)", usage))
     config = applied.run(["cat", "/etc/turnserver.conf"], check=True).stdout
-    options = {line.split("=", 1)[0] for line in config.splitlines() if line and not line.startswith("#")}
+    options = {
+        line.split("=", 1)[0] for line in config.splitlines() if line and not line.startswith("#")
+    }
     assert options and options <= known, options - known
 
 

@@ -114,7 +114,12 @@ def test_no_denied_range_starts_at_the_unspecified_address(rendered):
 
 
 def test_external_ip_is_announced_and_denied_as_a_peer(render):
-    pillar = {"chatmail": {"mail_domain": "chat.example.org", "turn": {"external_ip": "203.0.113.7/10.0.0.7"}}}
+    pillar = {
+        "chatmail": {
+            "mail_domain": "chat.example.org",
+            "turn": {"external_ip": "203.0.113.7/10.0.0.7"},
+        }
+    }
     lines = config_lines(render("debian12", "turn-nat", pillar=pillar))
     assert "external-ip=203.0.113.7/10.0.0.7" in lines
     assert "denied-peer-ip=203.0.113.7" in lines
@@ -198,7 +203,11 @@ def test_helper_appends_the_secret_privately(tmp_path):
     assert not (tmp_path / "out.conf.tmp").exists()
 
 
-@pytest.mark.parametrize("secret", ["", "\n", "abc def", "abc\nrealm=evil"], ids=["empty", "newline", "blank", "injected-line"])
+@pytest.mark.parametrize(
+    "secret",
+    ["", "\n", "abc def", "abc\nrealm=evil"],
+    ids=["empty", "newline", "blank", "injected-line"],
+)
 def test_helper_refuses_an_unusable_secret(tmp_path, secret):
     result = run_helper(tmp_path, secret)
     assert result.returncode == 1
