@@ -253,3 +253,21 @@ def test_status_checks_turn(applied):
     assert stopped["turn.stun"]["state"] == "fail", stopped["turn.stun"]
     assert stopped["turn.stun"]["severity"] == "warning"
     assert stopped["service.coturn"]["state"] == "fail"
+
+
+def test_reapply_keeps_the_secret_and_changes_nothing(applied, relay, turn_server, secret):
+    """The secret is generated once: a second apply neither replaces it nor restarts
+    anything, and logins signed before it still allocate."""
+    _, _, username, password = parse_turn(turn_metadata(relay))
+    result = applied.apply()
+    assert result.ok, result.summary()
+    assert not result.changed, result.changed_summary()
+    assert applied.run(["cat", "/etc/chatmail/turn-secret"], check=True).stdout.strip() == secret
+
+    async def scenario():
+        inner, protocol = await allocate(turn_server, username, password)
+        await protocol.delete()
+        inner.close()
+        return protocol.relayed_address
+
+    assert asyncio.run(scenario())[1] in RELAY_PORTS
