@@ -199,7 +199,7 @@ def test_coturn_reads_its_whole_config(applied, turn_server):
     assert "CONFIG ERROR" not in log and "CONFIGURATION ALERT" not in log, log[-2000:]
     usage = applied.run("turnserver --help 2>&1 || true", check=True).stdout
     known = set(re.findall(r"--([a-z0-9][a-z0-9_-]*)", usage))
-    config = applied.run(["cat", "/etc/turnserver.conf"], check=True).stdout
+    config = applied.run(["cat", "/etc/chatmail/turnserver.conf"], check=True).stdout
     options = {
         line.split("=", 1)[0] for line in config.splitlines() if line and not line.startswith("#")
     }

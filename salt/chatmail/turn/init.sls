@@ -39,6 +39,7 @@ chatmail-turn-config:
     - source: salt://chatmail/turn/files/turnserver.conf.jinja
     - template: jinja
     - mode: "0644"
+    - makedirs: True
 
 chatmail-turn-config-helper:
   file.managed:
