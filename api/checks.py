@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +30,15 @@ from .settings import PortSpec, Settings
 log = logging.getLogger(__name__)
 
 POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+
+# STUN (RFC 8489): a Binding request is a bare 20-byte header; coturn answers it without
+# credentials, so it shows the TURN server serves without handing out a login.
+STUN_BINDING_REQUEST = 0x0001
+STUN_BINDING_SUCCESS = 0x0101
+STUN_MAGIC_COOKIE = 0x2112A442
+STUN_ATTEMPTS = 3
+# loopback answers in well under a millisecond; all attempts fit the check's 3 s timeout
+STUN_ATTEMPT_TIMEOUT_S = 0.5
 
 
 @dataclass
@@ -75,6 +86,22 @@ def parse_postqueue_json(stdout: str) -> dict[str, int]:
 def parse_smtpctl_queue(stdout: str) -> dict[str, int]:
     """OpenSMTPD's ``smtpctl show queue`` prints one envelope per line, no queue names."""
     return {"queue": sum(1 for line in stdout.splitlines() if line.strip())}
+
+
+def stun_binding_request(transaction_id: bytes) -> bytes:
+    return struct.pack("!HHI12s", STUN_BINDING_REQUEST, 0, STUN_MAGIC_COOKIE, transaction_id)
+
+
+def is_stun_binding_success(data: bytes, transaction_id: bytes) -> bool:
+    """A Binding success response to our request (same transaction ID)."""
+    if len(data) < 20:
+        return False
+    kind, _, cookie = struct.unpack("!HHI", data[:8])
+    return (
+        kind == STUN_BINDING_SUCCESS
+        and cookie == STUN_MAGIC_COOKIE
+        and data[8:20] == transaction_id
+    )
 
 
 def cert_not_after(pem: bytes) -> float:
@@ -169,6 +196,8 @@ class Checker:
             (["version"], "info", partial(self.check_version, facts)),
             (["accounts.password_files"], "warning", self.check_password_files),
         ]
+        if self.settings.turn_port:
+            groups.append((["turn.stun"], "warning", self.check_turn))
         runs = [_guarded(ids, severity, fn, timeout) for ids, severity, fn in groups]
         results = [r for group in await asyncio.gather(*runs) for r in group]
         results.append(self.check_probe())
@@ -241,6 +270,59 @@ class Checker:
         except OSError:
             pass
         return [CheckResult(cid, spec.severity, "ok", f"{what}{spec.host}:{spec.port} listening")]
+
+    async def check_turn(self) -> list[CheckResult]:
+        """coturn answers a STUN Binding request on its port (UDP, loopback); calls are
+        not mail, so a silent TURN server is a warning."""
+        where = f"127.0.0.1:{self.settings.turn_port}/udp"
+        transaction_id = os.urandom(12)
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=16)
+
+        class Probe(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr) -> None:
+                if not answers.full():
+                    answers.put_nowait(data)
+
+            def error_received(self, exc: OSError) -> None:  # ICMP: nothing listens
+                if not answers.full():
+                    answers.put_nowait(exc)
+
+        transport, _ = await loop.create_datagram_endpoint(
+            Probe, remote_addr=("127.0.0.1", self.settings.turn_port)
+        )
+        problem = f"no STUN answer from {where}"
+        try:
+            for _ in range(STUN_ATTEMPTS):  # UDP: a lost datagram is sent again
+                transport.sendto(stun_binding_request(transaction_id))
+                deadline = loop.time() + STUN_ATTEMPT_TIMEOUT_S
+                while (left := deadline - loop.time()) > 0:
+                    try:
+                        answer = await asyncio.wait_for(answers.get(), left)
+                    except TimeoutError:
+                        break
+                    if isinstance(answer, OSError):
+                        return self.turn_failed(f"{where}: {answer.strerror or answer}")
+                    if is_stun_binding_success(answer, transaction_id):
+                        return [
+                            CheckResult("turn.stun", "warning", "ok", f"coturn answers on {where}")
+                        ]
+                    problem = f"{where} answered something that is not a STUN Binding success"
+        finally:
+            transport.close()
+        return self.turn_failed(problem)
+
+    @staticmethod
+    def turn_failed(problem: str) -> list[CheckResult]:
+        return [
+            CheckResult(
+                "turn.stun",
+                "warning",
+                "fail",
+                problem,
+                "calls get no relay: journalctl -u coturn -n 50; systemctl restart coturn",
+            )
+        ]
 
     async def check_tls(self, facts: Facts) -> list[CheckResult]:
         path = self.cert_path

@@ -129,6 +129,8 @@ class Settings(_Strict):
     services: list[ServiceSpec]
     #: Ports that must accept connections; empty: derived from chatmail.ini.
     ports: list[PortSpec] = []
+    #: coturn's STUN/TURN port, probed on loopback (check ``turn.stun``); None: no TURN.
+    turn_port: int | None = Field(None, gt=0, lt=65536)
     #: Prints the queue; ``postqueue -j`` (Postfix JSON) or ``smtpctl show queue``.
     queue_command: list[str]
     #: Read ``smtpctl show queue`` output from this file instead of running

@@ -11,6 +11,7 @@ include:
   - chatmail.dkim
 {%- endif %}
   - chatmail.dovecot
+  - chatmail.turn
   - chatmail.mta
   - chatmail.web
   - chatmail.resolver

@@ -27,6 +27,10 @@ TLS_ENDPOINTS = [
     (993, None),
     (443, None),
 ]
+#: coturn (salt/chatmail/turn) is public on purpose: STUN/TURN on 3478 (UDP and TCP) and
+#: the relayed addresses, UDP in turn:min_port..max_port (defaults.yaml), held by turnserver.
+TURN_PORT = 3478
+TURN_RELAY_PORTS = range(49152, 65536)
 #: sslscan's strength classes that a relay must not accept.
 WEAK_STRENGTHS = {"null", "anonymous", "weak", "medium"}
 #: systemd-analyze's exposure scale is 0 (locked down) to 10 (unprotected); 5.0 and above
@@ -116,7 +120,14 @@ def test_only_the_public_ports_listen_beyond_loopback(applied):
         for socket in sockets
         if not (socket[1].startswith("127.") or socket[1] == "::1")
     }
-    unexpected = sorted(s for s in public if s[2] not in relayctl.PUBLIC_PORTS)
+    unexpected = sorted(
+        (protocol, address, port, process)
+        for protocol, address, port, process in public
+        if port not in (*relayctl.PUBLIC_PORTS, TURN_PORT)
+        and not (
+            process == "turnserver" and protocol.startswith("udp") and port in TURN_RELAY_PORTS
+        )
+    )
     assert not unexpected, f"listening beyond loopback on non-public ports: {unexpected}"
 
 

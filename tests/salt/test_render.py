@@ -569,8 +569,10 @@ def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
         "chatmail-expire.service",
         "chatmail-expire.timer",
     } <= set(units.values())
+    # Every rendered unit is on the unit path, as on the relay (a .socket needs its service).
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
     for name, unit in units.items():
-        candidate = tmp_path / f"candidate-{unit}"
         text = rendered.text(name).replace(m["paths"]["venv"], str(fake_venv))
         # Programs of packages the host lacks (acmetool, certbot) are stood in too.
         text = re.sub(
@@ -579,8 +581,10 @@ def test_units_pass_systemd_analyze(rendered, tmp_path, fake_venv):
             text,
             flags=re.MULTILINE,
         )
-        candidate.write_text(text)
-        result = run(["sh", str(CHECK_SCRIPT), "unit", unit, str(candidate)])
+        (unit_dir / unit).write_text(text)
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}
+    for unit in units.values():
+        result = run(["sh", str(CHECK_SCRIPT), "unit", unit, str(unit_dir / unit)], env=env)
         assert result.returncode == 0, f"{unit}: {result.stdout}{result.stderr}"
 
 
@@ -683,6 +687,7 @@ SUB_STATES = (
     "chatmail.limits",
     "chatmail.api.stats",
     "chatmail.api.daemon",
+    "chatmail.turn",
 )
 
 

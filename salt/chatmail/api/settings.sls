@@ -25,6 +25,11 @@ include:
 {%- for name in services %}
 {%-   do service_specs.append({"name": name | replace("-", separator)}) %}
 {%- endfor %}
+{#- calls, not mail: a TURN outage is a warning #}
+{%- if chatmail.turn.enabled %}
+{%-   do service_specs.extend([{"name": chatmail.service.turn, "severity": "warning"},
+                               {"name": "chatmail-turn-credentials.socket", "severity": "warning"}]) %}
+{%- endif %}
 {%- set settings = {
       "chatmail_ini": paths.ini,
       "listen": api.listen,
@@ -38,6 +43,7 @@ include:
       "service_manager": "systemd" if systemd else "rcctl",
       "mta": chatmail.mta,
       "services": service_specs,
+      "turn_port": chatmail.turn.port if chatmail.turn.enabled else none,
       "queue_command": ["postqueue", "-j"] if chatmail.mta == "postfix" else ["smtpctl", "show", "queue"],
       "queue_snapshot": queue_snapshot if smtpd_queue else none,
       "account_stats_file": stats_file,
