@@ -35,7 +35,11 @@ import relayctl  # noqa: E402
 PACKAGING = relayctl.REPO_ROOT / "packaging/dovecot"
 PATCHES = PACKAGING / "debian/patches"
 OUTPUT_DIR = relayctl.CACHE_DIR / "dovecot-debs"
-POOL = f"{relayctl.MIRROR}/pool/main/d/dovecot"
+#: Where each archive keeps Dovecot's source (packaging/dovecot/sources names the archive).
+POOLS = {
+    "debian": f"{relayctl.MIRROR}/pool/main/d/dovecot",
+    "debian-security": "http://deb.debian.org/debian-security/pool/updates/main/d/dovecot",
+}
 #: Our mark on the version: sorts above Debian's same revision, and the relay pins on it.
 VERSION_SUFFIX = "+chatmail1"
 #: Bump when the recipe below changes in a way the hash inputs do not capture.
@@ -47,14 +51,17 @@ class BuildError(RuntimeError):
     """The patched Dovecot could not be built."""
 
 
-def pinned_sources(path: Path = PACKAGING / "sources") -> dict[str, tuple[str, str]]:
-    """suite -> (Debian version, sha256 of its .dsc)."""
+def pinned_sources(path: Path = PACKAGING / "sources") -> dict[str, tuple[str, str, str]]:
+    """suite -> (Debian version, sha256 of its .dsc, archive)."""
     pins = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         fields = line.split("#", 1)[0].split()
-        if fields:
-            suite, version, dsc_sha256 = fields
-            pins[suite] = (version, dsc_sha256)
+        if not fields:
+            continue
+        if len(fields) not in (3, 4) or (fields[3:] or ["debian"])[0] not in POOLS:
+            raise BuildError(f"{path}:{number}: expected: suite version sha256 [{'|'.join(POOLS)}]")
+        suite, version, dsc_sha256, *archive = fields
+        pins[suite] = (version, dsc_sha256, archive[0] if archive else "debian")
     return pins
 
 
@@ -77,7 +84,7 @@ def repo_dir(suite: str) -> Path:
     pins = pinned_sources()
     if suite not in pins:
         raise BuildError(f"no pinned Dovecot source for {suite!r} in {PACKAGING / 'sources'}")
-    version, dsc_sha256 = pins[suite]
+    version, dsc_sha256, _ = pins[suite]
     upstream_revision = version.split(":", 1)[-1]
     return OUTPUT_DIR / suite / f"{upstream_revision}-{build_key(suite, version, dsc_sha256)}"
 
@@ -112,14 +119,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_source(version: str, dsc_sha256: str, dest: Path) -> str:
+def fetch_source(version: str, dsc_sha256: str, archive: str, dest: Path) -> str:
     """Download the .dsc (checked against the pin) and every file it lists (checked
     against the .dsc); returns the .dsc's file name."""
     dsc_name = f"dovecot_{version.split(':', 1)[-1]}.dsc"
     names = [dsc_name]
     for name in names:
         path = dest / name
-        download(f"{POOL}/{urllib.parse.quote(name)}", path)
+        download(f"{POOLS[archive]}/{urllib.parse.quote(name)}", path)
         if name == dsc_name:
             if sha256_of(path) != dsc_sha256:
                 raise BuildError(f"{name}: sha256 differs from the pin in packaging/dovecot/sources")
@@ -146,7 +153,7 @@ def changelog_entry(version: str, suite: str, top_entry_trailer: str) -> str:
 
 
 def build(suite: str, out: Path, jobs: int) -> None:
-    version, dsc_sha256 = pinned_sources()[suite]
+    version, dsc_sha256, archive = pinned_sources()[suite]
     started = time.monotonic()
     stage = OUTPUT_DIR / f"build-{suite}"
     relayctl.remove_tree(stage)
@@ -158,7 +165,7 @@ def build(suite: str, out: Path, jobs: int) -> None:
     )
     src = stage / "build"
     src.mkdir()
-    dsc_name = fetch_source(version, dsc_sha256, src)
+    dsc_name = fetch_source(version, dsc_sha256, archive, src)
     (src / "patches").mkdir()
     for patch in patch_files():
         shutil.copy(patch, src / "patches" / patch.name)
