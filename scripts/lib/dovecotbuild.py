@@ -45,6 +45,11 @@ VERSION_SUFFIX = "+chatmail1"
 #: Bump when the recipe below changes in a way the hash inputs do not capture.
 RECIPE_VERSION = "1"
 BUILD_TOOLS = "build-essential fakeroot dpkg-dev"
+#: Debian's rules build with link-time optimization, which re-optimizes Dovecot's static
+#: libraries at every link of its ~200 programs and test programs: on 2 busy cores that
+#: build had done a quarter of the tree after 18 minutes. The user flags go after the
+#: package's, so -fno-lto wins; the code compiled is the same.
+BUILD_ENV = "DEB_CFLAGS_APPEND=-fno-lto DEB_CXXFLAGS_APPEND=-fno-lto DEB_LDFLAGS_APPEND=-fno-lto"
 
 
 class BuildError(RuntimeError):
@@ -72,7 +77,7 @@ def patch_files() -> list[Path]:
 
 def build_key(suite: str, version: str, dsc_sha256: str) -> str:
     digest = hashlib.sha256()
-    for part in (RECIPE_VERSION, suite, version, dsc_sha256, VERSION_SUFFIX, BUILD_TOOLS):
+    for part in (RECIPE_VERSION, suite, version, dsc_sha256, VERSION_SUFFIX, BUILD_TOOLS, BUILD_ENV):
         digest.update(part.encode() + b"\0")
     for patch in patch_files():
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
@@ -186,7 +191,7 @@ sed "s/@DATE@/$date/" entry-head | cat - tree/debian/changelog > changelog.new
 mv changelog.new tree/debian/changelog
 apt-get -qy build-dep --no-install-recommends ./tree >/dev/null
 cd tree
-DEB_BUILD_OPTIONS="nocheck noddebs parallel={jobs}" dpkg-buildpackage -b -us -uc >../build.log 2>&1 \\
+{BUILD_ENV} DEB_BUILD_OPTIONS="nocheck noddebs parallel={jobs}" dpkg-buildpackage -b -us -uc >../build.log 2>&1 \\
     || {{ tail -60 ../build.log; exit 1; }}
 cd ..
 mkdir repo && mv *.deb repo/
