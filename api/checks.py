@@ -417,7 +417,9 @@ class Checker:
         version = _first_line(stdout)
         if rc != 0 or not version:
             reason = _first_line(stderr) or f"exit {rc}"
-            return [CheckResult("dovecot.build", "warning", "unknown", reason, "is Dovecot installed?")]
+            return [
+                CheckResult("dovecot.build", "warning", "unknown", reason, "is Dovecot installed?")
+            ]
         if PATCHED_DOVECOT_MARK in version:
             build = "patched"
         elif spec.upstream_version and version == spec.upstream_version:

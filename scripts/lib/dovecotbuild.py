@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import relayctl  # noqa: E402
+import relayctl
 
 PACKAGING = relayctl.REPO_ROOT / "packaging/dovecot"
 PATCHES = PACKAGING / "debian/patches"
@@ -77,7 +77,15 @@ def patch_files() -> list[Path]:
 
 def build_key(suite: str, version: str, dsc_sha256: str) -> str:
     digest = hashlib.sha256()
-    for part in (RECIPE_VERSION, suite, version, dsc_sha256, VERSION_SUFFIX, BUILD_TOOLS, BUILD_ENV):
+    for part in (
+        RECIPE_VERSION,
+        suite,
+        version,
+        dsc_sha256,
+        VERSION_SUFFIX,
+        BUILD_TOOLS,
+        BUILD_ENV,
+    ):
         digest.update(part.encode() + b"\0")
     for patch in patch_files():
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
@@ -134,13 +142,13 @@ def fetch_source(version: str, dsc_sha256: str, archive: str, dest: Path) -> str
         download(f"{POOLS[archive]}/{urllib.parse.quote(name)}", path)
         if name == dsc_name:
             if sha256_of(path) != dsc_sha256:
-                raise BuildError(f"{name}: sha256 differs from the pin in packaging/dovecot/sources")
-            listed = re.search(r"^Checksums-Sha256:\n((?: .*\n)+)", path.read_text(), re.M)
+                raise BuildError(
+                    f"{name}: sha256 differs from the pin in packaging/dovecot/sources"
+                )
+            listed = re.search(r"^Checksums-Sha256:\n((?: .*\n)+)", path.read_text(), re.MULTILINE)
             if not listed:
                 raise BuildError(f"{name} lists no Checksums-Sha256")
-            expected = dict(
-                (line.split()[2], line.split()[0]) for line in listed.group(1).splitlines()
-            )
+            expected = {line.split()[2]: line.split()[0] for line in listed.group(1).splitlines()}
             names += list(expected)
         elif sha256_of(path) != expected[name]:
             raise BuildError(f"{name}: sha256 differs from {dsc_name}")
@@ -166,7 +174,17 @@ def build(suite: str, out: Path, jobs: int) -> None:
     tarball = relayctl.ensure_rootfs(suite)
     relayctl.log(f"building patched Dovecot {version}{VERSION_SUFFIX} for {suite} (-j{jobs})")
     relayctl.run_host(
-        ["tar", "-C", str(stage), "--numeric-owner", "--xattrs", "-I", "zstd -T0", "-xpf", str(tarball)]
+        [
+            "tar",
+            "-C",
+            str(stage),
+            "--numeric-owner",
+            "--xattrs",
+            "-I",
+            "zstd -T0",
+            "-xpf",
+            str(tarball),
+        ]
     )
     src = stage / "build"
     src.mkdir()
@@ -227,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             missing = [s for s in suites if not is_built(s)]
             for suite in suites:
-                print(f"{suite}: {'cached' if suite not in missing else 'not built'} {repo_dir(suite)}")
+                print(
+                    f"{suite}: {'cached' if suite not in missing else 'not built'} {repo_dir(suite)}"
+                )
             return 1 if missing else 0
         with relayctl.sigterm_as_interrupt():
             for suite in suites:

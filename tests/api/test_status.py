@@ -306,10 +306,20 @@ UPSTREAM = "1:2.3.21+dfsg1-3"
         ("patched", STOCK, "fail", "chatmail:dovecot:packages is patched"),
         ("debian", STOCK + "+chatmail1", "fail", "chatmail:dovecot:packages is debian"),
     ],
-    ids=["stock", "patched", "upstream", "patched-chosen-stock-installed", "stock-chosen-patched-installed"],
+    ids=[
+        "stock",
+        "patched",
+        "upstream",
+        "patched-chosen-stock-installed",
+        "stock-chosen-patched-installed",
+    ],
 )
 def test_dovecot_build(api_settings, packages, installed, state, says):
-    dovecot = {"packages": packages, "version_command": ["echo", installed], "upstream_version": UPSTREAM}
+    dovecot = {
+        "packages": packages,
+        "version_command": ["echo", installed],
+        "upstream_version": UPSTREAM,
+    }
     settings, config = api_settings(dovecot=dovecot)
     with TestClient(create_app(settings, config)) as client:
         check = checks_by_id(client.get("/status", headers=MONITOR).json())["dovecot.build"]

@@ -65,7 +65,9 @@ def test_debian_is_pinned_to_debian(render, platform, tmp_path):
     ("platform", "codename"), [("debian12", "bookworm"), ("debian13", "trixie")]
 )
 def test_patched_comes_from_the_served_repository(render, platform, codename, tmp_path):
-    rendered = render(platform, "dovecot-patched", pillar=pillar("patched"), grains=grains(platform))
+    rendered = render(
+        platform, "dovecot-patched", pillar=pillar("patched"), grains=grains(platform)
+    )
     states = rendered.states
     repo = state_args(states, "chatmail-dovecot-packages-repo", "file")
     assert repo["source"] == f"salt://dovecot-packages/{codename}"
