@@ -59,7 +59,7 @@ def dovecot_check(relay) -> dict:
 
 @pytest.fixture(scope="module")
 def patched_relay(relay, relay_pillar, platform):
-    """The session's relay switched to the patched build; back to Debian's afterwards."""
+    """The session's relay switched to the patched build (the last test switches back)."""
     if platform.mta != "postfix":
         # Dovecot and its packages do not depend on the MTA: debian13-postfix covers trixie
         pytest.skip("the same Dovecot packages as the release's Postfix relay")
@@ -68,9 +68,7 @@ def patched_relay(relay, relay_pillar, platform):
     relay.container.provide_dovecot_packages(dovecotbuild.ensure_built(platform.suite))
     relay.first_patched_apply = apply_with(relay, relay_pillar, "patched")
     relay.stock_version = stock
-    yield relay
-    apply_with(relay, relay_pillar, "debian")
-    assert installed(relay) == stock
+    return relay
 
 
 def test_patched_build_is_installed_and_runs(patched_relay):
@@ -102,3 +100,13 @@ def test_delta_chat_over_the_patched_build(patched_relay, tmp_path):
         print(f"\nDelta Chat ping-pong over the patched Dovecot: {seconds * 1000:.0f} ms")
     finally:
         rpc.close()
+
+
+def test_back_to_debian(patched_relay, relay_pillar):
+    """Last here: the session's other tests run on Debian's Dovecot again."""
+    result = apply_with(patched_relay, relay_pillar, "debian")
+    changed = {v["__id__"] for v in result.changed.values()}
+    assert {"chatmail-dovecot-packages", "chatmail-dovecot-packages-list"} <= changed
+    assert installed(patched_relay) == patched_relay.stock_version
+    assert running_binary(patched_relay) == "/usr/sbin/dovecot"
+    assert dovecot_check(patched_relay)["state"] == "ok"
