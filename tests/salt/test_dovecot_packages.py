@@ -75,7 +75,7 @@ def test_patched_comes_from_the_served_repository(render, platform, codename, tm
     listing = state_args(states, "chatmail-dovecot-packages-list", "file")
     assert listing["contents"] == "deb [trusted=yes] file:/var/lib/chatmail/dovecot-packages ./"
     pin = state_args(states, "chatmail-dovecot-packages-pin", "file")["contents"]
-    assert "Package: dovecot-*\nPin: version *+chatmail*\nPin-Priority: 1001" in pin
+    assert "Package: dovecot-*\nPin: version /[+]chatmail[0-9]+$/\nPin-Priority: 1001" in pin
     apt_accepts_preferences(pin, tmp_path)
     # the repository and pin exist before the one package transaction installs Dovecot
     transaction = state_args(states, "chatmail-packages", "pkg")

@@ -6,14 +6,16 @@
                 apt repository copied from the master, pinned over Debian's;
       upstream  chatmail's published .debs, downloaded and checked by sha256, pinned alike.
     The pin has priority 1001: apt installs the chosen version even where it is older than
-    what another origin offers, and never upgrades away from it. #}
+    what another origin offers, and never upgrades away from it. (Our versions are pinned by
+    a regular expression: Debian 13's apt 3.0 did not match the glob "*+chatmail*" to
+    them, where Debian 12's apt 2.6 did.) #}
 {%- from "chatmail/map.jinja" import chatmail with context %}
 {%- set d = chatmail.dovecot %}
 {%- set packages = chatmail.pkgs.dovecot %}
 {%- set list_file = "/etc/apt/sources.list.d/chatmail-dovecot.list" %}
 {%- set pins = {
       "debian": "release o=" ~ d.distribution_origin,
-      "patched": "version *+chatmail*",
+      "patched": "version /[+]chatmail[0-9]+$/",
       "upstream": "version " ~ d.upstream.version,
     } %}
 
