@@ -76,7 +76,9 @@ def test_patched_build_is_installed_and_runs(patched_relay):
     changed = {v["__id__"] for v in relay.first_patched_apply.changed.values()}
     assert {"chatmail-dovecot-packages", "chatmail-dovecot-packages-pin"} <= changed
     version = installed(relay)
-    assert version.startswith(relay.stock_version) and version.endswith("+chatmail1"), version
+    pinned = dovecotbuild.pinned_sources()[relay.platform.suite][0]
+    # Debian 13's archive may be newer than the pinned source: the pin downgrades then
+    assert version == pinned + dovecotbuild.VERSION_SUFFIX, (version, relay.stock_version)
     assert running_binary(relay) == "/usr/sbin/dovecot"
     check = dovecot_check(relay)
     assert check["state"] == "ok" and "our build" in check["summary"], check
