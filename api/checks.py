@@ -30,6 +30,8 @@ from .settings import PortSpec, Settings
 log = logging.getLogger(__name__)
 
 POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+#: The version mark of our Dovecot build (scripts/lib/dovecotbuild.py VERSION_SUFFIX).
+PATCHED_DOVECOT_MARK = "+chatmail"
 
 # STUN (RFC 8489): a Binding request is a bare 20-byte header; coturn answers it without
 # credentials, so it shows the TURN server serves without handing out a login.
@@ -198,6 +200,8 @@ class Checker:
         ]
         if self.settings.turn_port:
             groups.append((["turn.stun"], "warning", self.check_turn))
+        if self.settings.dovecot is not None:
+            groups.append((["dovecot.build"], "warning", self.check_dovecot_build))
         runs = [_guarded(ids, severity, fn, timeout) for ids, severity, fn in groups]
         results = [r for group in await asyncio.gather(*runs) for r in group]
         results.append(self.check_probe())
@@ -486,6 +490,35 @@ class Checker:
             ]
         facts.version = version[0][:100] if version else ""
         return [CheckResult("version", "info", "ok", facts.version or "(empty)")]
+
+    async def check_dovecot_build(self) -> list[CheckResult]:
+        """Which Dovecot is installed (the formula restarts Dovecot when it changes), and
+        whether it is the build the pillar chose."""
+        spec = self.settings.dovecot
+        rc, stdout, stderr = await run_command(spec.version_command, self.settings.check_timeout_s)
+        version = _first_line(stdout)
+        if rc != 0 or not version:
+            reason = _first_line(stderr) or f"exit {rc}"
+            return [
+                CheckResult("dovecot.build", "warning", "unknown", reason, "is Dovecot installed?")
+            ]
+        if PATCHED_DOVECOT_MARK in version:
+            build = "patched"
+        elif spec.upstream_version and version == spec.upstream_version:
+            build = "upstream"
+        else:
+            build = "debian"
+        what = {
+            "patched": "our build, no IDLE notification delay",
+            "upstream": "upstream's build, no IDLE notification delay",
+            "debian": "not patched: 500 ms IDLE notification delay",
+        }[build]
+        summary = f"Dovecot {version} ({what})"
+        if build != spec.packages:
+            summary += f"; chatmail:dovecot:packages is {spec.packages}"
+            hint = "apply the formula: it installs the Dovecot that pillar key names"
+            return [CheckResult("dovecot.build", "warning", "fail", summary, hint)]
+        return [CheckResult("dovecot.build", "warning", "ok", summary)]
 
     async def check_password_files(self) -> list[CheckResult]:
         """Accounts whose password file exists but is unusable: their logins fail

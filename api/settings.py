@@ -95,6 +95,16 @@ class NewAccountSettings(_Strict):
     burst: int = Field(5, ge=1)
 
 
+class DovecotSettings(_Strict):
+    """Which Dovecot build the formula installed (chatmail:dovecot:packages)."""
+
+    packages: Literal["debian", "patched", "upstream"] = "debian"
+    #: Prints the installed Dovecot's version (``dpkg-query`` on Debian).
+    version_command: list[str]
+    #: The version upstream's packages carry (chatmail:dovecot:upstream:version).
+    upstream_version: str = ""
+
+
 class Settings(_Strict):
     chatmail_ini: Path
     listen: str
@@ -162,6 +172,8 @@ class Settings(_Strict):
     dns: DnsSettings
     probe: ProbeSettings
     new_account: NewAccountSettings = NewAccountSettings()
+    #: None: no check of the Dovecot build.
+    dovecot: DovecotSettings | None = None
 
     @property
     def probe_credentials_path(self) -> Path:

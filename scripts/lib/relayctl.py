@@ -49,6 +49,9 @@ SALT_VENV = "/opt/salt"
 REPO_MOUNT = "/srv/chatmail"
 #: The minion's file_roots: the formula and the repository root (the relay's Python source).
 FILE_ROOTS = [f"{REPO_MOUNT}/salt", REPO_MOUNT]
+#: A further file_root with package repositories the formula installs from, e.g.
+#: salt://dovecot-packages/<codename> (chatmail:dovecot:packages patched).
+PACKAGES_ROOT = "/srv/chatmail-packages"
 #: Bump when the build recipe below changes in a way the hash inputs do not capture.
 RECIPE_VERSION = "4"
 
@@ -624,13 +627,26 @@ class Relay:
     def read_file(self, path: str) -> str:
         return self.run(["cat", path]).stdout
 
+    def provide_dovecot_packages(self, repo: Path) -> None:
+        """Serve a patched Dovecot build (``dovecotbuild.ensure_built``) to the minion as
+        salt://dovecot-packages/<suite>: copied into the container's file tree, so a
+        running container can switch to it (apply with dovecot:packages patched)."""
+        dest = self.root / PACKAGES_ROOT.lstrip("/") / "dovecot-packages" / self.suite
+        if dest.exists():
+            remove_tree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(repo, dest)
+
     # salt
 
     def configure_salt(self, pillar: dict) -> None:
         """Masterless minion: the formula from the bind-mounted repository, our pillar."""
+        roots = list(FILE_ROOTS)
+        if (self.root / PACKAGES_ROOT.lstrip("/")).is_dir():
+            roots.append(PACKAGES_ROOT)
         minion = {
             "file_client": "local",
-            "file_roots": {"base": FILE_ROOTS},
+            "file_roots": {"base": roots},
             "pillar_roots": {"base": ["/srv/pillar"]},
             "state_output": "changes",
         }
@@ -771,7 +787,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         relay.boot()
         state = {"domain": domain, "nspawn_pid": relay.nspawn_pid}
         PERSISTENT_STATE.write_text(json.dumps(state))
-    relay.configure_salt(local_relay_pillar(domain))
+    pillar = local_relay_pillar(domain)
+    if args.dovecot == "patched":
+        import dovecotbuild  # imports this module: only when needed
+
+        relay.provide_dovecot_packages(dovecotbuild.ensure_built(relay.suite))
+    pillar["chatmail"]["dovecot"] = {"packages": args.dovecot}
+    relay.configure_salt(pillar)
     log("applying the chatmail formula (first run installs packages: a few minutes)")
     result = relay.apply()
     print(result.summary(), file=sys.stderr)
@@ -892,6 +914,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="boot (or re-apply) the persistent local relay container")
     up.add_argument("--domain", default=DEFAULT_DOMAIN)
+    up.add_argument(
+        "--dovecot",
+        choices=("debian", "patched"),
+        default="debian",
+        help="Debian's Dovecot, or ours without the IDLE delay (built first: scripts/build-dovecot)",
+    )
     up.set_defaults(func=cmd_up)
     sub.add_parser("destroy", help="stop and remove it").set_defaults(func=cmd_destroy)
     sub.add_parser("status", help="is it running").set_defaults(func=cmd_status)

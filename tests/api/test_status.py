@@ -291,3 +291,46 @@ def test_parse_postqueue():
 def test_overall(states, expected):
     results = [CheckResult(f"c{i}", sev, st, "") for i, (sev, st) in enumerate(states)]
     assert overall(results) == expected
+
+
+STOCK = "1:2.3.19.1+dfsg1-2.1+deb12u6"
+UPSTREAM = "1:2.3.21+dfsg1-3"
+
+
+@pytest.mark.parametrize(
+    ("packages", "installed", "state", "says"),
+    [
+        ("debian", STOCK, "ok", "500 ms IDLE notification delay"),
+        ("patched", STOCK + "+chatmail1", "ok", "our build, no IDLE notification delay"),
+        ("upstream", UPSTREAM, "ok", "upstream's build"),
+        ("patched", STOCK, "fail", "chatmail:dovecot:packages is patched"),
+        ("debian", STOCK + "+chatmail1", "fail", "chatmail:dovecot:packages is debian"),
+    ],
+    ids=[
+        "stock",
+        "patched",
+        "upstream",
+        "patched-chosen-stock-installed",
+        "stock-chosen-patched-installed",
+    ],
+)
+def test_dovecot_build(api_settings, packages, installed, state, says):
+    dovecot = {
+        "packages": packages,
+        "version_command": ["echo", installed],
+        "upstream_version": UPSTREAM,
+    }
+    settings, config = api_settings(dovecot=dovecot)
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR).json())["dovecot.build"]
+    assert (check["state"], check["severity"]) == (state, "warning")
+    assert installed in check["summary"] and says in check["summary"]
+    assert bool(check["hint"]) == (state == "fail")
+
+
+def test_dovecot_build_without_dovecot_is_unknown(api_settings):
+    dovecot = {"packages": "debian", "version_command": ["dpkg-query", "-W", "no-such-package"]}
+    settings, config = api_settings(dovecot=dovecot)
+    with TestClient(create_app(settings, config)) as client:
+        check = checks_by_id(client.get("/status", headers=MONITOR).json())["dovecot.build"]
+    assert check["state"] == "unknown"

@@ -19,6 +19,9 @@ The harness itself is ``scripts/lib/relayctl.py`` (shared with ``scripts/deploy`
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -68,6 +71,43 @@ def pytest_runtest_teardown(item, nextitem):
             relay = _RUNNING.pop()
             relay.destroy()
             relayctl.remove_tree(relay.repo)
+
+
+#: The background build of the patched Dovecot (test_dovecot_packages.py needs it).
+_DOVECOT_BUILD: list[subprocess.Popen] = []
+
+
+def pytest_collection_finish(session):
+    """Start building the patched Dovecot for the selected releases in the background as
+    soon as a test that needs it is collected: on a new machine the build takes longer than
+    a relay's other tests, so it runs while they do (niced) and is cached afterwards."""
+    if not any(Path(item.path).name == "test_dovecot_packages.py" for item in session.items):
+        return
+    import dovecotbuild
+
+    # in test order; test_dovecot_packages.py covers each release on its Postfix relay
+    suites = dict.fromkeys(p.suite for p in selected_platforms() if p.mta == "postfix")
+    missing = [s for s in suites if not dovecotbuild.is_built(s)]
+    if not missing or os.geteuid() != 0:
+        return
+    argv = ["nice", "-n", "10", sys.executable, dovecotbuild.__file__]
+    for suite in missing:
+        argv += ["--suite", suite]
+    log = SESSIONS_DIR / "dovecot-build.log"
+    SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        _DOVECOT_BUILD.append(
+            subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+
+
+def pytest_sessionfinish(session):
+    """A build still running when the tests end is stopped (nothing outlives the run)."""
+    while _DOVECOT_BUILD:
+        build = _DOVECOT_BUILD.pop()
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGTERM)
+            build.wait(timeout=120)
 
 
 def selected_platforms() -> tuple:

@@ -87,6 +87,8 @@ def main() -> int:
         name = kwargs.get("name", state_id)
         target = args.out / "files" / name.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
+        if str(kwargs.get("source", "")).startswith(("http://", "https://")):
+            continue  # a download (e.g. upstream's Dovecot .debs), not a file of the formula
         if "contents" in kwargs:
             contents = kwargs["contents"]
             text = contents if isinstance(contents, str) else "\n".join(map(str, contents))

@@ -54,6 +54,9 @@ include:
       "dns": {"dkim_selector": chatmail.dkim.selector, "dkim_txt": api.dkim_public},
       "probe": {"enabled": true, "interval_s": api.probe_interval,
                 "submission_port": chatmail.ports.submission, "imap_port": chatmail.ports.imaps},
+      "dovecot": {"packages": chatmail.dovecot.packages,
+                  "version_command": chatmail.dovecot.version_command,
+                  "upstream_version": chatmail.dovecot.upstream.version},
     } %}
 
 chatmail-api-settings:

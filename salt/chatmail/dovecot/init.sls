@@ -96,6 +96,9 @@ chatmail-dovecot-service:
     - watch:
       - file: chatmail-dovecot-config
       - file: chatmail-dovecot-push-lua
+{%- if chatmail.dovecot.pin_file %}
+      - {{ "pkg" if chatmail.dovecot.packages == "upstream" else "cmd" }}: chatmail-dovecot-packages
+{%- endif %}
 {%- if chatmail.init == "systemd" %}
       - module: chatmail-dovecot-restart-dropin
 {%- endif %}
