@@ -2,7 +2,7 @@
 
 coturn has no config validator (it logs unknown lines and starts anyway), so the rendered
 config is checked here for what a public TURN server must have, and the container tests
-(tests/e2e/test_turn.py) check coturn's own log and a real client against it.
+(tests/e2e/test_turn_server.py) check coturn's own log and a real client against it.
 """
 
 from __future__ import annotations
