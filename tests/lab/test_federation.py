@@ -177,14 +177,19 @@ def test_port25_refuses_with_upstreams_reply(port25, case):
     assert reply["text"].strip() == text, reply
 
 
-def test_port25_takes_any_local_part_and_bounces_later(port25):
-    """No address probing at RCPT: an unknown account is refused at delivery, by a bounce
-    (test_bounce_for_unknown_recipient_reaches_the_sender)."""
+def test_port25_unknown_local_part(port25):
+    """Postfix takes any local part at RCPT and bounces later; OpenSMTPD refuses an unknown
+    account at RCPT (test_bounce_for_unknown_recipient_reaches_the_sender). Either way the
+    sender learns it; only the moment differs."""
+    nobody = f"nobody@{port25['receiver'].domain}"
     reply = smtp_from_relay(
-        port25["lab"], port25["sender"], port25["receiver"], port25["from"],
-        f"nobody@{port25['receiver'].domain}", None,
+        port25["lab"], port25["sender"], port25["receiver"], port25["from"], nobody, None
     )
-    assert (reply["stage"], reply["code"]) == ("rcpt", 250), reply
+    if port25["receiver"].mta == "opensmtpd":
+        assert (reply["stage"], reply["code"]) == ("rcpt", 550), reply
+        assert reply["text"].strip() == f"Invalid recipient: <{nobody}>", reply
+    else:
+        assert (reply["stage"], reply["code"]) == ("rcpt", 250), reply
 
 
 # --- faults -------------------------------------------------------------------------------
