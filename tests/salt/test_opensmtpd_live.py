@@ -584,6 +584,18 @@ def test_submission_to_an_unknown_account_is_refused_not_relayed(relay):
         assert client.rcpt(sender)[0] == 250
 
 
+def test_own_mail_reaches_accounts_only(relay):
+    """smtpd's own mail (bounces) enters through the local socket, tag "own": delivered to
+    an existing account, refused for an unknown one like any other."""
+    known, unknown = new_address("ownmail"), new_address("ownnone")
+    create_account(relay, known)
+    message = f"From: MAILER-DAEMON@{DOMAIN}\nTo: {{}}\nSubject: report\n\nbody\n"
+    chroot(relay["root"], "sendmail", "-f", "", known, input=message.format(known))
+    assert b"Subject: report" in relay["sink"].wait_for(known)
+    with pytest.raises(RuntimeError, match="Invalid recipient"):
+        chroot(relay["root"], "sendmail", "-f", "", unknown, input=message.format(unknown))
+
+
 def test_table_failure_is_temporary_and_smtpd_lives_on(relay):
     """An account table error (here: an unreadable password file) is a 4xx for that
     login only: smtpd 7.6 takes the table's ``error|<why>`` reply and keeps serving."""
