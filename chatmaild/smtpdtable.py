@@ -16,7 +16,7 @@ Replies are ``<op>-result|<id>|found[|<value>]``, ``...|not-found`` or ``...|err
 Queries run in worker threads and may be answered out of order; each reply line is
 written whole.
 
-Services (``--services``, default ``credentials,mailaddrmap``):
+Services (``--services``, default ``credentials,mailaddrmap,mailaddr``):
 
 - ``credentials`` (lookup): ``<user>:<crypt hash>`` of an existing account; smtpd checks
   the password itself (``crypt_checkpass``, case preserved). Never creates: accounts come
@@ -32,6 +32,11 @@ Services (``--services``, default ``credentials,mailaddrmap``):
 - ``mailaddrmap`` (lookup): an existing account maps to itself, for smtpd's
   ``senders <table>`` (MAIL FROM must be the login, like Postfix's
   ``reject_sender_login_mismatch``).
+- ``mailaddr`` (check, key ``<user>@<domain>``): found for an existing account, for
+  smtpd's ``match ... rcpt-to <table>``; a ``+tag`` is ignored, as smtpd's own tables and
+  Dovecot do. An unknown recipient then matches no rule and smtpd refuses it at RCPT:
+  smtpd 7.6 takes every LMTP error for temporary (OpenSMTPD issue #1276), so Dovecot's
+  550 would leave the mail in the queue for days instead of bouncing it.
 
 Why ``auth`` is not the default: OpenSMTPD 7.6's ``table_lookup`` lowercases every key
 before sending it, the ``auth`` key ``<user>:<password>`` included (a later fix, carried
@@ -41,7 +46,7 @@ so the IMAP login with the real password then fails, and an account made over IM
 with capitals in its password (``chatmail-newcreds`` generates them) never passes SMTP
 AUTH. Use ``auth`` only with an smtpd that passes the key verbatim.
 
-Usage: ``chatmail-smtpd-table [--services credentials,mailaddrmap,auth,userinfo] INI``
+Usage: ``chatmail-smtpd-table [--services credentials,mailaddrmap,mailaddr,auth,userinfo] INI``
 (smtpd.conf ``table chatmail "chatmail:<ini>"`` runs ``<libexec>/table-chatmail <ini>``,
 a wrapper that adds the options).
 """
@@ -68,8 +73,10 @@ from .user import InvalidAddress, UnusablePasswordFile, User
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "0.1"
-SERVICES = ("auth", "credentials", "userinfo", "mailaddrmap")
-DEFAULT_SERVICES = ("credentials", "mailaddrmap")  # see the module docstring: not auth
+SERVICES = ("auth", "credentials", "userinfo", "mailaddrmap", "mailaddr")
+DEFAULT_SERVICES = ("credentials", "mailaddrmap", "mailaddr")  # see the docstring: not auth
+#: smtpd's default ``sub-addr-delim``, Dovecot's default ``recipient_delimiter``.
+SUBADDRESS_DELIMITER = "+"
 OPERATIONS = ("check", "lookup", "fetch")
 WORKERS = 4
 MAX_LINE = 64 * 1024
@@ -192,6 +199,11 @@ class ChatmailTable:
             if query.op != "check":
                 return "error|auth supports check only"
             return "found" if self._authenticate(query.key or "") else "not-found"
+        if query.service == "mailaddr":
+            if query.op != "check":
+                return "error|mailaddr supports check only"
+            found = self._existing_hash(_without_subaddress(query.key or "")) is not None
+            return "found" if found else "not-found"
         if query.service == "mailaddrmap" and query.op == "lookup":
             # smtpd's `listen ... senders <table>`: an account may send as itself only.
             found = self._existing_hash(query.key or "") is not None
@@ -268,6 +280,13 @@ class ChatmailTable:
                     serve(line)  # handshake lines are cheap and must be seen in order
                 elif line:
                     pool.submit(serve, line)
+
+
+def _without_subaddress(addr: str) -> str:
+    """``alice+news@x`` -> ``alice@x`` (localparts never contain the delimiter)."""
+    localpart, at, domain = addr.rpartition("@")
+    base = localpart.partition(SUBADDRESS_DELIMITER)[0]
+    return f"{base}{at}{domain}" if base else addr
 
 
 def _vmail_ids() -> tuple[int, int]:

@@ -114,7 +114,9 @@ def test_format_reply_keeps_one_line():
 
 @pytest.fixture
 def table(example_config):
-    return ChatmailTable(example_config, ("auth", "credentials", "userinfo", "mailaddrmap"))
+    return ChatmailTable(
+        example_config, ("auth", "credentials", "userinfo", "mailaddrmap", "mailaddr")
+    )
 
 
 def test_auth_creates_then_verifies(table, example_config):
@@ -210,10 +212,38 @@ def test_mailaddrmap_maps_an_account_to_itself(table, example_config):
     )
 
 
+def test_mailaddr_matches_existing_accounts_only(table, example_config):
+    """smtpd's ``match ... rcpt-to <chatmail>`` (a ``check`` of service ``mailaddr``, key
+    lowercased by smtpd): only an existing account receives mail; any other address of
+    our domain matches no rule and smtpd refuses it at RCPT. Never creates."""
+    addr = f"abcdefghi@{DOMAIN}"
+    get_or_create(example_config, addr, "password123")
+    expected = {
+        addr: "found",
+        f"abcdefghi+news@{DOMAIN}": "found",  # smtpd's and Dovecot's subaddress delimiter
+        f"nobody123@{DOMAIN}": "not-found",
+        f"postmaster@{DOMAIN}": "not-found",  # reserved: never an account (as on Postfix)
+        f"mailer-daemon@{DOMAIN}": "not-found",
+        f"+abcdefghi@{DOMAIN}": "not-found",
+        "abcdefghi@elsewhere.org": "not-found",
+        f"../abcdefghi@{DOMAIN}": "not-found",
+        "abcdefghi": "not-found",
+        "": "not-found",
+    }
+    for i, (key, result) in enumerate(expected.items()):
+        assert table.reply(query("check", "mailaddr", f"r{i}", key)) == (
+            f"check-result|r{i}|{result}\n"
+        ), key
+    assert sorted(os.listdir(example_config.mailboxes_path)) == [addr]
+    assert table.reply(query("lookup", "mailaddr", "l1", addr)).startswith(
+        "lookup-result|l1|error|"
+    )
+
+
 def test_default_services_never_create(example_config):
     """The default (credentials) only answers for accounts that exist."""
     table = ChatmailTable(example_config)
-    assert table.services == ("credentials", "mailaddrmap")
+    assert table.services == ("credentials", "mailaddrmap", "mailaddr")
     line = query("check", "auth", "d1", f"abcdefghi@{DOMAIN}:password123")
     assert table.reply(line).startswith("check-result|d1|error|")
     assert os.listdir(example_config.mailboxes_path) == []
@@ -336,7 +366,11 @@ def table_process(example_config, tmp_path):
 
 def test_handshake_registers_credentials_by_default(table_process):
     proc = table_process()
-    assert proc.handshake() == ["register|credentials\n", "register|mailaddrmap\n"]
+    assert proc.handshake() == [
+        "register|credentials\n",
+        "register|mailaddrmap\n",
+        "register|mailaddr\n",
+    ]
     assert proc.close() == 0
 
 
@@ -423,6 +457,7 @@ def test_unusable_password_file_is_a_temporary_failure(table, example_config, ca
             ("lookup", "credentials", addr),
             ("lookup", "userinfo", addr),
             ("lookup", "mailaddrmap", addr),
+            ("check", "mailaddr", addr),
         ]
     ):
         reply = table.reply(query(op, service, str(i), key))

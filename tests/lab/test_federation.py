@@ -37,34 +37,31 @@ def new_account(lab: labctl.Lab, minion_id: str) -> Account:
 
 # --- bounces ------------------------------------------------------------------------------
 
-#: (sender's relay, relay without the recipient): bounces of Postfix with a lab-CA
-#: certificate and of the `_` Postfix relay, to OpenSMTPD and to Postfix.
+#: (sender's relay, relay without the recipient, who writes the bounce): bounces of Postfix
+#: with a lab-CA certificate and of the `_` Postfix relay, to OpenSMTPD and to Postfix.
+#: OpenSMTPD refuses an unknown account at RCPT instead (its LMTP client would take
+#: Dovecot's 550 for temporary, OpenSMTPD issue #1276): the sender's own MTA bounces.
 BOUNCES = [
-    ("relay2", "relay1"),
-    ("relay2", "relay3"),
-    ("relay1", "relay3"),
-    pytest.param(
-        "relay1",
-        "relay2",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="OpenSMTPD 7.6 takes Dovecot's LMTP 550 for a temporary failure "
-            "(OpenSMTPD issue #1276): the mail waits in relay2's queue for queue_ttl "
-            "(2 days) before the sender hears of it",
-        ),
-    ),
+    ("relay2", "relay1", "destination"),
+    ("relay2", "relay3", "destination"),
+    ("relay1", "relay3", "destination"),
+    ("relay1", "relay2", "source"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("source", "destination"),
+    ("source", "destination", "bouncer"),
     BOUNCES,
     ids=["relay2->relay1", "relay2->relay3", "relay1->relay3", "relay1->relay2"],
 )
-def test_bounce_for_unknown_recipient_reaches_the_sender(dns_filled, source, destination):
-    """The recipient's relay accepts the mail, Dovecot refuses the unknown account, and the
-    MTA's bounce (DKIM-signed by that relay) passes the sender relay's incoming checks:
-    a delivery report from the null sender, in cleartext, with an aligned signature."""
+def test_bounce_for_unknown_recipient_reaches_the_sender(
+    dns_filled, source, destination, bouncer
+):
+    """A Postfix recipient relay accepts the mail, Dovecot refuses the unknown account, and
+    the MTA's bounce (DKIM-signed by that relay) passes the sender relay's incoming checks:
+    a delivery report from the null sender, in cleartext, with an aligned signature. An
+    OpenSMTPD recipient relay refuses at RCPT, and the sender's MTA bounces at once with
+    that reply."""
     sender = new_account(dns_filled, source)
     receiver = spec(dns_filled, destination)
     nobody = f"nobody{time.monotonic_ns() % 10**6}@{receiver.domain}"
@@ -74,7 +71,13 @@ def test_bounce_for_unknown_recipient_reaches_the_sender(dns_filled, source, des
     bounce = email.message_from_bytes(raw, policy=email.policy.default)
     assert msgid.encode() in raw and nobody.encode() in raw
     assert bounce.get_content_type() == "multipart/report", bounce["Content-Type"]
-    assert bounce["From"].addresses[0].addr_spec.lower() == f"mailer-daemon@{receiver.domain}"
+    bouncing = receiver if bouncer == "destination" else sender.relay
+    assert bounce["From"].addresses[0].addr_spec.lower() == f"mailer-daemon@{bouncing.domain}"
+    if bouncer == "source":
+        unfolded = b" ".join(raw.split())  # Postfix wraps the reply in its report
+        assert f"550 Invalid recipient: <{nobody}>".encode() in unfolded
+        assert b"in reply to RCPT TO command" in unfolded
+        return
     # It came over port 25 from the recipient's relay (not made up by the sender's own MTA)
     received = inbound_session(
         dns_filled.relay(source), sender.relay.mta, "", sender.addr
@@ -174,14 +177,19 @@ def test_port25_refuses_with_upstreams_reply(port25, case):
     assert reply["text"].strip() == text, reply
 
 
-def test_port25_takes_any_local_part_and_bounces_later(port25):
-    """No address probing at RCPT: an unknown account is refused at delivery, by a bounce
-    (test_bounce_for_unknown_recipient_reaches_the_sender)."""
+def test_port25_unknown_local_part(port25):
+    """Postfix takes any local part at RCPT and bounces later; OpenSMTPD refuses an unknown
+    account at RCPT (test_bounce_for_unknown_recipient_reaches_the_sender). Either way the
+    sender learns it; only the moment differs."""
+    nobody = f"nobody@{port25['receiver'].domain}"
     reply = smtp_from_relay(
-        port25["lab"], port25["sender"], port25["receiver"], port25["from"],
-        f"nobody@{port25['receiver'].domain}", None,
+        port25["lab"], port25["sender"], port25["receiver"], port25["from"], nobody, None
     )
-    assert (reply["stage"], reply["code"]) == ("rcpt", 250), reply
+    if port25["receiver"].mta == "opensmtpd":
+        assert (reply["stage"], reply["code"]) == ("rcpt", 550), reply
+        assert reply["text"].strip() == f"Invalid recipient: <{nobody}>", reply
+    else:
+        assert (reply["stage"], reply["code"]) == ("rcpt", 250), reply
 
 
 # --- faults -------------------------------------------------------------------------------

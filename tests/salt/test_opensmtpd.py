@@ -160,7 +160,17 @@ def test_smtpd_conf_policy(rendered):
     inbound_rules = [
         line for line in conf.splitlines() if line.startswith("match") and '"inbound"' in line
     ]
-    assert inbound_rules == [f'match from any tag "inbound" for domain "{d}" action "local"']
+    assert inbound_rules == [
+        f'match from any tag "inbound" for domain "{d}" rcpt-to <chatmail> action "local"'
+    ]
+    # our domain: existing accounts only, everywhere; unknown ones are never relayed
+    rules = [line for line in conf.splitlines() if line.startswith("match")]
+    for rule in rules:
+        if 'action "local"' in rule:
+            assert f'for domain "{d}" rcpt-to <chatmail>' in rule
+        else:
+            assert f'! for domain "{d}"' in rule or "! rcpt-to <ourdomain>" in rule
+    assert f'table ourdomain {{ "@{d}" }}' in conf
     assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
 
 

@@ -564,6 +564,42 @@ def test_incoming_for_other_domains_is_refused(relay):
         assert code >= 500
 
 
+def test_unknown_account_is_refused_at_rcpt(relay):
+    """smtpd 7.6 takes every LMTP error for temporary (OpenSMTPD issue #1276), so Dovecot's
+    550 for an unknown user would wait in the queue for days: the account table refuses
+    the recipient at RCPT instead, and the sending MTA bounces at once."""
+    known, unknown = new_address("known"), new_address("unknown")
+    create_account(relay, known)
+    with port25(relay) as client:
+        client.ehlo("remote.example")
+        assert client.mail(f"carol@{REMOTE}")[0] == 250
+        assert client.rcpt(unknown) == (550, f"Invalid recipient: <{unknown}>".encode())
+        assert client.rcpt(f"postmaster@{DOMAIN}")[0] == 550  # no account, as on Postfix
+        assert client.rcpt(known)[0] == 250
+        assert client.rcpt(known.replace("@", "+tag@"))[0] == 250
+    assert not (relay["mailboxes"] / unknown).exists()
+
+
+def test_submission_to_an_unknown_account_is_refused_not_relayed(relay):
+    sender, unknown = new_address("sender"), new_address("nobody")
+    with login(relay, sender) as client:
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt(unknown)[0] == 550
+        assert client.rcpt(sender)[0] == 250
+
+
+def test_own_mail_reaches_accounts_only(relay):
+    """smtpd's own mail (bounces) enters through the local socket, tag "own": delivered to
+    an existing account, refused for an unknown one like any other."""
+    known, unknown = new_address("ownmail"), new_address("ownnone")
+    create_account(relay, known)
+    message = f"From: MAILER-DAEMON@{DOMAIN}\nTo: {{}}\nSubject: report\n\nbody\n"
+    chroot(relay["root"], "sendmail", "-f", "", known, input=message.format(known))
+    assert b"Subject: report" in relay["sink"].wait_for(known)
+    with pytest.raises(RuntimeError, match="Invalid recipient"):
+        chroot(relay["root"], "sendmail", "-f", "", unknown, input=message.format(unknown))
+
+
 def test_table_failure_is_temporary_and_smtpd_lives_on(relay):
     """An account table error (here: an unreadable password file) is a 4xx for that
     login only: smtpd 7.6 takes the table's ``error|<why>`` reply and keeps serving."""

@@ -38,7 +38,7 @@ chatmail-mta-doas:
     - marker_start: "# chatmail: account table for OpenSMTPD (managed by Salt) -- start"
     - marker_end: "# chatmail: account table for OpenSMTPD (managed by Salt) -- end"
     - content: |
-        permit nopass {{ o.user }} as {{ chatmail.users.vmail }} cmd {{ table }} args --services credentials,mailaddrmap {{ chatmail.paths.ini }}
+        permit nopass {{ o.user }} as {{ chatmail.users.vmail }} cmd {{ table }} args --services credentials,mailaddrmap,mailaddr {{ chatmail.paths.ini }}
     - append_if_not_found: True
     - require:
       - file: chatmail-mta-doas-mode
