@@ -700,6 +700,7 @@ SUB_STATES = (
     "chatmail.limits",
     "chatmail.api.stats",
     "chatmail.api.daemon",
+    "chatmail.upstream",
 )
 
 
