@@ -82,28 +82,31 @@ privacy_pdo =
 privacy_supervisor =
 """
 
-#: Stand-ins for upstream's daemons: each holds the port upstream's holds.
+#: Stand-in for upstream's daemons, at their binaries' paths: holds the port upstream's
+#: holds (arguments: address port tcp|udp).
 STANDIN = """\
 #!/usr/bin/python3
-# stand-in for an upstream daemon: holds its port ({kind} {port})
-import socket, time
-s = socket.socket(socket.AF_INET, socket.SOCK_{sock})
+import socket, sys, time
+addr, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("{addr}", {port}))
-{listen}
+s.bind((addr, port))
+if proto == "tcp":
+    s.listen(16)
 while True:
     time.sleep(3600)
 """
 
-#: unit -> (binary, address, port, tcp/udp): upstream's ports (inventory 3.14)
+#: unit -> (binary, address, port, tcp/udp): upstream's binaries and ports (inventory 3.13,
+#: 3.14); acmetool's redirector is the acmetool package's, stood in for by a test file
 UPSTREAM_DAEMONS = {
     "filtermail.service": ("/usr/local/bin/filtermail", "127.0.0.1", 10080, "tcp"),
-    "filtermail-incoming.service": ("/usr/local/bin/filtermail-in", "127.0.0.1", 10081, "tcp"),
-    "filtermail-transport.service": ("/usr/local/bin/filtermail-tr", "127.0.0.1", 10083, "tcp"),
+    "filtermail-incoming.service": ("/usr/local/bin/filtermail", "127.0.0.1", 10081, "tcp"),
+    "filtermail-transport.service": ("/usr/local/bin/filtermail", "127.0.0.1", 10083, "tcp"),
     "iroh-relay.service": ("/usr/local/bin/iroh-relay", "0.0.0.0", 3340, "tcp"),
     "turnserver.service": ("/usr/local/bin/chatmail-turn", "0.0.0.0", 3478, "udp"),
     "mtail.service": ("/usr/local/bin/mtail", "127.0.0.1", 3903, "tcp"),
-    "acmetool-redirector.service": ("/usr/local/bin/acmetool-redirector", "127.0.0.1", 402, "tcp"),
+    "acmetool-redirector.service": ("/usr/local/sbin/test-standin", "127.0.0.1", 402, "tcp"),
 }
 
 #: upstream's other units (oneshots and their timers, a path unit), enabled as upstream does
@@ -162,7 +165,8 @@ def build_upstream_relay(container) -> dict:
     sh(
         container,
         "set -e; mkdir -p /etc/dkimkeys; "
-        f"opendkim-genkey -D /etc/dkimkeys -d {DOMAIN} -s opendkim; chown -R opendkim: /etc/dkimkeys; "
+        f"opendkim-genkey -D /etc/dkimkeys -d {DOMAIN} -s opendkim; "
+        "chown -R opendkim: /etc/dkimkeys; "
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -noenc -days 36500 "
         "-keyout /etc/ssl/private/mailserver.key -out /etc/ssl/certs/mailserver.pem "
         f"-subj /CN={DOMAIN} 2>/dev/null",
@@ -181,13 +185,11 @@ def build_upstream_relay(container) -> dict:
     # upstream's daemons: unit files, binaries (stand-ins), enabled and running
     units = []
     for unit, (binary, addr, port, proto) in UPSTREAM_DAEMONS.items():
-        listen = "s.listen(16)" if proto == "tcp" else ""
-        sock = "STREAM" if proto == "tcp" else "DGRAM"
-        script = STANDIN.format(kind=proto, port=port, addr=addr, sock=sock, listen=listen)
-        container.write_file(binary, script, mode="0755")
+        container.write_file(binary, STANDIN, mode="0755")
         container.write_file(
             f"/etc/systemd/system/{unit}",
-            f"[Unit]\nDescription=upstream {unit}\n[Service]\nExecStart={binary}\n"
+            f"[Unit]\nDescription=upstream {unit}\n[Service]\n"
+            f"ExecStart={binary} {addr} {port} {proto}\n"
             "Restart=always\n[Install]\nWantedBy=multi-user.target\n",
         )
         units.append(unit)
@@ -253,6 +255,10 @@ def upstream(platform):
     if platform.mta != "postfix":
         pytest.skip("upstream relays run Postfix; adopting one with mta: opensmtpd is not built")
     relayctl.require_tools()
+    # the previous session's container may still be letting go of its ports
+    deadline = time.monotonic() + 60
+    while relayctl.busy_ports() and time.monotonic() < deadline:
+        time.sleep(2)
     relayctl.require_free_ports()
     SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
     name = f"chatmail-adopt-{platform.suite}-{uuid.uuid4().hex[:8]}"
@@ -356,7 +362,8 @@ def test_upstream_units_and_files_are_gone(adopted):
         assert sh(container, ["test", "-e", path], check=False).returncode == 1, path
     assert sh(container, "dpkg -s fcgiwrap", check=False).returncode != 0
     # ours in upstream's place: the venv holds this checkout's distribution only
-    assert sh(container, f"ls -d {VENV}/lib/python3*/site-packages/chatmaild-*", check=False).returncode
+    upstream_dist = f"ls -d {VENV}/lib/python3*/site-packages/chatmaild-*"
+    assert sh(container, upstream_dist, check=False).returncode
     for unit in ("filtermail.service", "filtermail-incoming.service"):
         exec_start = sh(container, ["systemctl", "show", "-p", "ExecStart", unit]).stdout
         assert f"{VENV}/bin/filtermail" in exec_start
@@ -411,7 +418,8 @@ def test_mail_between_old_accounts_flows_and_is_stored_compressed(adopted):
     relay = adopted["client"]
     a, b = adopted["accounts"][1], adopted["accounts"][2]
     msgid = message_id(DOMAIN)
-    relay.send(587, a["addr"], a["password"], [b["addr"]], encrypted_mail(a["addr"], [b["addr"]], msgid))
+    message = encrypted_mail(a["addr"], [b["addr"]], msgid)
+    relay.send(587, a["addr"], a["password"], [b["addr"]], message)
     relay.fetch_inbox_message(b["addr"], b["password"], msgid)
     newest = sh(adopted["relay"], f"ls -t {b['home']}/new/* {b['home']}/cur/* | head -1").stdout
     head = sh(adopted["relay"], ["head", "-c", "2", newest.strip()], text=False).stdout

@@ -52,5 +52,6 @@ def test_every_leftover_has_its_states(render, platform):
 
 
 def test_openbsd_has_none(render):
-    states = render("openbsd7", "example", pillar=PILLARS["example"](), grains=OPENBSD_GRAINS).states
+    pillar = PILLARS["example"]()
+    states = render("openbsd7", "example", pillar=pillar, grains=OPENBSD_GRAINS).states
     assert not [s for s in states if s.startswith("chatmail-upstream-")]
