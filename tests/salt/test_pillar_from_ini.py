@@ -8,11 +8,18 @@ same settings: its chatmail.ini, read by chatmaild, equals upstream's key by key
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import yaml
 from pillar_from_ini import NO_COUNTERPART, main, pillar_from_params, read_params
 
-from chatmaild.config import Config, load_config
+from chatmaild.config import DEFAULT_INI_PATH, load_config
+
+DEFAULT_INI = str(DEFAULT_INI_PATH)
+REPO = Path(__file__).resolve().parents[2]
 
 #: upstream 1.12's template as `cmdeploy init chat.example.org` writes it (comments cut short)
 TEMPLATE = """\
@@ -243,3 +250,12 @@ def test_adopted_relay_serves_the_same_settings(tmp_path, render):
     assert len(written) > 10
     for key in sorted(written):
         assert getattr(formula, key) == getattr(upstream, key), key
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or Path(DEFAULT_INI).exists(), reason="root, no relay")
+def test_deploy_adopt_refuses_a_host_that_is_no_upstream_relay():
+    res = subprocess.run(
+        [REPO / "scripts/deploy", "--adopt", "--dry-run"], capture_output=True, text=True
+    )
+    assert res.returncode == 2
+    assert f"{DEFAULT_INI} not found: not a relay deployed by cmdeploy" in res.stderr
