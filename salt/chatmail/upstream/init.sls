@@ -57,6 +57,6 @@ chatmail-upstream-units-reload:
     - service.systemctl_reload: []
 
 chatmail-upstream-packages:
-  pkg.removed:
+  pkg.purged:
     - pkgs: {{ leftovers.packages | json }}
 {%- endif %}
