@@ -19,7 +19,9 @@ def put_mail_file(relay, addr: str, name: str, content: bytes) -> None:
     """A file in the account's INBOX cur/, written as a delivery would (tmp/, then rename)."""
     home = relay.mailbox_dir(addr)
     tmp, final = f"{home}/tmp/{name}", f"{home}/cur/{name}"
+    # a first login creates the account; Dovecot makes the Maildir on first use
     relay.container.run(
+        f"install -d -o vmail -g vmail -m 0700 {home}/cur {home}/new {home}/tmp && "
         f"cat > {shlex.quote(tmp)} && chown vmail:vmail {shlex.quote(tmp)} && "
         f"chmod 0600 {shlex.quote(tmp)} && mv {shlex.quote(tmp)} {shlex.quote(final)}",
         input=content,
