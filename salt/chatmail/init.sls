@@ -4,6 +4,8 @@
 include:
   - chatmail.checks
   - chatmail.users
+  # first: upstream's daemons stop before ours take their ports (a no-op elsewhere)
+  - chatmail.upstream
   - chatmail.packages
   - chatmail.tls
   - chatmail.chatmaild

@@ -452,6 +452,23 @@ def test_dovecot_passes_doveconf(rendered, tmp_path, test_cert, request):
         assert f"storage_size = {m['dovecot']['quota_mb']}M" in out
         assert "auth-doveauth.lua" in out
     assert ("imap_hibernate_timeout = 30" in out) is (not s["imap_compress"])
+    # mail files upstream stored gz-compressed are read, and new ones stored the same way
+    if m["dovecot"]["syntax"] == "2.3":
+        assert re.search(r"^mail_plugins = .*\bzlib\b", out, re.MULTILINE), out
+        assert "zlib_save = gz" in out
+    else:
+        assert re.search(r"mail_plugins \{[^}]*mail_compress = yes", out), out
+        assert "mail_compress_write_method = gz" in out
+
+
+def test_dovecot_stores_raw_when_compression_is_off(render, tmp_path, test_cert):
+    """mail_compress "" stores new mail raw; the plugin still reads compressed files."""
+    pillar = _example_pillar()
+    pillar["chatmail"]["dovecot"]["mail_compress"] = ""
+    rendered = render("debian12", "raw-mail", pillar)
+    out = doveconf_check(rendered, tmp_path, *test_cert, None)
+    assert "zlib_save" not in out
+    assert re.search(r"^mail_plugins = .*\bzlib\b", out, re.MULTILINE), out
 
 
 def test_dovecot_quota_is_parsed_like_chatmaild(render):
@@ -688,6 +705,7 @@ SUB_STATES = (
     "chatmail.api.stats",
     "chatmail.api.daemon",
     "chatmail.turn",
+    "chatmail.upstream",
 )
 
 
@@ -781,6 +799,7 @@ def test_dovecot_plugins_exist(rendered, request):
     shipped = {re.sub(r"^lib\d+_(.*)_plugin\.so$", r"\1", p.name) for p in modules.iterdir()}
     wanted = dovecot_plugins(rendered.text("/etc/dovecot/dovecot.conf"), syntax)
     assert {"quota", "imap_quota", "last_login", "mail_lua", "push_notification_lua"} <= wanted
+    assert wanted & {"zlib", "mail_compress"}
     assert wanted - shipped == set()
 
 

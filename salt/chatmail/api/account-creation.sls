@@ -25,21 +25,22 @@ chatmail-api-account-creation-dir:
       - user: chatmail-users-api
 {%- if not pinned %}
 
-chatmail-api-nocreate-adopt:
-  cmd.run:
-    - name: mv -f {{ nocreate }} {{ api.account_creation_dir }}/nocreate
-    - onlyif: test -e {{ nocreate }} -a ! -L {{ nocreate }}
-    - require:
-      - file: chatmail-api-account-creation-dir
-
 {#- No link but a target: the operator removed /etc/chatmail-nocreate (the link) to
-    allow account creation again; keep it that way when the link comes back. #}
+    allow account creation again; keep it that way when the link comes back. Checked
+    before a plain file is moved behind the link: afterwards the path is empty too. #}
 chatmail-api-nocreate-removed:
   file.absent:
     - name: {{ api.account_creation_dir }}/nocreate
     - onlyif: test ! -e {{ nocreate }} -a ! -L {{ nocreate }}
     - require:
-      - cmd: chatmail-api-nocreate-adopt
+      - file: chatmail-api-account-creation-dir
+
+chatmail-api-nocreate-adopt:
+  cmd.run:
+    - name: mv -f {{ nocreate }} {{ api.account_creation_dir }}/nocreate
+    - onlyif: test -e {{ nocreate }} -a ! -L {{ nocreate }}
+    - require:
+      - file: chatmail-api-nocreate-removed
 
 chatmail-api-nocreate-link:
   file.symlink:
