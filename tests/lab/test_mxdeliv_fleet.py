@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 from relayclient import encrypted_mail, message_id, plain_mail, unverified_context
-from test_fleet import Account
+from fleetclient import Account
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -102,7 +102,7 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
         assert cannot_connect(host, recipient.relay.address, 25)
         msgid = message_id(sender.relay.domain)
         started = time.monotonic()
-        sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+        sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
         raw = recipient.wait_for(msgid)
         print(f"\n{source} -> {destination} over HTTPS: {time.monotonic() - started:.1f} s")
     assert b"-----BEGIN PGP MESSAGE-----" in raw
@@ -118,7 +118,7 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
 def test_opensmtpd_relay_still_sends_over_smtp(https_fleet, users):
     sender, recipient = users["relay2"], users["relay1"]
     msgid = message_id(sender.relay.domain)
-    sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+    sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
     recipient.wait_for(msgid)
 
 
@@ -152,7 +152,7 @@ def test_without_mxdeliv_mail_goes_over_smtp_and_https_is_tried_again_later(http
     with mxdeliv_location_removed(peer, recipient.relay):
         for _ in range(2):  # the second one does not ask over HTTPS again
             msgid = message_id(sender.relay.domain)
-            sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+            sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
             recipient.wait_for(msgid)
         first_tried = time.time()
     sent = channel_lines(host, recipient.addr, since)
@@ -162,7 +162,7 @@ def test_without_mxdeliv_mail_goes_over_smtp_and_https_is_tried_again_later(http
     time.sleep(max(0.0, first_tried + RETRY_AFTER + 1 - time.time()))
     since = time.time() - 1
     msgid = message_id(sender.relay.domain)
-    sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+    sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
     recipient.wait_for(msgid)
     sent = channel_lines(host, recipient.addr, since)
     assert any("channel=https result=accepted" in line for line in sent), sent
@@ -229,7 +229,7 @@ def test_latency_https_vs_smtp(https_fleet, users):
     def deliver() -> float:
         msgid = message_id(sender.relay.domain)
         started = time.monotonic()
-        sender.send(recipient, encrypted_mail(sender.addr, [recipient.addr], msgid))
+        sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
         recipient.wait_for(msgid)
         return time.monotonic() - started
 

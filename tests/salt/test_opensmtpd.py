@@ -137,7 +137,7 @@ def test_smtpd_conf_policy(rendered):
             f"listen on 127.0.0.1 port {s['postfix_reinject_port_incoming']}"
             ' filter "chatmail-in" tag "mxdeliv"'
         )
-        assert f'match from local tag "mxdeliv" for domain "{d}" action "local"' in conf
+        assert f'match from local tag "mxdeliv" for domain "{d}" rcpt-to <chatmail> action "local"' in conf
     assert 'listen on socket filter "dkimsign"' in conf
     venv, ini, u = m["paths"]["venv"], m["paths"]["ini"], m["users"]
     for name, mode in (("chatmail-in", "incoming"), ("chatmail-out", "outgoing")):

@@ -83,23 +83,27 @@ chatmail-api-adminctl-{{ scope }}-units-reload:
       - file: chatmail-api-adminctl-{{ scope }}-service-unit
       - file: chatmail-api-adminctl-{{ scope }}-socket-unit
 
+{#- A running instance serves old code until it stops, and systemd refuses to (re)start a
+    socket whose Accept=no service is still running: stopped first, the socket starts it
+    again with the next request. #}
+chatmail-api-adminctl-{{ scope }}-stop:
+  cmd.run:
+    - name: systemctl stop {{ unit }}.service
+    - onchanges:
+      - cmd: chatmail-chatmaild-venv
+      - file: chatmail-chatmaild-ini
+      - file: chatmail-api-adminctl-{{ scope }}-service-unit
+      - file: chatmail-api-adminctl-{{ scope }}-socket-unit
+    - require:
+      - module: chatmail-api-adminctl-{{ scope }}-units-reload
+
 chatmail-api-adminctl-{{ scope }}-socket:
   service.running:
     - name: {{ unit }}.socket
     - enable: True
     - require:
       - file: chatmail-api-blocklist-dir
+      - cmd: chatmail-api-adminctl-{{ scope }}-stop
     - watch:
-      - module: chatmail-api-adminctl-{{ scope }}-units-reload
-
-{#- A running instance serves old code until it restarts; the socket starts it again. #}
-chatmail-api-adminctl-{{ scope }}-restart:
-  cmd.run:
-    - name: systemctl try-restart {{ unit }}.service
-    - onchanges:
-      - cmd: chatmail-chatmaild-venv
-      - file: chatmail-chatmaild-ini
-      - file: chatmail-api-adminctl-{{ scope }}-service-unit
-    - require:
-      - service: chatmail-api-adminctl-{{ scope }}-socket
+      - file: chatmail-api-adminctl-{{ scope }}-socket-unit
 {%- endfor %}

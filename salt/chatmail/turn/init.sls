@@ -112,15 +112,25 @@ chatmail-turn-service:
       - file: chatmail-turn-coturn-dropin
       - module: chatmail-turn-units-reload
 
+{#- systemd refuses to restart a socket while its Accept=no service runs: stopped first,
+    chatmail-turn-credentials-service starts it again. #}
+chatmail-turn-credentials-stop:
+  cmd.run:
+    - name: systemctl stop chatmail-turn-credentials.service
+    - onchanges:
+      - file: chatmail-turn-credentials-socket-unit
+    - require:
+      - module: chatmail-turn-units-reload
+
 chatmail-turn-credentials-socket:
   service.running:
     - name: chatmail-turn-credentials.socket
     - enable: True
     - require:
       - user: chatmail-users-vmail
+      - cmd: chatmail-turn-credentials-stop
     - watch:
       - file: chatmail-turn-credentials-socket-unit
-      - module: chatmail-turn-units-reload
 
 {#- Started now rather than by the first connection, so /status sees it run; restarted
     when its code, unit or secret change. #}
