@@ -132,11 +132,12 @@ chatmail-turn-credentials-socket:
     - watch:
       - file: chatmail-turn-credentials-socket-unit
 
-{#- Started now rather than by the first connection, so /status sees it run; restarted
-    when its code, unit or secret change. #}
+{#- Started now and at boot rather than by the first connection, so /status sees it run;
+    restarted when its code, unit or secret change. #}
 chatmail-turn-credentials-service:
   service.running:
     - name: chatmail-turn-credentials.service
+    - enable: True
     - require:
       - service: chatmail-turn-credentials-socket
     - watch:
