@@ -17,15 +17,9 @@ next one.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts" / "lib"))
-sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
 
 import lab as labctl
 import relayctl

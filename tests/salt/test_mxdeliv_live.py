@@ -11,15 +11,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from test_render import stand_in
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chatmaild"))
 
 from filtermail_support import LoopThread, Sink, encrypted_mail
 
