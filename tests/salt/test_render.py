@@ -672,6 +672,9 @@ def test_daemon_units_are_sandboxed(rendered):
             assert line in text, (daemon, line)
         assert re.search(rf"^ExecStart={re.escape(m['paths']['venv'])}/bin/", text, re.MULTILINE)
     assert "ProtectHome=yes" in rendered.text("/etc/systemd/system/filtermail.service")
+    # the queue helper alone: Debian 13's postsuper cannot switch to the mail owner under it
+    assert "NoNewPrivileges=yes" in rendered.text("/etc/systemd/system/chatmail-adminctl-accounts.service")
+    assert "NoNewPrivileges=no" in rendered.text("/etc/systemd/system/chatmail-adminctl-queue.service")
     expire = rendered.text("/etc/systemd/system/chatmail-expire.service")
     assert f"chatmail-expire {m['paths']['ini']} --remove" in expire
     assert "Type=oneshot" in expire

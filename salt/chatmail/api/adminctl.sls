@@ -32,8 +32,12 @@ chatmail-api-blocklist-dir:
       - group: chatmail-users-api-group
 {%- if chatmail.mta == "postfix" %}
 {#-   root without these cannot enter Postfix's queue (postfix-owned, 0700) nor let
-      postsuper switch to the mail owner; postqueue lists interfaces (AF_NETLINK) #}
+      postsuper switch to the mail owner; postqueue lists interfaces (AF_NETLINK).
+      Under NoNewPrivileges Debian 13's postsuper (Postfix 3.10) fails that switch
+      ("setuid(102): Operation not permitted"): off for this scope, whose root stays
+      bounded by the capability set below. #}
 {%-   set queue = {"read_write_paths": [chatmail.postfix.queue_directory], "group": "root",
+                   "no_new_privileges": "no",
                    "capabilities": "CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_CHOWN CAP_SETUID CAP_SETGID",
                    "address_families": "AF_UNIX AF_NETLINK"} %}
 {%- else %}
