@@ -25,6 +25,7 @@ from chatmaild.fileio import write_text_atomic
 
 from .accountcreation import AccountCreationControl, CreationState, statvfs_path
 from .models import DnsReport, ProbeResult
+from .probe import unprovable
 from .settings import PortSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -563,6 +564,15 @@ class Checker:
         if result.ok:
             return CheckResult(
                 "probe.e2e", "critical", "ok", f"delivered in {result.duration_s:.2f} s"
+            )
+        if unprovable(result, self.config):
+            return CheckResult(
+                "probe.e2e",
+                "warning",
+                "unknown",
+                f"not proven: account creation is closed and the probe account cannot log in "
+                f"({result.detail[:120]})",
+                'PUT /account-creation {"enabled": true} once, so the probe account exists',
             )
         return CheckResult(
             "probe.e2e",

@@ -137,6 +137,17 @@ def _fetch_and_delete(settings: Settings, email: str, password: str, message_id:
             pass
 
 
+#: How a probe whose submission login was refused ends (probe_once's detail).
+LOGIN_REFUSED = "SMTPAuthenticationError"
+
+
+def unprovable(result: ProbeResult, config: Config) -> bool:
+    """A refused probe login while account creation is closed: the probe account is an
+    ordinary one, made by its first login, so it cannot exist until creation re-opens (an
+    adopted relay that had it closed, say). The operator's choice, not a broken relay."""
+    return not result.ok and LOGIN_REFUSED in result.detail and config.nocreate_file.exists()
+
+
 def probe_once(settings: Settings, config: Config) -> ProbeResult:
     started_at = datetime.now(UTC)
     started = time.monotonic()

@@ -90,6 +90,7 @@ class Runtime:
         self.rate_limiter = RateLimiter(settings.new_account.rate_per_s, settings.new_account.burst)
         self.last_status: StatusSnapshot | None = None
         self.account_stats: AccountStats | None = None
+        self._account_stats_version: tuple[int, int, int] | None = None
         self._status_lock = asyncio.Lock()
         self._status_refresh: asyncio.Task | None = None
         self._status_generation = 0
@@ -161,10 +162,8 @@ class Runtime:
     # -- background work ---------------------------------------------------------------
 
     async def scan_accounts(self) -> AccountStats | None:
-        stats_file = self.settings.account_stats_file
-        if stats_file is not None:
-            self.account_stats = await asyncio.to_thread(read_stats, stats_file)
-            self.checker.account_stats = self.account_stats
+        if self.settings.account_stats_file is not None:
+            await self.read_account_stats()
             return self.account_stats
         self.account_stats = await asyncio.to_thread(scan_mailboxes, self.config.mailboxes_path)
         self.checker.account_stats = self.account_stats
@@ -174,6 +173,21 @@ class Runtime:
             self.account_stats.duration_s,
         )
         return self.account_stats
+
+    async def read_account_stats(self) -> None:
+        """Re-read the file chatmail-accountstats writes, only when it was replaced (a stat
+        per call), so /metrics serves a new scan as soon as it is written."""
+        path = self.settings.account_stats_file
+        try:
+            st = path.stat()
+            version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            version = None
+        if version == self._account_stats_version:
+            return
+        self._account_stats_version = version
+        self.account_stats = await asyncio.to_thread(read_stats, path)
+        self.checker.account_stats = self.account_stats
 
     async def run_probe(self, publish: bool = True) -> ProbeResult:
         """Probe now; ``publish=False`` keeps the result out of /status and /metrics."""

@@ -20,12 +20,10 @@ import time
 from chatmaild.config import ConfigError, read_config
 
 from .checks import parse_systemctl_is_active, run_command
-from .probe import probe_once
+from .probe import probe_once, unprovable
 from .settings import Settings, SettingsError, load_settings
 
 RETRY_S = 5.0
-#: How a probe whose submission login was refused ends (probe.probe_once's detail).
-LOGIN_REFUSED = "SMTPAuthenticationError"
 
 
 def inactive_services(settings: Settings) -> list[str]:
@@ -47,20 +45,22 @@ def selfcheck(settings: Settings, within: float) -> tuple[bool, str]:
         if time.monotonic() >= deadline:
             return False, f"step services: not active after {within:.0f} s: {', '.join(inactive)}"
         time.sleep(1)
+    refused_before = False
     while True:
         result = probe_once(settings, config)
         if result.ok:
             return True, f"mail flows: {result.detail} in {result.duration_s:.1f} s"
-        if time.monotonic() + RETRY_S >= deadline:
-            if LOGIN_REFUSED in result.detail and config.nocreate_file.exists():
-                # The probe account is an ordinary one, made by its first login: while
-                # creation is closed (an adopted relay that had it closed, say) it cannot
-                # exist yet, and that is the operator's choice, not a broken relay.
-                return True, (
-                    f"not proven: account creation is closed ({config.nocreate_file}) and "
-                    f"the probe account cannot log in ({result.detail})"
-                )
+        out_of_time = time.monotonic() + RETRY_S >= deadline
+        refused = unprovable(result, config)
+        # Refused twice with every service up (or no time left): waiting cannot change it.
+        if refused and (refused_before or out_of_time):
+            return True, (
+                f"not proven: account creation is closed ({config.nocreate_file}) and "
+                f"the probe account cannot log in ({result.detail})"
+            )
+        if out_of_time:
             return False, f"step {result.detail}"
+        refused_before = refused
         time.sleep(RETRY_S)
 
 

@@ -18,4 +18,6 @@ router = APIRouter(tags=["metrics"], responses=AUTH_RESPONSES)
 )
 async def metrics(request: Request, rt: RuntimeDep, _: MonitorAuth) -> Response:
     await rt.status()  # refresh the snapshot the collector reads, if stale
+    if rt.settings.account_stats_file is not None:
+        await rt.read_account_stats()
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,9 +25,12 @@ class Mailboxes:
     passwords: dict[str, str] = field(default_factory=dict)  # created at first login
     messages: dict[str, list[bytes]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    creation_closed: bool = False  # as /etc/chatmail-nocreate: unknown users are refused
 
     def login(self, user: str, password: str) -> bool:
         with self.lock:
+            if self.creation_closed and user not in self.passwords:
+                return False
             return self.passwords.setdefault(user, password) == password
 
 
@@ -49,10 +52,11 @@ class Authenticator:
         self.boxes = boxes
 
     def __call__(self, server, session, envelope, mechanism, auth_data):
+        # handled=False: aiosmtpd then answers a failure with 535 itself (else it stays silent)
         if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False)
+            return AuthResult(success=False, handled=False)
         user, password = auth_data.login.decode(), auth_data.password.decode()
-        return AuthResult(success=self.boxes.login(user, password))
+        return AuthResult(success=self.boxes.login(user, password), handled=False)
 
 
 def start_submission(boxes: Mailboxes, tls: ssl.SSLContext, port: int) -> Controller:

@@ -116,6 +116,12 @@ def test_stats_file_written_by_the_scanner(api_settings, tmp_path):
         subprocess.run(
             [accountstats, tmp_path / "chatmail.ini", stats_file], check=True, timeout=60
         )
-        asyncio.run(app.state.runtime.scan_accounts())
+        # /metrics reads a new file itself, without waiting for the scheduled read
         got = samples(client.get("/metrics", headers=MONITOR).text)
         assert got[("chatmail_accounts", (("kind", "all"),))] == 4
+        make_accounts(config, 1, prefix="late")
+        subprocess.run(
+            [accountstats, tmp_path / "chatmail.ini", stats_file], check=True, timeout=60
+        )
+        got = samples(client.get("/metrics", headers=MONITOR).text)
+        assert got[("chatmail_accounts", (("kind", "all"),))] == 5

@@ -85,6 +85,33 @@ def test_probe_failure_reported(api_settings):
         assert "chatmail_probe_success 0.0" in client.get("/metrics", headers=MONITOR).text
 
 
+def test_probe_refused_while_creation_is_closed_is_not_down(api_settings, mail_servers):
+    """The probe account is made by its first login: with creation closed before it
+    existed, the refusal is the operator's choice, shown as unproven, not as mail down."""
+    boxes, submission_port, imap_port = mail_servers
+    boxes.creation_closed = True
+    settings, config = api_settings(
+        probe={
+            "enabled": True,
+            "interval_s": 0,
+            "submission_port": submission_port,
+            "imap_port": imap_port,
+            "timeout_s": 5,
+        },
+    )
+    with TestClient(create_app(settings, config)) as client:
+        result = client.post("/probe", headers=ADMIN).json()
+        assert result["ok"] is False and "SMTPAuthenticationError" in result["detail"]
+        check = {c["id"]: c for c in client.get("/status", headers=MONITOR).json()["checks"]}
+        assert check["probe.e2e"]["state"] == "fail", "creation is open: a real failure"
+        config.nocreate_file.write_text("closed\n")
+        client.post("/probe", headers=ADMIN)
+        data = client.get("/status", headers=MONITOR).json()
+        check = {c["id"]: c for c in data["checks"]}["probe.e2e"]
+        assert (check["state"], check["severity"]) == ("unknown", "warning"), check
+        assert "not proven" in check["summary"] and data["status"] != "down"
+
+
 def test_probe_disabled_is_409(client):
     assert client.post("/probe", headers=ADMIN).status_code == 409
 

@@ -42,3 +42,16 @@ def test_closed_creation_does_not_hide_other_failures(api_settings, monkeypatch)
     monkeypatch.setattr(selfcheck, "probe_once", _failing_probe(failure))
     ok, comment = selfcheck.selfcheck(settings, within=0)
     assert not ok and "TimeoutError" in comment
+
+
+def test_closed_creation_is_decided_by_the_second_refusal_not_the_deadline(
+    api_settings, monkeypatch
+):
+    settings, config = api_settings()
+    config.nocreate_file.write_text("closed\n")
+    calls = []
+    refuse = _failing_probe(LOGIN_REFUSED)
+    monkeypatch.setattr(selfcheck, "probe_once", lambda s, c: calls.append(1) or refuse(s, c))
+    monkeypatch.setattr(selfcheck.time, "sleep", lambda seconds: None)
+    ok, comment = selfcheck.selfcheck(settings, within=600)
+    assert ok and "not proven" in comment and len(calls) == 2

@@ -128,8 +128,10 @@ def selected_platforms() -> tuple:
 def pytest_generate_tests(metafunc):
     # Session scope: pytest groups the tests by platform and tears one container down
     # before it boots the next.
+    # A module may name the platforms it applies to (ON_PLATFORMS: platform ids).
     if "platform" in metafunc.fixturenames:
-        platforms = selected_platforms()
+        only = getattr(metafunc.module, "ON_PLATFORMS", None)
+        platforms = [p for p in selected_platforms() if only is None or p.id in only]
         metafunc.parametrize(
             "platform", platforms, ids=[p.id for p in platforms], indirect=True, scope="session"
         )
@@ -211,6 +213,22 @@ def applied(container, relay_pillar):
     container.wait_for_services()
     container.first_apply = result
     return container
+
+
+@pytest.fixture(scope="session")
+def unreachable_mx():
+    """An address for an MX that never answers, without a packet leaving the machine.
+
+    The relay shares the host's network: mail to a real unrouted address (TEST-NET) would
+    send SYNs out of the default route. A blackhole route to one lab address makes every
+    connection fail at once, so the MTA defers the mail and it waits in the queue.
+    """
+    address = "198.19.255.254"
+    subprocess.run(["ip", "route", "add", "blackhole", f"{address}/32"], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "route", "delete", "blackhole", f"{address}/32"], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -155,11 +155,11 @@ def test_hostile_addresses(relay, api, address):
         assert resp.status_code in (404, 422), (method, address[:40], resp.status_code)
 
 
-def test_queue_list_and_delete(relay, api):
+def test_queue_list_and_delete(relay, api, unreachable_mx):
     sender, sender_pw = relay.new_account()
     remote = f"someone-{uuid.uuid4().hex[:6]}@_unreachable.test"
     relay.local_data("_unreachable.test. 300 IN MX 10 mx._unreachable.test.")
-    relay.local_data("mx._unreachable.test. 300 IN A 192.0.2.1")
+    relay.local_data(f"mx._unreachable.test. 300 IN A {unreachable_mx}")
     send_to(relay, sender, sender_pw, remote)
     queue_id, _ = relay.queued_message(remote)
 

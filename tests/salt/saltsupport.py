@@ -236,6 +236,8 @@ def render(salt_python, tmp_path_factory):
         root = tmp_path_factory.mktemp(f"salt-{platform}-{pillar_name}")
         config_dir = write_minion_config(root, grains, pillar)
         out = root / "out"
+        # Salt leaves temporary files (__salt.tmp.*) behind: in the work directory, not /tmp
+        (root / "tmp").mkdir()
         result = run(
             [
                 str(salt_python),
@@ -250,6 +252,7 @@ def render(salt_python, tmp_path_factory):
                 ",".join(standalone),
             ],
             timeout=300,
+            env={**os.environ, "TMPDIR": str(root / "tmp")},
         )
         index_path = out / "index.json"
         if result.returncode != 0 or not index_path.exists():
