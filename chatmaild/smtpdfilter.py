@@ -50,20 +50,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import socket
-import stat
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from .accounts import get_or_create
 from .authfailures import FailedLogins, client_key
 from .config import EXIT_CONFIG, Config, config_for_main
 from .policy import MODES, TOO_BIG, MessagePolicy, Verdict, load_header_cleanup, skip_dkim_requested
 from .smtpclient import LOCAL_ERROR
+from .smtpdfilterio import open_stdio, read_lines
 from .smtpdfilterproto import (
     SUBSYSTEM,
     ConfigEntry,
@@ -86,14 +83,9 @@ log = logging.getLogger("smtpdfilter")
 
 TOO_MANY_FAILED_LOGINS = "421 4.7.0 Too many failed logins, try again later"
 
-# A data line may be long (smtpd accepts up to 64 KiB); longer input is garbage.
-MAX_LINE = 1 << 20
 # Data lines are encoded into a message's buffer this many at a time (cheaper per line
 # than one by one, and a bound on the str objects a session holds).
 PENDING_LINES = 256
-# Written but not yet taken by smtpd: above this, giving a message back waits.
-OUTPUT_BUFFERED = 1 << 20
-DRAIN_POLL_S = 0.002
 # All sessions' message data together may fill this many messages of max_message_size;
 # a message that would need more is refused with FILTER_FULL (the sender retries).
 MESSAGES_BUFFERED = 8
@@ -389,50 +381,6 @@ class SmtpdFilter:
         self.write(format_result(request.session, request.token, None))
 
 
-class Output(NamedTuple):
-    """Where answers to smtpd go: ``write`` a text, ``drain`` until it is mostly sent."""
-
-    write: Callable[[str], None]
-    drain: Callable[[], Awaitable[None]]
-    close: Callable[[], None]
-
-
-def _output(transport: asyncio.WriteTransport) -> Output:
-    def write(text: str) -> None:
-        transport.write(text.encode("utf-8", "surrogateescape"))
-
-    async def drain() -> None:
-        while transport.get_write_buffer_size() > OUTPUT_BUFFERED and not transport.is_closing():
-            await asyncio.sleep(DRAIN_POLL_S)
-
-    return Output(write, drain, transport.close)
-
-
-async def open_stdio(stdin=None, stdout=None) -> tuple[asyncio.StreamReader, Output]:
-    """Non-blocking line reader on stdin, and the output to stdout.
-
-    smtpd gives a filter one socket as stdin and stdout (a socketpair): that is one
-    bidirectional stream. asyncio's write-pipe transport must not be used on it: it
-    watches its fd for readability to notice a closed peer, so the first request smtpd
-    sends would make it close our output. Pipes (tests, ``sh -c`` plumbing) get the
-    read and write pipe transports.
-    """
-    stdin = stdin or sys.stdin.buffer
-    stdout = stdout or sys.stdout.buffer
-    loop = asyncio.get_running_loop()
-    in_stat, out_stat = os.fstat(stdin.fileno()), os.fstat(stdout.fileno())
-    if stat.S_ISSOCK(in_stat.st_mode) and os.path.samestat(in_stat, out_stat):
-        sock = socket.socket(fileno=os.dup(stdin.fileno()))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
-        # closing through the writer keeps it referenced: Python 3.13 closes the transport
-        # of a StreamWriter that is garbage-collected
-        return reader, _output(writer.transport)._replace(close=writer.close)
-    reader = asyncio.StreamReader(limit=MAX_LINE)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
-    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, stdout)
-    return reader, _output(transport)
-
-
 async def run(
     smtpd_filter_factory: Callable[[Callable[[str], None]], SmtpdFilter],
     stdin=None,
@@ -443,26 +391,8 @@ async def run(
     smtpd_filter = smtpd_filter_factory(output.write)
     smtpd_filter.drain = output.drain
     try:
-        while True:
-            try:
-                raw = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    log.warning("ignoring an unterminated last line")
-                break
-            except asyncio.LimitOverrunError as exc:
-                log.warning("ignoring a line longer than %d bytes", MAX_LINE)
-                await reader.read(exc.consumed)
-                while True:  # the rest of that line
-                    try:
-                        await reader.readuntil(b"\n")
-                        break
-                    except asyncio.LimitOverrunError as more:
-                        await reader.read(more.consumed)
-                continue
-            line = raw[:-1].decode("utf-8", "surrogateescape").rstrip("\r")
-            if line:
-                smtpd_filter.handle_line(line)
+        async for line in read_lines(reader):
+            smtpd_filter.handle_line(line)
     finally:
         if smtpd_filter.tasks:
             await asyncio.wait(set(smtpd_filter.tasks), timeout=10)
