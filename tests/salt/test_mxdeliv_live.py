@@ -58,7 +58,9 @@ def relay(render, test_cert, tmp_path_factory):
     text = text.replace("pid /run/nginx.pid;", f"pid {d}/nginx.pid;")
     text = re.sub(r"error_log [^;]+;", f"error_log {d}/error.log;", text)
     text = re.sub(r"access_log [^;]+;", "access_log off;", text)
-    text = re.sub(r"listen \d+;", "", text)  # port 80
+    # port 80's server on a loopback port of its own (a server without `listen` is *:80,
+    # which a relay container on this host may hold)
+    text = re.sub(r"listen \d+;", f"listen 127.0.0.1:{free_port()};", text)
     # no 443 switch in front: no PROXY header either
     text = text.replace(f"listen 127.0.0.1:{m['ports']['https_internal']} ssl proxy_protocol", f"listen 127.0.0.1:{port} ssl")  # fmt: skip
     text = text.replace("real_ip_header proxy_protocol;", "")
@@ -82,6 +84,9 @@ def relay(render, test_cert, tmp_path_factory):
         except OSError:
             assert nginx.poll() is None, nginx.stderr.read()
             time.sleep(0.05)
+    else:
+        nginx.terminate()
+        pytest.fail(f"nginx does not listen on {port}: {(d / 'error.log').read_text()[-2000:]}")
     yield port, config, sink, loop_thread
     nginx.terminate()
     nginx.wait(timeout=10)
