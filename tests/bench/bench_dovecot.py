@@ -3,7 +3,8 @@
 One container relay per run: applied with Debian's Dovecot (`dovecot:packages debian`), then
 re-applied with our build (`patched`, scripts/build-dovecot; built first if not cached) on
 the same container. For each, with two fresh real Delta Chat profiles (deltachat-rpc-server):
-- ping-pong: ac1 -> ac2 and back, each side waiting for the other's message (median);
+- ping-pong: ac1 -> ac2 and back, each side waiting for the other's message (median; rounds
+  relayclient.ROUND_PAUSE apart, below Delta Chat's own send rate limit);
 - send 10 / receive 10: ac1 sends 10 messages at once, until ac2 has all 10 (median).
 Stock is the baseline: the ratio is patched / stock.
 
@@ -22,7 +23,7 @@ from statistics import median
 from benchsupport import DOMAIN, applied_relay, platform_argument
 import dovecotbuild
 import relayctl
-from relayclient import PLATFORMS, online_account, ping_pong, start_rpc
+from relayclient import PLATFORMS, online_account, ping_pong_rounds, start_rpc
 
 BURST = 10
 
@@ -47,8 +48,7 @@ def measure(relay, rounds: int) -> tuple[list[float], list[float]]:
             dc = DeltaChat(rpc)
             ac1, ac2 = online_account(dc, relay), online_account(dc, relay)
             chat21, chat12 = ac2.create_chat(ac1), ac1.create_chat(ac2)
-            ping_pong(ac1, ac2, chat12, chat21, "warm-up")
-            pings = [ping_pong(ac1, ac2, chat12, chat21, str(i)) for i in range(rounds)]
+            pings = ping_pong_rounds(ac1, ac2, chat12, chat21, rounds)
             bursts = [send_burst(ac1, ac2, chat12, f"burst {i}") for i in range(rounds)]
         finally:
             rpc.close()

@@ -31,7 +31,7 @@ from relayclient import (
     encrypted_mail,
     message_id,
     online_account,
-    ping_pong,
+    ping_pong_rounds,
     start_rpc,
 )
 
@@ -123,8 +123,7 @@ def bench_ping_pong(relay: RelayClient, rounds: int) -> None:
             dc = DeltaChat(rpc)
             ac1, ac2 = online_account(dc, relay), online_account(dc, relay)
             chat21, chat12 = ac2.create_chat(ac1), ac1.create_chat(ac2)
-            ping_pong(ac1, ac2, chat12, chat21, "warm-up")
-            rounds_s = [ping_pong(ac1, ac2, chat12, chat21, str(i)) for i in range(rounds)]
+            rounds_s = ping_pong_rounds(ac1, ac2, chat12, chat21, rounds)
         finally:
             rpc.close()
     base = 2 * median(raw)

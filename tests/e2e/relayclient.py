@@ -325,3 +325,24 @@ def ping_pong(ac1, ac2, chat12, chat21, text: str) -> float:
     got = ac1.wait_for_incoming_msg().get_snapshot()
     assert got.text == f"pong {text}", got.text
     return time.monotonic() - started
+
+
+#: Seconds between timed ping-pong rounds. Delta Chat lets a profile send 3 messages per 3 s
+#: (a token bucket: `ratelimit` in core's context.rs, for every server since core 2.29);
+#: once it is full, the SMTP loop sleeps after each send until one more would fit (up to
+#: 1 s, not woken by a new message: `smtp_loop` in core's scheduler.rs) and the next message
+#: waits out that sleep. Back-to-back rounds send once per round trip per profile, so they
+#: measure that limit (~1 s a round) instead of the relay; with this pause neither profile
+#: sends more than once a second.
+ROUND_PAUSE = 1.2
+
+
+def ping_pong_rounds(ac1, ac2, chat12, chat21, rounds: int) -> list[float]:
+    """Seconds of ``rounds`` ping-pongs, ROUND_PAUSE apart, after an untimed warm-up round
+    (keys exchanged, connections up)."""
+    ping_pong(ac1, ac2, chat12, chat21, "warm-up")
+    times = []
+    for i in range(rounds):
+        time.sleep(ROUND_PAUSE)
+        times.append(ping_pong(ac1, ac2, chat12, chat21, str(i)))
+    return times
