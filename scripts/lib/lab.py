@@ -359,7 +359,7 @@ class Lab:
         for relay in self.relays:
             if not relay.ip_relay:  # no zone: nothing the lab DNS could serve
                 self.master.write_file(f"{NSD_ZONES}/{relay.domain}.zone", zone_file(relay, ""))
-        # The hosting provider's part: reverse DNS for every relay address.
+        # The hosting provider's part: reverse DNS for every named relay's address.
         self.master.write_file(f"{NSD_ZONES}/{REVERSE_ZONE}.zone", reverse_zone(self.relays))
         self.master.run("nsd-checkconf /etc/nsd/nsd.conf && systemctl restart nsd")
 

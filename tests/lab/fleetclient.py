@@ -192,7 +192,7 @@ def smtp_from_relay(
     Without ``msg`` it ends after RCPT."""
     request = {
         "host": receiver.domain,
-        "helo": sender.domain if not sender.ip_relay else f"[{sender.address}]",
+        "helo": sender.address_domain,  # an IP relay greets with its address literal
         "starttls": starttls,
         "verify": receiver.lab_ca_cert,
         "mail_from": mail_from,

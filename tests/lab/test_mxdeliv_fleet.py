@@ -1,9 +1,9 @@
 """Relay-to-relay delivery over HTTPS (POST /mxdeliv) in the fleet lab.
 
 The Postfix relays (relay1, relay3 and the IP relay relay4) get the HTTPS-first transport
-(daemons:mxtransport) from the master; every relay receives on /mxdeliv by default. Port 25 between two relays
-is then closed by an nftables rule in the sender's network namespace (removed again by
-the test), and mail still arrives, over HTTPS. OpenSMTPD (relay2) receives over HTTPS but
+(daemons:mxtransport) from the master; every relay receives on /mxdeliv by default. Port
+25 between two relays is then closed by an nftables rule in the sender's network namespace
+(removed again by the test), and mail still arrives, over HTTPS. OpenSMTPD (relay2) receives over HTTPS but
 sends over SMTP only: it has no transport that could fall back from one to the other.
 """
 
