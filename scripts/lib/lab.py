@@ -101,6 +101,8 @@ class RelaySpec:
 
     An ordinary domain gets a certificate from the lab CA (``tls: external``), which
     every lab host trusts, so other relays verify it; a ``_`` domain stays self-signed.
+    An IP-address relay (``domain`` its IPv4 address) has addresses ``user@[IP]``, no zone
+    in the lab DNS and a self-signed certificate for the address.
     """
 
     minion_id: str
@@ -110,8 +112,21 @@ class RelaySpec:
     address: str
 
     @property
+    def ip_relay(self) -> bool:
+        try:
+            ipaddress.IPv4Address(self.domain)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def address_domain(self) -> str:
+        """The part after ``@`` in the relay's addresses."""
+        return f"[{self.domain}]" if self.ip_relay else self.domain
+
+    @property
     def lab_ca_cert(self) -> bool:
-        return not self.domain.startswith("_")
+        return not (self.domain.startswith("_") or self.ip_relay)
 
 
 @dataclass
@@ -256,7 +271,8 @@ class Lab:
         """The command prefix that runs a program in the lab's client namespace."""
         etc = Path("/etc/netns") / CLIENT_NETNS
         prefix = ["ip", "netns", "exec", CLIENT_NETNS]
-        if self.state.get("netns"):
+        # (a reused lab's state file may still name a namespace an earlier run removed)
+        if self.state.get("netns") and Path("/run/netns", CLIENT_NETNS).exists():
             return prefix
         self._record(netns=CLIENT_NETNS, netns_etc=str(etc))
         run(["ip", "netns", "add", CLIENT_NETNS])
@@ -331,7 +347,7 @@ class Lab:
         )
         zones = "".join(
             f'zone:\n    name: "{name}"\n    zonefile: "{NSD_ZONES}/{name}.zone"\n'
-            for name in [r.domain for r in self.relays] + [REVERSE_ZONE]
+            for name in [r.domain for r in self.relays if not r.ip_relay] + [REVERSE_ZONE]
         )
         self.master.write_file(
             "/etc/nsd/nsd.conf.d/lab.conf",
@@ -341,15 +357,19 @@ class Lab:
             f"    ip-address: 127.0.0.1\n\n{zones}",
         )
         for relay in self.relays:
-            self.master.write_file(f"{NSD_ZONES}/{relay.domain}.zone", zone_file(relay, ""))
-        # The hosting provider's part: reverse DNS for every relay address.
+            if not relay.ip_relay:  # no zone: nothing the lab DNS could serve
+                self.master.write_file(f"{NSD_ZONES}/{relay.domain}.zone", zone_file(relay, ""))
+        # The hosting provider's part: reverse DNS for every named relay's address.
         self.master.write_file(f"{NSD_ZONES}/{REVERSE_ZONE}.zone", reverse_zone(self.relays))
         self.master.run("nsd-checkconf /etc/nsd/nsd.conf && systemctl restart nsd")
 
     def fill_dns(self) -> list[ZoneFill]:
-        """Each relay's zone as its own ``GET /dns/zone`` proposes it, served by nsd."""
+        """Each relay's zone as its own ``GET /dns/zone`` proposes it, served by nsd (an IP
+        relay's proposes nothing: tests/lab/test_fleet.py checks that)."""
         fills = []
         for relay in self.relays:
+            if relay.ip_relay:
+                continue
             api_zone = api_get(self.relay(relay.minion_id), "/dns/zone")
             text = zone_file(relay, api_zone)
             path = f"{NSD_ZONES}/{relay.domain}.zone"
@@ -677,10 +697,12 @@ def zone_head(origin: str) -> str:
 
 
 def reverse_zone(relays: list[RelaySpec]) -> str:
+    """PTR records for the relays with names (an IP relay has none to point to)."""
     origin = f"{REVERSE_ZONE}."
     records = "".join(
         f"{ipaddress.ip_address(r.address).reverse_pointer}. IN PTR {r.domain}.\n"
         for r in relays
+        if not r.ip_relay
     )
     return zone_head(origin) + records
 
@@ -712,6 +734,8 @@ def default_relays() -> list[RelaySpec]:
         RelaySpec("relay1", "relay1.lab.example", "bookworm", "postfix", "198.18.0.11"),
         RelaySpec("relay2", "relay2.lab.example", "trixie", "opensmtpd", "198.18.0.12"),
         RelaySpec("relay3", "_relay3.lab.example", "trixie", "postfix", "198.18.0.13"),
+        # an IP-address relay (mail_domain its address): Postfix only, as upstream
+        RelaySpec("relay4", "198.18.0.14", "bookworm", "postfix", "198.18.0.14"),
     ]
 
 

@@ -1,10 +1,12 @@
-"""The fleet lab: a salt master and three relay minions on a bridge of their own.
+"""The fleet lab: a salt master and four relay minions on a bridge of their own.
 
 ``scripts/lib/lab.py`` builds it: every host a systemd-nspawn container in its own network
 namespace with an address from 198.18.0.0/15. The master applies the formula to relay1
 (Debian 12, Postfix) and relay2 (Debian 13, OpenSMTPD), both with certificates from a lab
-CA every host trusts, and to relay3 (Debian 13, Postfix, a self-signed ``_`` domain); nsd
-on the master serves each relay's zone as its own ``GET /dns/zone`` proposes it. The lab
+CA every host trusts, to relay3 (Debian 13, Postfix, a self-signed ``_`` domain) and to
+relay4 (Debian 12, Postfix, the IP-address relay ``198.18.0.14``: addresses
+``user@[198.18.0.14]``, self-signed); nsd on the master serves each named relay's zone as
+its own ``GET /dns/zone`` proposes it. The lab
 binds no host port, so it can run next to tests/e2e; it is removed after the last test of
 this folder (also on Ctrl-C or SIGTERM), and a lab left by a killed run is removed by the
 next one.

@@ -9,6 +9,7 @@ the lab DNS and reaches them at their lab addresses.
 
 from __future__ import annotations
 
+import http.client
 import imaplib
 import json
 import secrets
@@ -34,7 +35,7 @@ class Account:
     def __init__(self, relay: labctl.RelaySpec, user: str = ""):
         self.relay = relay
         user = user or "".join(secrets.choice(ALNUM) for _ in range(9))
-        self.addr = f"{user}@{relay.domain}"
+        self.addr = f"{user}@{relay.address_domain}"
         self.password = "".join(secrets.choice(ALNUM) for _ in range(20))
 
     @contextmanager
@@ -191,7 +192,7 @@ def smtp_from_relay(
     Without ``msg`` it ends after RCPT."""
     request = {
         "host": receiver.domain,
-        "helo": sender.domain,
+        "helo": sender.address_domain,  # an IP relay greets with its address literal
         "starttls": starttls,
         "verify": receiver.lab_ca_cert,
         "mail_from": mail_from,
@@ -238,14 +239,34 @@ def dclogin_qr(addr: str, password: str, relay: labctl.RelaySpec) -> str:
     )
 
 
+def new_account_qr(relay: labctl.RelaySpec) -> str:
+    """The ``dclogin:`` URL the relay's own ``POST /new`` hands out (self-signed relays)."""
+    conn = http.client.HTTPSConnection(relay.address, 443, context=unverified_context(), timeout=30)
+    try:
+        conn.request("POST", "/new", headers={"Host": relay.domain})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 200, (response.status, body)
+    return json.loads(body)["dclogin_url"]
+
+
 def online_account(deltachat, relay: labctl.RelaySpec):
-    """A Delta Chat profile for a fresh account on the relay, online."""
-    account_data = Account(relay)
+    """A Delta Chat profile for a fresh account on the relay, online. An IP relay's account
+    comes from its ``/new`` (its dclogin: URL names the address as the servers), as a user
+    would scan it; the others' are made up here and logged in by name."""
+    if relay.ip_relay:
+        qr = new_account_qr(relay)
+    else:
+        account_data = Account(relay)
+        qr = dclogin_qr(account_data.addr, account_data.password, relay)
     account = deltachat.add_account()
-    account.add_transport_from_qr(dclogin_qr(account_data.addr, account_data.password, relay))
+    account.add_transport_from_qr(qr)
     account.set_config("bcc_self", "0")
     account.bring_online()
-    account.addr = account_data.addr
+    account.addr = account.get_config("configured_addr")
+    assert account.addr.endswith(f"@{relay.address_domain}"), account.addr
     account.relay = relay
     return account
 

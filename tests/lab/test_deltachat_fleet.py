@@ -3,8 +3,9 @@
 
 The clients (deltachat-rpc-server) run in the lab's client namespace: they find their relay
 through the lab DNS (without checking its certificate: Delta Chat trusts only its built-in
-roots, see fleetclient.dclogin_qr); the relays carry the mail between them over port 25
-with verified TLS.
+roots, see fleetclient.dclogin_qr), or, on the IP-address relay, by the address its /new
+names; the relays carry the mail between them over port 25, with verified TLS where the
+recipient relay has a name with a lab-CA certificate.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from fleetclient import online_account, start_lab_rpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
-#: Postfix (Debian 12) with OpenSMTPD (Debian 13), both with lab-CA certificates; and
-#: OpenSMTPD with the self-signed `_` relay (encryption without verification).
-PAIRS = [("relay1", "relay2"), ("relay2", "relay3")]
+#: Postfix (Debian 12) with OpenSMTPD (Debian 13), both with lab-CA certificates;
+#: OpenSMTPD with the self-signed `_` relay (encryption without verification); a name
+#: relay with the IP-address relay (accounts user@[198.18.0.14] from its /new).
+PAIRS = [("relay1", "relay2"), ("relay2", "relay3"), ("relay1", "relay4")]
 
 
 @pytest.fixture(scope="module")

@@ -88,13 +88,29 @@ def test_minions_have_no_local_copy_of_the_formula(fleet):
 
 
 def test_lab_dns_serves_each_relays_proposed_zone_and_every_check_is_ok(dns_filled):
+    named = [r for r in dns_filled.relays if not r.ip_relay]
+    assert [f.domain for f in dns_filled.zone_fills] == [r.domain for r in named]
     for fill in dns_filled.zone_fills:
         assert "MX" in fill.api_zone and "_domainkey" in fill.api_zone, fill.api_zone
-    for relay in dns_filled.relays:
+    for relay in named:
         report = json.loads(labctl.api_get(dns_filled.relay(relay.minion_id), "/dns"))
         assert report["nameservers"] == [labctl.DNS_ADDRESS], report
         bad = [r for r in report["records"] if r["state"] != "ok"]
         assert report["ok"] and not bad, (relay.domain, report["problems"], bad)
+
+
+def test_an_ip_relay_needs_no_dns_and_says_so(dns_filled):
+    """No record can exist for an address: /dns checks nothing, /dns/zone proposes nothing,
+    and the lab DNS serves no zone for it (lab.fill_dns skips it)."""
+    (relay,) = [r for r in dns_filled.relays if r.ip_relay]
+    host = dns_filled.relay(relay.minion_id)
+    report = json.loads(labctl.api_get(host, "/dns"))
+    assert report["ok"] and report["records"] == [] and not report["problems"], report
+    assert report["note"] == f"{relay.domain} is an IP address: no DNS records to check"
+    zone = labctl.api_get(host, "/dns/zone")
+    assert zone == f"; {relay.domain} is an IP address: no DNS records needed\n", zone
+    served = dns_filled.master.run(["ls", labctl.NSD_ZONES]).stdout.split()
+    assert not [name for name in served if relay.domain in name], served
 
 
 # --- federation -----------------------------------------------------------------------
@@ -120,13 +136,18 @@ TLS_LOG = {
 }
 
 
-#: Postfix and OpenSMTPD both ways with verified TLS; each MTA to and from a _ domain.
+#: Postfix and OpenSMTPD both ways with verified TLS; each MTA to and from a _ domain and
+#: the IP relay (user@[198.18.0.14]: no DNS, a self-signed certificate, no DKIM).
 ROUTES = [
     ("relay1", "relay2"),
     ("relay2", "relay1"),
     ("relay1", "relay3"),
     ("relay3", "relay1"),
     ("relay2", "relay3"),
+    ("relay1", "relay4"),
+    ("relay4", "relay1"),
+    ("relay2", "relay4"),
+    ("relay4", "relay2"),
 ]
 
 

@@ -1,9 +1,9 @@
 """Relay-to-relay delivery over HTTPS (POST /mxdeliv) in the fleet lab.
 
-The Postfix relays (relay1, relay3) get the HTTPS-first transport (daemons:mxtransport)
-from the master; every relay receives on /mxdeliv by default. Port 25 between two relays
-is then closed by an nftables rule in the sender's network namespace (removed again by
-the test), and mail still arrives, over HTTPS. OpenSMTPD (relay2) receives over HTTPS but
+The Postfix relays (relay1, relay3 and the IP relay relay4) get the HTTPS-first transport
+(daemons:mxtransport) from the master; every relay receives on /mxdeliv by default. Port
+25 between two relays is then closed by an nftables rule in the sender's network namespace
+(removed again by the test), and mail still arrives, over HTTPS. OpenSMTPD (relay2) receives over HTTPS but
 sends over SMTP only: it has no transport that could fall back from one to the other.
 """
 
@@ -23,7 +23,7 @@ from fleetclient import Account
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
-HTTPS_SENDERS = ("relay1", "relay3")  # Postfix
+HTTPS_SENDERS = ("relay1", "relay3", "relay4")  # Postfix
 RETRY_AFTER = 60  # s: mxdeliv_retry_after in the lab, so the test can wait it out
 NFT_TABLE = "chatmail_lab_mxdeliv"
 
@@ -35,7 +35,7 @@ def https_fleet(dns_filled):
         settings={m: {"mxdeliv_retry_after": RETRY_AFTER} for m in HTTPS_SENDERS},
         overrides={m: {"daemons": {"mxtransport": True}} for m in HTTPS_SENDERS},
     )
-    results = dns_filled.apply("relay[13]")
+    results = dns_filled.apply("relay[134]")
     summary = "\n".join(f"{m}: {r.summary()}" for m, r in sorted(results.items()))
     assert set(results) == set(HTTPS_SENDERS) and all(r.ok for r in results.values()), summary
     return dns_filled
@@ -90,7 +90,14 @@ def cannot_connect(host, address: str, port: int) -> bool:
     return host.run(["python3", "-c", script, address, str(port)], check=False).returncode != 0
 
 
-ROUTES = [("relay1", "relay2"), ("relay1", "relay3"), ("relay3", "relay1")]
+#: The IP relay is posted to at https://198.18.0.14/mxdeliv, its certificate unverified.
+ROUTES = [
+    ("relay1", "relay2"),
+    ("relay1", "relay3"),
+    ("relay3", "relay1"),
+    ("relay1", "relay4"),
+    ("relay4", "relay1"),
+]
 
 
 @pytest.mark.parametrize(("source", "destination"), ROUTES, ids=["->".join(r) for r in ROUTES])

@@ -174,6 +174,19 @@ def test_smtpd_conf_policy(rendered):
     assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
 
 
+def test_only_self_signed_relays_get_unverified_tls(rendered):
+    """_-domains and IP literals (an IP-address relay, user@[203.0.113.7]) have self-signed
+    certificates: STARTTLS without verification, as Postfix's smtp_tls_policy_map. The
+    lab proves it against a real IP relay (tests/lab/test_fleet.py, relay2->relay4)."""
+    conf = smtpd_conf(rendered)
+    regexes = set(re.findall(r'for domain regex "([^"]+)" .*action "outbound_noverify"', conf))
+    (regex,) = regexes  # POSIX ERE; this one means the same in Python's re
+    for domain in ("_relay3.lab.example", "[203.0.113.7]"):
+        assert re.search(regex, domain), (regex, domain)
+    for domain in ("relay1.lab.example", "a_b.example", "203.0.113.7.example"):
+        assert not re.search(regex, domain), (regex, domain)
+
+
 def test_table_wrapper_matches_the_doas_rule(rendered, tmp_path):
     m = rendered.map
     wrapper_name = f"{m['opensmtpd']['libexec']}/table-chatmail"
