@@ -172,9 +172,12 @@ def test_smtpd_conf_policy(rendered):
             assert f'! for domain "{d}"' in rule or "! rcpt-to <ourdomain>" in rule
     assert f'table ourdomain {{ "@{d}" }}' in conf
     assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
-    # off by default: other domains' mail leaves over SMTP, no HTTPS-first transport
+    # off by default: other domains' mail leaves over SMTP, no HTTPS-first transport; mail
+    # queued for it while it was on leaves over SMTP too (no rule names it)
     assert m["daemons"]["mxtransport"] is False
-    assert 'action "mxtransport"' not in conf
+    assert f'action "mxtransport" relay tls helo "{d}"' in conf
+    assert not [r for r in rules if 'action "mxtransport"' in r]
+    assert "smtp_channel" not in conf and "transport_user" not in conf
 
 
 def test_table_wrapper_matches_the_doas_rule(rendered, tmp_path):

@@ -304,16 +304,7 @@ def start_relay(
     chroot(root, "smtpd", "-n", "-f", "/etc/smtpd.conf")
 
     smtpd_log = work / "smtpd.log"
-    with smtpd_log.open("w") as out:
-        smtpd = subprocess.Popen(
-            ["chroot", str(root), "smtpd", "-d", "-f", "/etc/smtpd.conf"],
-            stdout=out, stderr=out, start_new_session=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
-        )  # fmt: skip
-    procs.append(smtpd)
-    for name in names:
-        wait_port(ports[name], smtpd, smtpd_log)
-    return {
+    started = {
         "root": root,
         "ports": ports,
         "sink": sink,
@@ -323,7 +314,29 @@ def start_relay(
         "smtpd_conf": smtpd_conf,
         "settings": rendered.map["settings"],
         "opensmtpd_user": rendered.map["opensmtpd"]["user"],
+        "pillar": pillar,
+        "procs": procs,
     }
+    run_smtpd(started)
+    return started
+
+
+def run_smtpd(relay: dict) -> None:
+    """Start smtpd on the chroot's /etc/smtpd.conf (appending to its log); stop a running one
+    first, as a restart after a config change does."""
+    if "smtpd" in relay:
+        stop(relay["smtpd"])
+    root, log = relay["root"], relay["smtpd_log"]
+    with log.open("a") as out:
+        smtpd = subprocess.Popen(
+            ["chroot", str(root), "smtpd", "-d", "-f", "/etc/smtpd.conf"],
+            stdout=out, stderr=out, start_new_session=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
+        )  # fmt: skip
+    relay["procs"].append(smtpd)
+    relay["smtpd"] = smtpd
+    for port in relay["ports"].values():
+        wait_port(port, smtpd, log)
 
 
 def tls_context() -> ssl.SSLContext:

@@ -14,12 +14,16 @@ test_mxdeliv_fleet.py):
   stays queued too (smtpd 7.6, OpenSMTPD issue #1276: why the transport does not answer
   refusals with it under OpenSMTPD); a transport that is down loses nothing either;
 - the SMTP channel (the loopback listener the transport hands its fallback to) relays over
-  SMTP and never back to the transport, and refuses our own domain.
+  SMTP and never back to the transport, and refuses our own domain;
+- mail still queued for the transport when it is turned off is not dropped by smtpd's
+  restart (an envelope whose action is gone is skipped as an "unknown dispatcher"): it
+  leaves over SMTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import smtplib
@@ -39,7 +43,9 @@ from test_opensmtpd_live import (
     login,
     mail,
     new_address,
+    run_smtpd,
 )
+from saltsupport import PLATFORMS
 
 pytestmark = [
     pytest.mark.timeout(1800),
@@ -265,3 +271,29 @@ def test_smtp_channel_relays_over_smtp_never_back_to_the_transport(relay, transp
     assert not [t for t in transport.transactions if rcpt in t[1]]
     for line in log_lines(relay, "mta delivery", f"to=<{rcpt}>"):
         assert not re.search(r'relay="127\.0\.0\.1', line), line
+
+
+def test_turning_the_transport_off_leaves_its_queued_mail_to_smtp(relay, transport, render):
+    """Last in this module: it restarts smtpd without the transport."""
+    sender, rcpt = new_address("offswitch"), f"stuck@{os.urandom(4).hex()}.invalid"
+    transport.pause()
+    with login(relay, sender) as client:
+        client.sendmail(sender, [rcpt], mail("encrypted", sender, rcpt))
+    wait_until(lambda: log_lines(relay, "mda delivery", f"to=<{rcpt}>", "TempFail"),
+               "a temporary failure")  # fmt: skip
+    pillar = json.loads(json.dumps(relay["pillar"]))
+    pillar["chatmail"]["daemons"] = {"mxtransport": False}
+    rendered = render("debian13", "opensmtpd-off", pillar=pillar, grains=PLATFORMS["debian13"])
+    conf = rendered.text("/etc/smtpd.conf")
+    assert "smtp_channel" not in conf
+    (relay["root"] / "etc/smtpd.conf").write_text(conf)
+    chroot(relay["root"], "smtpd", "-n", "-f", "/etc/smtpd.conf")
+    run_smtpd(relay)
+    assert not log_lines(relay, "unknown dispatcher")
+    assert queued(relay, rcpt)  # still there, and now for smtpd's SMTP relay
+    smtpctl(relay, "schedule", "all")
+    # the SMTP relay's MX lookup: the domain does not exist, so it bounces to the sender
+    wait_until(lambda: log_lines(relay, "mta delivery", f"to=<{rcpt}>"), "an SMTP attempt")
+    bounce = relay["sink"].wait_for(sender)
+    assert rcpt.encode() in bounce
+    assert not transport.accepted(rcpt)
