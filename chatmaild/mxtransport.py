@@ -3,7 +3,8 @@
 The MTA hands every message for another domain to this LMTP server on
 ``<filtermail_host>:<filtermail_lmtp_port_transport>``: Postfix as its ``default_transport``
 (as upstream's filtermail-transport), OpenSMTPD through its LMTP delivery agent, one
-recipient at a time. Per recipient domain it looks up the MX hosts (an IP
+recipient at a time (the ``Return-Path``/``Delivered-To`` lines that agent writes on top of
+the message are cut off again). Per recipient domain it looks up the MX hosts (an IP
 literal ``[192.0.2.1]`` is its own host, no MX: the domain itself) and POSTs the message
 to ``https://<MX host>/mxdeliv`` in upstream's wire format (see :mod:`chatmaild.mxdeliv`).
 
@@ -103,11 +104,26 @@ def request_head(host: str, mail_from: str, rcpt_tos: list[str], length: int) ->
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
+def strip_agent_headers(data: bytes, mail_from: str, rcpt: str) -> bytes:
+    """The message without what smtpd's LMTP delivery agent wrote on top of it (its mda.c):
+    ``Return-Path: <sender>`` when there is a sender, then ``Delivered-To: <recipient>``.
+    No part of the message, and an OpenSMTPD receiver would take its own recipient's
+    ``Delivered-To`` for a mail loop."""
+    head = f"Delivered-To: {rcpt}\r\n".encode()
+    if mail_from:
+        head = f"Return-Path: <{mail_from}>\r\n".encode() + head
+    if data[: len(head)].lower() == head.lower():
+        return data[len(head) :]
+    return data
+
+
 class Transport:
-    def __init__(self, config: Config, https_port: int = 443, refusals_via_smtp: bool = False):
+    def __init__(self, config: Config, https_port: int = 443, mta: str = "postfix"):
         self.config = config
         self.https_port = https_port
-        self.refusals_via_smtp = refusals_via_smtp
+        #: smtpd's LMTP delivery agent talks to us: its headers come off the message, and a
+        #: refusal goes to the SMTP channel (7.6 retries an LMTP 5xx, OpenSMTPD issue #1276)
+        self.smtpd_agent = mta == "opensmtpd"
         self.retry_after = config.mxdeliv_retry_after
         self.counters = Counters(config.counters_dir, "mxtransport")
         self.smtp_channel = Reinjector(
@@ -218,7 +234,7 @@ class Transport:
             if outcome.result == "accepted":
                 return f"250 2.0.0 Ok: channel=https relay={host}"
             if outcome.result == "refused":
-                if not self.refusals_via_smtp:
+                if not self.smtpd_agent:
                     return outcome.detail
                 break  # /mxdeliv works: the host is not left alone
             self.no_https[host] = now + self.retry_after
@@ -246,10 +262,11 @@ class TransportHandler:
 
     async def handle_DATA(self, server: LMTP, session: Session, envelope: Envelope) -> str:
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        data = envelope.original_content
+        if self.transport.smtpd_agent and len(envelope.rcpt_tos) == 1:
+            data = strip_agent_headers(data, mail_from, envelope.rcpt_tos[0])
         try:
-            replies = await self.transport.deliver(
-                mail_from, envelope.rcpt_tos, envelope.original_content
-            )
+            replies = await self.transport.deliver(mail_from, envelope.rcpt_tos, data)
         except Exception:
             log.exception("delivery failed")
             replies = [LOCAL_ERROR] * len(envelope.rcpt_tos)
@@ -257,9 +274,9 @@ class TransportHandler:
 
 
 async def start_server(
-    config: Config, port: int | None = None, https_port: int = 443, refusals_via_smtp: bool = False
+    config: Config, port: int | None = None, https_port: int = 443, mta: str = "postfix"
 ) -> tuple[asyncio.Server, Transport]:
-    transport = Transport(config, https_port, refusals_via_smtp)
+    transport = Transport(config, https_port, mta)
     handler = TransportHandler(transport)
     server = await asyncio.get_running_loop().create_server(
         lambda: LMTP(
@@ -276,9 +293,9 @@ async def start_server(
     return server, transport
 
 
-async def serve(config: Config, refusals_via_smtp: bool = False) -> int:
+async def serve(config: Config, mta: str) -> int:
     try:
-        server, transport = await start_server(config, refusals_via_smtp=refusals_via_smtp)
+        server, transport = await start_server(config, mta=mta)
     except (OSError, ValueError, dns.exception.DNSException) as exc:
         log.error("cannot start the transport: %s", exc)
         return 1
@@ -309,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_for_main(args.ini)
     if config is None:
         return EXIT_CONFIG
-    # OpenSMTPD 7.6's LMTP delivery agent would retry our 5xx (OpenSMTPD issue #1276)
-    return asyncio.run(serve(config, refusals_via_smtp=args.mta == "opensmtpd"))
+    return asyncio.run(serve(config, args.mta))
 
 
 if __name__ == "__main__":
