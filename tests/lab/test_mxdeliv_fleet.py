@@ -145,9 +145,11 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
         raw = recipient.wait_for(msgid)
         print(f"\n{source} -> {destination} over HTTPS: {time.monotonic() - started:.1f} s")
     assert b"-----BEGIN PGP MESSAGE-----" in raw
-    # the receiver's delivery headers only, not also those smtpd's agent wrote for the sender
-    head = raw.split(b"\r\n\r\n", 1)[0]
-    assert head.count(b"Return-Path:") <= 1 and head.count(b"Delivered-To:") <= 1, head
+    if MTA[source] == "opensmtpd":
+        # the (Postfix) receiver's delivery headers only: those smtpd's LMTP agent wrote on
+        # top for the sender's transport were cut off again
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        assert head.count(b"Return-Path:") == 1 and head.count(b"Delivered-To:") <= 1, head
     sent = channel_lines(host, recipient.addr, since)
     assert any("channel=https result=accepted" in line for line in sent), sent
     assert not any("channel=smtp" in line for line in sent), sent
