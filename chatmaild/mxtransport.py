@@ -1,21 +1,27 @@
-"""chatmail-mxtransport: Postfix's default transport, HTTPS (``/mxdeliv``) first, then SMTP.
+"""chatmail-mxtransport: the MTA's transport to other domains, HTTPS first, then SMTP.
 
-Postfix hands every message for another domain to this LMTP server
-(``default_transport = lmtp:inet:<filtermail_host>:<filtermail_lmtp_port_transport>``, as
-upstream's filtermail-transport). Per recipient domain it looks up the MX hosts (an IP
+The MTA hands every message for another domain to this LMTP server on
+``<filtermail_host>:<filtermail_lmtp_port_transport>``: Postfix as its ``default_transport``
+(as upstream's filtermail-transport), OpenSMTPD through its LMTP delivery agent, one
+recipient at a time (the ``Return-Path``/``Delivered-To`` lines that agent writes on top of
+the message are cut off again). Per recipient domain it looks up the MX hosts (an IP
 literal ``[192.0.2.1]`` is its own host, no MX: the domain itself) and POSTs the message
 to ``https://<MX host>/mxdeliv`` in upstream's wire format (see :mod:`chatmaild.mxdeliv`).
 
 - ``200``: delivered; the LMTP reply names the channel, so Postfix's log line does too.
 - an HTTP 4xx whose body is an SMTP ``5xx`` reply (a relay like ours refusing the message):
-  that refusal, and Postfix bounces with the receiver's own words.
+  that refusal, and Postfix bounces with the receiver's own words. Under OpenSMTPD
+  (``--mta opensmtpd``: its 7.6 delivery agent takes any LMTP error for a temporary one and
+  would retry for days) the message goes to the SMTP channel instead, as upstream's
+  transport does: the receiver refuses it on port 25 and smtpd bounces.
 - anything else (no listener on 443, a web server without ``/mxdeliv``, a TLS failure, a
   timeout, a ``5xx``): the host is remembered for ``mxdeliv_retry_after`` seconds (upstream:
-  30 minutes) and the message goes to the SMTP channel: Postfix's own SMTP client with its
-  TLS policy, through the loopback listener on ``postfix_reinject_port_smtp`` (a
-  ``content_filter=smtp:`` to the recipient's domain). Postfix queues it there until port
-  25 takes it; if that listener cannot take it either, the reply is ``4xx`` and Postfix
-  keeps the message and retries both channels later: nothing is lost.
+  30 minutes) and the message goes to the SMTP channel: the MTA's own SMTP client with its
+  TLS policy, through its loopback listener on ``postfix_reinject_port_smtp`` (Postfix: a
+  ``content_filter=smtp:`` to the recipient's domain; OpenSMTPD: a tag relayed over SMTP).
+  The MTA queues it there until port 25 takes it; if that listener cannot take it either,
+  the reply is ``4xx`` and the MTA keeps the message and retries both channels later:
+  nothing is lost.
 
 TLS is verified like Postfix's SMTP client verifies it (``smtp_tls_policy_map``): against
 the MX host name with the system's CAs, except for IP literals and ``_`` domains, whose
@@ -45,6 +51,7 @@ from aiosmtpd.smtp import Envelope, Session
 from .config import EXIT_CONFIG, Config, config_for_main
 from .counters import Counters
 from .dkimverify import parse_resolver_address
+from .mailqueue import MTAS
 from .smtpclient import LOCAL_ERROR, Recipient, Reinjector
 
 log = logging.getLogger("mxtransport")
@@ -97,10 +104,26 @@ def request_head(host: str, mail_from: str, rcpt_tos: list[str], length: int) ->
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
+def strip_agent_headers(data: bytes, mail_from: str, rcpt: str) -> bytes:
+    """The message without what smtpd's LMTP delivery agent wrote on top of it (its mda.c):
+    ``Return-Path: <sender>`` when there is a sender, then ``Delivered-To: <recipient>``.
+    No part of the message, and an OpenSMTPD receiver would take its own recipient's
+    ``Delivered-To`` for a mail loop."""
+    head = f"Delivered-To: {rcpt}\r\n".encode()
+    if mail_from:
+        head = f"Return-Path: <{mail_from}>\r\n".encode() + head
+    if data[: len(head)].lower() == head.lower():
+        return data[len(head) :]
+    return data
+
+
 class Transport:
-    def __init__(self, config: Config, https_port: int = 443):
+    def __init__(self, config: Config, https_port: int = 443, mta: str = "postfix"):
         self.config = config
         self.https_port = https_port
+        #: smtpd's LMTP delivery agent talks to us: its headers come off the message, and a
+        #: refusal goes to the SMTP channel (7.6 retries an LMTP 5xx, OpenSMTPD issue #1276)
+        self.smtpd_agent = mta == "opensmtpd"
         self.retry_after = config.mxdeliv_retry_after
         self.counters = Counters(config.counters_dir, "mxtransport")
         self.smtp_channel = Reinjector(
@@ -211,7 +234,9 @@ class Transport:
             if outcome.result == "accepted":
                 return f"250 2.0.0 Ok: channel=https relay={host}"
             if outcome.result == "refused":
-                return outcome.detail
+                if not self.smtpd_agent:
+                    return outcome.detail
+                break  # /mxdeliv works: the host is not left alone
             self.no_https[host] = now + self.retry_after
         reply = await self.smtp_channel.send(mail_from, [Recipient(r) for r in rcpts], data)
         result = {"2": "accepted", "4": "deferred"}.get(reply[:1], "refused")
@@ -237,10 +262,11 @@ class TransportHandler:
 
     async def handle_DATA(self, server: LMTP, session: Session, envelope: Envelope) -> str:
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        data = envelope.original_content
+        if self.transport.smtpd_agent and len(envelope.rcpt_tos) == 1:
+            data = strip_agent_headers(data, mail_from, envelope.rcpt_tos[0])
         try:
-            replies = await self.transport.deliver(
-                mail_from, envelope.rcpt_tos, envelope.original_content
-            )
+            replies = await self.transport.deliver(mail_from, envelope.rcpt_tos, data)
         except Exception:
             log.exception("delivery failed")
             replies = [LOCAL_ERROR] * len(envelope.rcpt_tos)
@@ -248,9 +274,9 @@ class TransportHandler:
 
 
 async def start_server(
-    config: Config, port: int | None = None, https_port: int = 443
+    config: Config, port: int | None = None, https_port: int = 443, mta: str = "postfix"
 ) -> tuple[asyncio.Server, Transport]:
-    transport = Transport(config, https_port=https_port)
+    transport = Transport(config, https_port, mta)
     handler = TransportHandler(transport)
     server = await asyncio.get_running_loop().create_server(
         lambda: LMTP(
@@ -267,9 +293,9 @@ async def start_server(
     return server, transport
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, mta: str) -> int:
     try:
-        server, transport = await start_server(config)
+        server, transport = await start_server(config, mta=mta)
     except (OSError, ValueError, dns.exception.DNSException) as exc:
         log.error("cannot start the transport: %s", exc)
         return 1
@@ -293,13 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="chatmail-mxtransport", description=__doc__.split("\n")[0]
     )
     parser.add_argument("ini", type=Path, help="path to chatmail.ini")
+    parser.add_argument("--mta", choices=MTAS, default="postfix")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     config = config_for_main(args.ini)
     if config is None:
         return EXIT_CONFIG
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, args.mta))
 
 
 if __name__ == "__main__":

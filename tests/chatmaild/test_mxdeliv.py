@@ -266,10 +266,10 @@ def smtp_channel(loop_thread):
 def transport(loop_thread, make_config, smtp_channel, tmp_path_factory):
     made = []
 
-    def make(https_port, **overrides):
+    def make(https_port, mta="postfix", **overrides):
         overrides.setdefault("postfix_reinject_port_smtp", smtp_channel.port)
         config = make_config(DOMAIN, counters_dir=tmp_path_factory.mktemp("c"), **overrides)
-        made.append(mxtransport.Transport(config, https_port=https_port))
+        made.append(mxtransport.Transport(config, https_port, mta))
         return made[-1]
 
     yield make
@@ -305,6 +305,23 @@ def test_refusal_over_https_is_the_receivers_reply(
     [reply] = loop_thread.run(t.deliver(SENDER, [nobody], encrypted_mail(SENDER, nobody)))
     assert reply == f"550 5.1.1 <{nobody}>: Recipient address rejected: User unknown"
     assert sink.received == [] and smtp_channel.received == []
+
+
+def test_refusal_over_https_goes_to_the_smtp_channel_where_the_mta_cannot_bounce_it(
+    loop_thread, ip_relay, sink, transport, smtp_channel
+):
+    """OpenSMTPD 7.6 retries an LMTP 5xx (mail.lmtp, OpenSMTPD issue #1276): there the
+    receiver's refusal goes over SMTP, as upstream's transport does, so the receiver refuses
+    it on port 25 and the MTA bounces. /mxdeliv worked: the host is not left alone."""
+    t = transport(ip_relay(), mta="opensmtpd")
+    nobody = "nobody@[127.0.0.1]"
+    for _ in range(2):
+        [reply] = loop_thread.run(t.deliver(SENDER, [nobody], encrypted_mail(SENDER, nobody)))
+        assert reply == "250 2.0.0 Ok: channel=smtp 2.0.0 Ok: queued as 5SMTP"
+    assert [r.rcpt_tos for r in smtp_channel.received] == [[nobody], [nobody]]
+    assert sink.received == []
+    assert t.counters.value("outbound_deliveries_total", channel="https", result="refused") == 2
+    assert t.counters.value("outbound_deliveries_total", channel="smtp", result="accepted") == 2
 
 
 def test_no_https_falls_back_to_smtp_and_the_host_is_left_alone_for_a_while(
@@ -359,6 +376,30 @@ def test_lmtp_server_answers_per_recipient(loop_thread, ip_relay, sink, make_con
         lmtp.quit()
     finally:
         loop_thread.run(_close(server, t))
+
+
+@pytest.mark.parametrize("mail_from", [SENDER, ""], ids=["sender", "bounce"])
+@pytest.mark.parametrize("mta", ["opensmtpd", "postfix"])
+def test_lmtp_from_smtpds_delivery_agent_loses_the_agents_headers(
+    loop_thread, ip_relay, sink, make_config, smtp_channel, mta, mail_from
+):
+    """smtpd's LMTP delivery agent writes Return-Path (when there is a sender) and
+    Delivered-To on top of the message (tests/salt/test_opensmtpd_mxtransport_live.py): they
+    are no part of it, and an OpenSMTPD receiver would take its own recipient's
+    Delivered-To for a mail loop. Postfix's LMTP client adds none: nothing is cut there."""
+    message = encrypted_mail(SENDER, BOB_IP)
+    agent = (f"Return-Path: <{mail_from}>\r\n" if mail_from else "") + "Delivered-To: BOB@[127.0.0.1]\r\n"
+    config = make_config(DOMAIN, postfix_reinject_port_smtp=smtp_channel.port)
+    server, t = loop_thread.run(
+        mxtransport.start_server(config, port=0, https_port=ip_relay(), mta=mta)
+    )
+    try:
+        with smtplib.LMTP("127.0.0.1", server.sockets[0].getsockname()[1]) as lmtp:
+            lmtp.sendmail(mail_from, [BOB_IP], agent.encode() + message)
+    finally:
+        loop_thread.run(_close(server, t))
+    [received] = sink.received
+    assert received.content.startswith(message if mta == "opensmtpd" else agent.encode())
 
 
 def test_parse_head_takes_upstreams_spellings():

@@ -131,7 +131,7 @@ def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
     this very relay, so its own nginx and /mxdeliv answer (refusing: the peer is not our
     domain), then, with /mxdeliv gone, the SMTP channel (Postfix's smtp client, port 25)."""
     if platform.mta != "postfix":
-        pytest.skip("OpenSMTPD sends over SMTP only")
+        pytest.skip("Postfix's transport (OpenSMTPD's: the next test)")
     container = relay.container
     pillar = relay_pillar()
     pillar["chatmail"]["daemons"] = {"mxtransport": True}
@@ -167,3 +167,54 @@ def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
         result = container.apply()
     assert result.ok, result.summary()
     assert "default_transport" not in container.read_file("/etc/postfix/main.cf")
+
+
+def test_opensmtpd_sends_over_https_first_and_hands_refusals_and_failures_to_its_relay(
+    relay, relay_pillar, platform
+):
+    """The HTTPS-first transport behind the real smtpd: a _ peer domain that resolves to this
+    very relay, whose /mxdeliv refuses (the peer is not our domain). smtpd 7.6 would retry
+    an LMTP refusal for days, so the transport hands it to the SMTP channel, smtpd's relay
+    takes it to port 25 (this relay again), which refuses it there, and smtpd bounces. With
+    /mxdeliv gone, the same SMTP channel."""
+    if platform.mta != "opensmtpd":
+        pytest.skip("OpenSMTPD's transport (Postfix's: the test before)")
+    container = relay.container
+    pillar = relay_pillar()
+    pillar["chatmail"]["daemons"] = {"mxtransport": True}
+    container.configure_salt(pillar)
+    try:
+        result = container.apply()
+        assert result.ok, result.summary()
+        conf = container.read_file("/etc/smtpd.conf")
+        assert 'action "mxtransport" lmtp "127.0.0.1:10083"' in conf
+        assert 'tag "smtp_channel"' in conf
+        relay.local_data("_peer.test. 300 IN A 127.0.0.1")
+        addr, password = relay.new_account()
+        cases = [("bob@_peer.test", "channel=https result=refused"), ("carol@_peer.test", None)]
+        for peer, https in cases:
+            if https is None:  # /mxdeliv's listener stopped: nginx answers 502
+                container.run(["systemctl", "stop", "mxdeliv"])
+            msg = encrypted_mail(addr, [peer], message_id("x"))
+            relay.send(465, addr, password, [peer], msg)
+            if https:
+                line = wait_for_line(relay, (f"to=<{peer}>", "channel=https"), "-u", "mxtransport")
+                assert f"{https} relay=_peer.test" in line and "Relay access denied" in line, line
+            line = wait_for_line(relay, (f"to=<{peer}>", "channel=smtp"), "-u", "mxtransport")
+            assert "channel=smtp result=accepted relay=_peer.test" in line, line
+            if https is None:
+                assert "https: HTTP 502" in line, line
+            # smtpd's SMTP relay (not the transport again) met port 25's refusal: a bounce
+            refused = wait_for_line(
+                relay, (" mta delivery ", f"to=<{peer}>", "PermFail"), "-u", "opensmtpd"
+            )
+            assert "Invalid recipient" in refused, refused
+        agent = journal(relay, "-u", "opensmtpd")
+        assert "user=opensmtpd" in agent and "Loop detected" not in agent
+    finally:
+        container.run(["systemctl", "start", "mxdeliv"], check=False)
+        container.configure_salt(relay_pillar())
+        result = container.apply()
+    assert result.ok, result.summary()
+    conf = container.read_file("/etc/smtpd.conf")
+    assert "smtp_channel" not in conf and 'action "mxtransport" relay tls' in conf

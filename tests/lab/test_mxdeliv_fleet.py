@@ -1,10 +1,12 @@
 """Relay-to-relay delivery over HTTPS (POST /mxdeliv) in the fleet lab.
 
-The Postfix relays (relay1, relay3 and the IP relay relay4) get the HTTPS-first transport
-(daemons:mxtransport) from the master; every relay receives on /mxdeliv by default. Port
-25 between two relays is then closed by an nftables rule in the sender's network namespace
-(removed again by the test), and mail still arrives, over HTTPS. OpenSMTPD (relay2) receives over HTTPS but
-sends over SMTP only: it has no transport that could fall back from one to the other.
+Every relay gets the HTTPS-first transport (daemons:mxtransport) from the master: the
+Postfix ones (relay1, relay3, the IP-address relay relay4) as Postfix's default transport,
+the OpenSMTPD one (relay2) through smtpd's LMTP delivery agent; every relay receives on /mxdeliv by default. Port 25
+between two relays is then closed by an nftables rule in the sender's network namespace
+(removed again by the test), and mail still arrives, over HTTPS, both ways between Postfix
+and OpenSMTPD, Delta Chat's included. Without /mxdeliv on the receiver, each MTA's own SMTP
+client takes over (the SMTP channel), and HTTPS is tried again after the remembered period.
 """
 
 from __future__ import annotations
@@ -15,27 +17,31 @@ import re
 import statistics
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
+import lab as labctl
 import pytest
+from deltachat_rpc_client import DeltaChat
 from relayclient import encrypted_mail, message_id, plain_mail, unverified_context
-from fleetclient import Account
+from fleetclient import Account, online_account, outbound_session, start_lab_rpc
+from test_fleet import TLS_LOG
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
-HTTPS_SENDERS = ("relay1", "relay3", "relay4")  # Postfix
+HTTPS_SENDERS = ("relay1", "relay2", "relay3", "relay4")  # Postfix, OpenSMTPD, Postfix, Postfix
+MTA = {"relay1": "postfix", "relay2": "opensmtpd", "relay3": "postfix", "relay4": "postfix"}
 RETRY_AFTER = 60  # s: mxdeliv_retry_after in the lab, so the test can wait it out
 NFT_TABLE = "chatmail_lab_mxdeliv"
 
 
 @pytest.fixture(scope="module")
 def https_fleet(dns_filled):
-    """The fleet with the HTTPS-first transport on the Postfix relays."""
+    """The fleet with the HTTPS-first transport on every relay."""
     dns_filled.write_pillar(
         settings={m: {"mxdeliv_retry_after": RETRY_AFTER} for m in HTTPS_SENDERS},
         overrides={m: {"daemons": {"mxtransport": True}} for m in HTTPS_SENDERS},
     )
-    results = dns_filled.apply("relay[134]")
+    results = dns_filled.apply("relay*")
     summary = "\n".join(f"{m}: {r.summary()}" for m, r in sorted(results.items()))
     assert set(results) == set(HTTPS_SENDERS) and all(r.ok for r in results.values()), summary
     return dns_filled
@@ -90,11 +96,39 @@ def cannot_connect(host, address: str, port: int) -> bool:
     return host.run(["python3", "-c", script, address, str(port)], check=False).returncode != 0
 
 
-#: The IP relay is posted to at https://198.18.0.14/mxdeliv, its certificate unverified.
+def https_accepted(host) -> float:
+    """The sender's /metrics: deliveries chatmail-mxtransport made over HTTPS."""
+    text = labctl.api_get(host, "/metrics")
+    found = re.search(
+        r'^chatmail_outbound_deliveries_total\{channel="https",result="accepted"\} (\S+)$',
+        text,
+        re.MULTILINE,
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def mta_delivered_over_https(host, minion_id: str, to_addr: str, since: float) -> bool:
+    """The sender MTA's own log line of the hand-over to the transport."""
+    if MTA[minion_id] == "postfix":
+        # the LMTP reply names the channel
+        lines = journal(host, since, "-t", "postfix/mxtransport/lmtp")
+        return any(f"to=<{to_addr}>" in line and "channel=https" in line for line in lines)
+    # smtpd's LMTP delivery agent (as smtpd's own user) logs no reply text
+    lines = journal(host, since, "-u", "opensmtpd")
+    return any(
+        " mda delivery " in line and f"to=<{to_addr}>" in line and "result=Ok" in line
+        and "user=opensmtpd " in line
+        for line in lines
+    )  # fmt: skip
+
+
 ROUTES = [
-    ("relay1", "relay2"),
+    ("relay1", "relay2"),  # Postfix -> OpenSMTPD
+    ("relay2", "relay1"),  # OpenSMTPD -> Postfix
+    ("relay2", "relay3"),  # OpenSMTPD -> the `_` relay (TLS unverified)
     ("relay1", "relay3"),
     ("relay3", "relay1"),
+    # the IP relay is posted to at https://198.18.0.14/mxdeliv, its certificate unverified
     ("relay1", "relay4"),
     ("relay4", "relay1"),
 ]
@@ -105,6 +139,7 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
     sender, recipient = users[source], users[destination]
     host = https_fleet.relay(source)
     since = time.time() - 1
+    before = https_accepted(host)
     with port_blocked(host, recipient.relay.address):
         assert cannot_connect(host, recipient.relay.address, 25)
         msgid = message_id(sender.relay.domain)
@@ -113,20 +148,64 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
         raw = recipient.wait_for(msgid)
         print(f"\n{source} -> {destination} over HTTPS: {time.monotonic() - started:.1f} s")
     assert b"-----BEGIN PGP MESSAGE-----" in raw
+    if MTA[source] == "opensmtpd":
+        # the (Postfix) receiver's delivery headers only: those smtpd's LMTP agent wrote on
+        # top for the sender's transport were cut off again
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        assert head.count(b"Return-Path:") == 1 and head.count(b"Delivered-To:") <= 1, head
     sent = channel_lines(host, recipient.addr, since)
     assert any("channel=https result=accepted" in line for line in sent), sent
-    # Postfix's own log names the channel too (the LMTP reply)
-    postfix = journal(host, since, "-t", "postfix/mxtransport/lmtp")
-    assert any(f"to=<{recipient.addr}>" in line and "channel=https" in line for line in postfix)
+    assert not any("channel=smtp" in line for line in sent), sent
+    assert mta_delivered_over_https(host, source, recipient.addr, since)
+    deadline = time.monotonic() + 30  # counters reach the file within a second or so
+    while https_accepted(host) < before + 1:
+        assert time.monotonic() < deadline, ("/metrics", before, https_accepted(host))
+        time.sleep(1)
     received = journal(https_fleet.relay(destination), since, "-u", "mxdeliv")
     assert any(f"from=<{sender.addr}>" in line and "status=200" in line for line in received)
 
 
-def test_opensmtpd_relay_still_sends_over_smtp(https_fleet, users):
-    sender, recipient = users["relay2"], users["relay1"]
-    msgid = message_id(sender.relay.domain)
-    sender.send([recipient.addr], encrypted_mail(sender.addr, [recipient.addr], msgid))
-    recipient.wait_for(msgid)
+@pytest.fixture(scope="module")
+def deltachat(client_netns, tmp_path_factory):
+    rpc = start_lab_rpc(client_netns.client_prefix, tmp_path_factory.mktemp("dc-https"))
+    try:
+        yield DeltaChat(rpc)
+    finally:
+        rpc.close()
+
+
+def wait_for_text(account, text: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = account.wait_for_incoming_msg().get_snapshot()
+        if msg.text == text:
+            return msg
+    raise TimeoutError(f"{account.addr} got no message {text!r} in {timeout} s")
+
+
+def test_delta_chat_both_ways_over_https_with_port_25_blocked(https_fleet, deltachat):
+    """Postfix (relay1) and OpenSMTPD (relay2) with port 25 closed both ways: securejoin
+    and messages with padlock cross, and every one of them went over HTTPS."""
+    first, second = (next(r for r in https_fleet.relays if r.minion_id == m)
+                     for m in ("relay1", "relay2"))  # fmt: skip
+    hosts = {m: https_fleet.relay(m) for m in ("relay1", "relay2")}
+    since = time.time() - 1
+    with ExitStack() as stack:
+        stack.enter_context(port_blocked(hosts["relay1"], second.address))
+        stack.enter_context(port_blocked(hosts["relay2"], first.address))
+        ac1 = online_account(deltachat, first)
+        ac2 = online_account(deltachat, second)
+        ac2.secure_join(ac1.get_qr_code())
+        ac1.wait_for_securejoin_inviter_success()
+        ac2.wait_for_securejoin_joiner_success()
+        for sender, receiver in ((ac1, ac2), (ac2, ac1)):
+            text = f"over HTTPS from {sender.relay.minion_id}"
+            sender.create_chat(receiver).send_text(text)
+            got = wait_for_text(receiver, text)
+            assert got.show_padlock, f"{sender.addr} -> {receiver.addr} arrived unencrypted"
+    for minion_id, to_addr in (("relay1", ac2.addr), ("relay2", ac1.addr)):
+        sent = channel_lines(hosts[minion_id], to_addr, since)
+        assert sent and all("channel=https result=accepted" in line for line in sent), sent
 
 
 @contextmanager
@@ -152,9 +231,18 @@ def mxdeliv_location_removed(host, relay):
         host.run(["sh", "-c", "nginx -t && systemctl reload nginx"])
 
 
-def test_without_mxdeliv_mail_goes_over_smtp_and_https_is_tried_again_later(https_fleet, users):
-    sender, recipient = users["relay1"], users["relay2"]
-    host, peer = https_fleet.relay("relay1"), https_fleet.relay("relay2")
+FALLBACKS = [("relay1", "relay2"), ("relay2", "relay1")]
+
+
+@pytest.mark.parametrize(("source", "destination"), FALLBACKS,
+                         ids=["->".join(r) for r in FALLBACKS])  # fmt: skip
+def test_without_mxdeliv_mail_goes_over_smtp_and_https_is_tried_again_later(
+    https_fleet, users, source, destination
+):
+    """The receiver's nginx without /mxdeliv: the sender's own SMTP client delivers (Postfix's
+    content_filter, OpenSMTPD's smtp_channel listener), verified TLS on port 25."""
+    sender, recipient = users[source], users[destination]
+    host, peer = https_fleet.relay(source), https_fleet.relay(destination)
     since = time.time() - 1
     with mxdeliv_location_removed(peer, recipient.relay):
         for _ in range(2):  # the second one does not ask over HTTPS again
@@ -166,6 +254,9 @@ def test_without_mxdeliv_mail_goes_over_smtp_and_https_is_tried_again_later(http
     assert sum("channel=smtp result=accepted" in line for line in sent) == 2, sent
     assert sum("channel=https result=failed" in line for line in sent) == 1, sent
     assert "remembered without /mxdeliv" in sent[-1], sent
+    # the MTA's own SMTP client took them, with the TLS policy of port 25 (verified)
+    smtp = outbound_session(host, MTA[source], recipient.addr)
+    assert any(TLS_LOG[(MTA[source], True)] in line for line in smtp), smtp
     time.sleep(max(0.0, first_tried + RETRY_AFTER + 1 - time.time()))
     since = time.time() - 1
     msgid = message_id(sender.relay.domain)
@@ -173,6 +264,23 @@ def test_without_mxdeliv_mail_goes_over_smtp_and_https_is_tried_again_later(http
     recipient.wait_for(msgid)
     sent = channel_lines(host, recipient.addr, since)
     assert any("channel=https result=accepted" in line for line in sent), sent
+
+
+def test_opensmtpd_sender_hands_a_refusal_to_smtp_and_the_sender_hears_of_it(https_fleet, users):
+    """smtpd 7.6 would retry an LMTP 5xx for days (OpenSMTPD issue #1276): its transport
+    hands a refusal over HTTPS to the SMTP channel instead, the receiver's port 25 takes it
+    as Postfix takes unknown recipients, and its bounce reaches the sender."""
+    sender = users["relay2"]
+    host = https_fleet.relay("relay2")
+    unknown = f"nobody{int(time.time())}@{users['relay1'].relay.domain}"
+    since = time.time() - 1
+    msgid = message_id(sender.relay.domain)
+    sender.send([unknown], encrypted_mail(sender.addr, [unknown], msgid))
+    report = sender.search("TEXT", unknown, timeout=180)
+    assert report, unknown
+    sent = channel_lines(host, unknown, since)
+    assert any("channel=https result=refused" in line and "550 5.1.1" in line for line in sent)
+    assert any("channel=smtp result=accepted" in line for line in sent), sent
 
 
 # --- refusals: what port 25 refuses, /mxdeliv refuses with the same SMTP reply -----------

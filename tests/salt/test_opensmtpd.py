@@ -172,6 +172,12 @@ def test_smtpd_conf_policy(rendered):
             assert f'! for domain "{d}"' in rule or "! rcpt-to <ourdomain>" in rule
     assert f'table ourdomain {{ "@{d}" }}' in conf
     assert f"-d {d} -s {m['dkim']['selector']} -k {m['dkim']['key_dir']}/" in conf
+    # off by default: other domains' mail leaves over SMTP, no HTTPS-first transport; mail
+    # queued for it while it was on leaves over SMTP too (no rule names it)
+    assert m["daemons"]["mxtransport"] is False
+    assert f'action "mxtransport" relay tls helo "{d}"' in conf
+    assert not [r for r in rules if 'action "mxtransport"' in r]
+    assert "smtp_channel" not in conf and "transport_user" not in conf
 
 
 def test_only_self_signed_relays_get_unverified_tls(rendered):
@@ -268,3 +274,81 @@ def test_nginx_hop_drops_the_proxy_header_for_smtpd(render, pillar_name, tmp_pat
         result.stdout,
     )
     assert hop, result.stdout
+
+
+# --- daemons:mxtransport: other domains' mail HTTPS first, then SMTP ---------------------
+
+HTTPS_CASES = {
+    "debian13-example": ("debian13", "example"),
+    "openbsd-underscore": ("openbsd7", "underscore"),
+}
+
+
+@pytest.fixture(scope="module", params=list(HTTPS_CASES), ids=list(HTTPS_CASES))
+def https_first(request, render):
+    platform, name = HTTPS_CASES[request.param]
+    pillar = opensmtpd_pillar(name)
+    pillar["chatmail"]["daemons"] = {"mxtransport": True}
+    grains = OPENBSD_GRAINS if platform == "openbsd7" else PLATFORMS[platform]
+    return render(platform, f"{name}-mxtransport", pillar=pillar, grains=grains)
+
+
+def test_https_first_conf_passes_smtpd_n(https_first, trixie_root, tmp_path, test_cert):
+    conf = smtpd_conf(https_first)
+    assert 'action "mxtransport"' in conf
+    result = smtpd_check(trixie_root, tmp_path, conf, test_cert,
+                         libexec=https_first.map["opensmtpd"]["libexec"])  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_https_first_hands_other_domains_to_the_transport(https_first):
+    """Submitted mail and bounces for other domains go to chatmail-mxtransport over LMTP;
+    what it hands back on the loopback SMTP channel leaves over SMTP with the TLS policy
+    of the default config, and never goes to the transport again (no loop)."""
+    m = https_first.map
+    s, d, o = m["settings"], m["mail_domain"], m["opensmtpd"]
+    conf = smtpd_conf(https_first)
+    assert m["daemons"]["mxtransport"] is True
+    assert "dead" not in https_first.states["chatmail-chatmaild-mxtransport-service"]["service"]
+    unit = https_first.text(state_args(https_first, "chatmail-chatmaild-mxtransport-unit")["name"])
+    assert "/bin/chatmail-mxtransport" in unit
+    assert f"{m['paths']['ini']} --mta opensmtpd" in unit  # refusals over SMTP (smtpd 7.6)
+    assert listeners(conf)["smtp_channel"] == (
+        f'listen on {s["postfix_host"]} port {s["postfix_reinject_port_smtp"]} tag "smtp_channel"'
+    )  # no filter: judged and signed when it first entered
+    # smtpd's LMTP delivery agent, one recipient per transaction, as smtpd's own user
+    assert (
+        f'action "mxtransport" lmtp "{s["filtermail_host"]}:'
+        f'{s["filtermail_lmtp_port_transport"]}" rcpt-to virtual <transport_user>'
+    ) in conf
+    assert f'table transport_user {{ "@" = "{o["user"]}" }}' in conf
+    rules = [line for line in conf.splitlines() if line.startswith("match")]
+    leaving = [r for r in rules if 'action "local"' not in r]
+    assert leaving == [
+        f'match from any auth tag "submission" ! for domain "{d}" action "mxtransport"',
+        f'match from local tag "own" ! for domain "{d}" action "mxtransport"',
+        f'match from local tag "smtp_channel" for domain regex "{o["noverify_domain_regex"]}"'
+        ' ! rcpt-to <ourdomain> action "outbound_noverify"',
+        f'match from local tag "smtp_channel" ! for domain "{d}" action "outbound"',
+    ]
+    # our domain is delivered locally before any of these (first match wins)
+    assert rules.index(leaving[0]) > max(
+        i for i, r in enumerate(rules) if 'action "local"' in r
+    )
+    # the fallback channel keeps the TLS policy of the default config
+    assert re.search(rf'action "outbound" relay tls helo "{re.escape(d)}"', conf)
+    noverify = rf'action "outbound_noverify" relay tls no-verify helo "{re.escape(d)}"'
+    assert re.search(noverify, conf)
+
+
+def test_https_first_on_openbsd_renders_an_rc_d_script(render, tmp_path):
+    pillar = opensmtpd_pillar("underscore")
+    pillar["chatmail"]["daemons"] = {"mxtransport": True}
+    rendered = render("openbsd7", "underscore-mxtransport", pillar=pillar, grains=OPENBSD_GRAINS)
+    script = tmp_path / "mxtransport"
+    script.write_text(rendered.text("/etc/rc.d/mxtransport"))
+    assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
+    m = rendered.map
+    assert f'daemon="{m["paths"]["venv"]}/bin/chatmail-mxtransport"' in script.read_text()
+    # smtpd 7.6 retries an LMTP 5xx: the transport hands refusals to the SMTP channel
+    assert f'daemon_flags="{m["paths"]["ini"]} --mta opensmtpd"' in script.read_text()

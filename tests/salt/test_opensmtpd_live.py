@@ -212,11 +212,12 @@ def remote_key(dns_server) -> bytes:
     return private
 
 
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory, render, dns_server, remote_key):
+@contextlib.contextmanager
+def live_relay(work: Path, render, dns_resolver: str, extra: dict | None = None):
+    """smtpd with the rendered config in an overlay of the cached trixie root, delivering
+    to an LmtpSink; ``extra`` is merged into the pillar's ``chatmail`` (one level deep)."""
     lower = debian_chroot("trixie", TRIXIE_RUNTIME)
     ensure_venv(lower)
-    work = tmp_path_factory.mktemp("opensmtpd")
     upper, overlay_work, root = work / "upper", work / "ovl-work", work / "root"
     for d in (upper, overlay_work, root):
         d.mkdir()
@@ -225,13 +226,19 @@ def relay(tmp_path_factory, render, dns_server, remote_key):
     procs: list[subprocess.Popen] = []
     sink = LmtpSink()
     try:
-        started = start_relay(root, work, render, sink, procs, dns_server.address)
-        yield {**started, "remote_key": remote_key}
+        yield start_relay(root, work, render, sink, procs, dns_resolver, extra or {})
     finally:
         for proc in reversed(procs):
             stop(proc)
         sink.stop()
         unmount(root)
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, render, dns_server, remote_key):
+    work = tmp_path_factory.mktemp("opensmtpd")
+    with live_relay(work, render, dns_server.address) as started:
+        yield {**started, "remote_key": remote_key}
 
 
 def state_arg(states: dict, sid: str, key: str):
@@ -240,7 +247,7 @@ def state_arg(states: dict, sid: str, key: str):
 
 
 def start_relay(
-    root: Path, work: Path, render, sink: LmtpSink, procs: list, dns_resolver: str
+    root: Path, work: Path, render, sink: LmtpSink, procs: list, dns_resolver: str, extra: dict
 ) -> dict:
     names = ["smtp", "submission", "submissions"]
     # and the loopback listener POST /mxdeliv reinjects into, ephemeral like the others
@@ -272,7 +279,8 @@ def start_relay(
             "ipv6": False,
             "tls": {"mode": "external", "cert": cert, "key": key},
             "ports": ports,
-            "settings": {"postfix_reinject_port_incoming": mxdeliv_reinject},
+            "settings": {"postfix_reinject_port_incoming": mxdeliv_reinject,
+                         **extra.get("settings", {})},
             "paths": {"venv": VENV, "ini": INI},
             "dkim": {"key_dir": "/etc/dkimkeys"},
             "opensmtpd": {
@@ -281,6 +289,7 @@ def start_relay(
             },
         }
     }
+    pillar["chatmail"].update((k, v) for k, v in extra.items() if k != "settings")
     rendered = render("debian13", "opensmtpd-live", pillar=pillar, grains=PLATFORMS["debian13"])
     smtpd_conf = rendered.text("/etc/smtpd.conf")
     (root / "etc/smtpd.conf").write_text(smtpd_conf)
@@ -295,16 +304,7 @@ def start_relay(
     chroot(root, "smtpd", "-n", "-f", "/etc/smtpd.conf")
 
     smtpd_log = work / "smtpd.log"
-    with smtpd_log.open("w") as out:
-        smtpd = subprocess.Popen(
-            ["chroot", str(root), "smtpd", "-d", "-f", "/etc/smtpd.conf"],
-            stdout=out, stderr=out, start_new_session=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
-        )  # fmt: skip
-    procs.append(smtpd)
-    for name in names:
-        wait_port(ports[name], smtpd, smtpd_log)
-    return {
+    started = {
         "root": root,
         "ports": ports,
         "sink": sink,
@@ -312,7 +312,31 @@ def start_relay(
         "dkim_public": public_der.strip(),
         "smtpd_log": smtpd_log,
         "smtpd_conf": smtpd_conf,
+        "settings": rendered.map["settings"],
+        "opensmtpd_user": rendered.map["opensmtpd"]["user"],
+        "pillar": pillar,
+        "procs": procs,
     }
+    run_smtpd(started)
+    return started
+
+
+def run_smtpd(relay: dict) -> None:
+    """Start smtpd on the chroot's /etc/smtpd.conf (appending to its log); stop a running one
+    first, as a restart after a config change does."""
+    if "smtpd" in relay:
+        stop(relay["smtpd"])
+    root, log = relay["root"], relay["smtpd_log"]
+    with log.open("a") as out:
+        smtpd = subprocess.Popen(
+            ["chroot", str(root), "smtpd", "-d", "-f", "/etc/smtpd.conf"],
+            stdout=out, stderr=out, start_new_session=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"},
+        )  # fmt: skip
+    relay["procs"].append(smtpd)
+    relay["smtpd"] = smtpd
+    for port in relay["ports"].values():
+        wait_port(port, smtpd, log)
 
 
 def tls_context() -> ssl.SSLContext:

@@ -172,8 +172,8 @@ chatmail-chatmaild-version:
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "read-only",
         "wants_network": true},
       "mxtransport": {
-        "description": "chatmail mxtransport: Postfix's transport, HTTPS first, then SMTP",
-        "exec_start": bin ~ "chatmail-mxtransport " ~ ini,
+        "description": "chatmail mxtransport: the MTA's transport to other relays, HTTPS first, then SMTP",
+        "exec_start": bin ~ "chatmail-mxtransport " ~ ini ~ " --mta " ~ chatmail.mta,
         "runtime_dir": "", "read_write_paths": [paths.counters], "protect_home": "yes",
         "wants_network": true},
     } %}
