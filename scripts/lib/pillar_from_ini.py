@@ -9,6 +9,11 @@ and every key whose value differs from the formula's default
 (salt/chatmail/parameters/defaults.yaml, the one source of defaults). Upstream keys with
 no counterpart here are named (``note:`` lines, also kept as comments in the pillar).
 
+The host's Dovecot is looked at too: a Debian 12 relay running upstream's own Dovecot
+build (``dovecot.upstream.version`` in defaults.yaml) keeps it (``dovecot: packages:
+upstream``), and ``--stage-debs /root`` puts the .debs upstream downloaded there where the
+formula looks for them, when their sha256 is the pinned one, so the apply downloads nothing.
+
 Bad input (no ``[params]``, no ``mail_domain``, unknown keys, a comment after a value,
 values chatmaild's model rejects) gives one ``error:`` line per problem, exit status 2
 and no pillar. ``scripts/deploy --adopt`` runs this; it needs PyYAML and pydantic.
@@ -18,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import hashlib
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,9 +42,10 @@ from chatmaild.config import (  # noqa: E402
     parse_params,
     parse_size_mb,
 )
-from chatmaild.fileio import write_text_atomic  # noqa: E402
+from chatmaild.fileio import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 DEFAULTS_PATH = REPO / "salt/chatmail/parameters/defaults.yaml"
+OS_RELEASE = Path("/etc/os-release")
 EXIT_PROBLEMS = 2
 
 #: Upstream keys this formula has nothing for: why, and what the operator can do.
@@ -176,6 +185,87 @@ def pillar_from_params(
     return {"chatmail": chatmail}, notes
 
 
+def installed_version(package: str) -> str:
+    """The installed version of a Debian package; "" when it is not installed."""
+    try:
+        res = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True
+        )
+    except FileNotFoundError:  # no dpkg: not a Debian host
+        return ""
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def read_os_release(path: Path = OS_RELEASE) -> dict[str, str]:
+    """os-release(5) fields ({} without the file)."""
+    fields = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            fields[key.strip()] = "".join(shlex.split(value))
+    return fields
+
+
+def dovecot_pillar(
+    installed: str, os_release: dict[str, str], dovecot: dict
+) -> tuple[dict, list[str]]:
+    """``(chatmail:dovecot pillar, notes)`` for the Dovecot the relay runs: upstream's own
+    build stays where the formula can install it (Debian 12; map.jinja refuses it on a
+    release with Dovecot 2.4's syntax), else the distribution's replaces it."""
+    version = dovecot["upstream"]["version"]
+    if installed != version:
+        return {}, []
+    if (os_release.get("ID"), os_release.get("VERSION_ID")) == ("debian", "12"):
+        return {"packages": "upstream"}, [
+            f"dovecot: upstream's Dovecot {version} stays (dovecot:packages upstream); set "
+            "chatmail:dovecot:packages to debian or patched to change"
+        ]
+    release = os_release.get("PRETTY_NAME") or "this system"
+    return {}, [
+        f"dovecot: upstream's Dovecot {version} is replaced by {release}'s own (this formula "
+        "installs upstream's packages on Debian 12 only); maildirs and indexes stay readable"
+    ]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def staged_deb(upstream: dict, package: str, arch: str) -> Path:
+    """Where salt/chatmail/dovecot/packages.sls keeps one of upstream's .debs."""
+    return Path(upstream["dir"]) / f"{package}_{arch}.deb"
+
+
+def stage_upstream_debs(source_dir: Path, dovecot: dict) -> list[str]:
+    """Upstream's Dovecot .debs found in ``source_dir`` (named as in their download URL, as
+    upstream's deployer saves them) with the pinned sha256, copied to where
+    salt/chatmail/dovecot/packages.sls keeps them (``staged_deb``): that state then finds
+    the file with its hash and downloads nothing. One line per file placed."""
+    upstream = dovecot["upstream"]
+    placed = []
+    for package, by_arch in upstream["sha256"].items():
+        for arch, sha256 in by_arch.items():
+            url = upstream["url"].replace("{package}", package).replace("{arch}", arch)
+            source = source_dir / url.rsplit("/", 1)[1]
+            dest = staged_deb(upstream, package, arch)
+            if not source.is_file() or sha256_file(source) != sha256:
+                continue
+            if dest.is_file() and sha256_file(dest) == sha256:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(dest, source.read_bytes(), mode=0o644)
+            placed.append(f"placed {source} as {dest} (sha256 {sha256[:12]}..., as pinned)")
+    return placed
+
+
 def render_pillar(pillar: dict, notes: list[str], source: Path) -> str:
     header = [
         f"# Pillar of this chatmail relay, taken over from upstream's {source}",
@@ -189,7 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ini", nargs="?", type=Path, default=DEFAULT_INI_PATH)
     parser.add_argument("--output", type=Path, help="write the pillar here (default: stdout)")
+    parser.add_argument(
+        "--stage-debs",
+        type=Path,
+        metavar="DIR",
+        help="where upstream downloaded its Dovecot .debs (/root): when the pillar keeps "
+        "upstream's Dovecot, copy them to where the formula looks for them",
+    )
     parser.add_argument("--defaults", type=Path, default=DEFAULTS_PATH, help=argparse.SUPPRESS)
+    # the host's facts, given by the tests (default: dpkg-query and /etc/os-release)
+    parser.add_argument("--dovecot-version", help=argparse.SUPPRESS)
+    parser.add_argument("--os-release", type=Path, default=OS_RELEASE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         pillar, notes = pillar_from_params(read_params(args.ini), args.defaults)
@@ -198,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.ini}: {line}", file=sys.stderr)
         print(f"{len(exc.lines)} problem(s): no pillar written", file=sys.stderr)
         return EXIT_PROBLEMS
+    dovecot_defaults = yaml.safe_load(args.defaults.read_text())["dovecot"]
+    installed = (
+        installed_version("dovecot-core") if args.dovecot_version is None else args.dovecot_version
+    )
+    dovecot, dovecot_notes = dovecot_pillar(
+        installed, read_os_release(args.os_release), dovecot_defaults
+    )
+    if dovecot:
+        pillar["chatmail"]["dovecot"] = dovecot
+    notes += dovecot_notes
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     text = render_pillar(pillar, notes, args.ini)
@@ -206,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if args.stage_debs and dovecot.get("packages") == "upstream":
+        for line in stage_upstream_debs(args.stage_debs, dovecot_defaults):
+            print(line, file=sys.stderr)
     return 0
 
 

@@ -8,13 +8,22 @@ same settings: its chatmail.ini, read by chatmaild, equals upstream's key by key
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from pillar_from_ini import NO_COUNTERPART, main, pillar_from_params, read_params
+from pillar_from_ini import (
+    DEFAULTS_PATH,
+    NO_COUNTERPART,
+    main,
+    pillar_from_params,
+    read_params,
+    staged_deb,
+)
+from test_dovecot_pins import UPSTREAM, grains, state_args
 
 from chatmaild.config import DEFAULT_INI_PATH, load_config
 
@@ -259,3 +268,107 @@ def test_deploy_adopt_refuses_a_host_that_is_no_upstream_relay():
     )
     assert res.returncode == 2
     assert f"{DEFAULT_INI} not found: not a relay deployed by cmdeploy" in res.stderr
+
+
+# --- the host's Dovecot: upstream's own build (inventory 3.2) ---------------------------
+
+DOVECOT = yaml.safe_load(DEFAULTS_PATH.read_text())["dovecot"]
+UPSTREAM_VERSION = DOVECOT["upstream"]["version"]
+DEBIAN_12 = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
+DEBIAN_13 = 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\nID=debian\nVERSION_ID="13"\n'
+
+
+def adopt_host(tmp_path, dovecot_version: str, os_release: str, *extra: str) -> tuple[dict, str]:
+    """main() on the template for a host with this Dovecot and release: (pillar, stderr)."""
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text(TEMPLATE)
+    (tmp_path / "os-release").write_text(os_release)
+    out = tmp_path / "pillar.sls"
+    args = [str(ini), "--output", str(out), "--dovecot-version", dovecot_version,
+            "--os-release", str(tmp_path / "os-release"), *extra]  # fmt: skip
+    assert main(args) == 0
+    return yaml.safe_load(out.read_text()), out.read_text()
+
+
+def test_upstreams_dovecot_on_debian12_is_kept(tmp_path, capsys):
+    pillar, text = adopt_host(tmp_path, UPSTREAM_VERSION, DEBIAN_12)
+    assert pillar["chatmail"]["dovecot"] == {"packages": "upstream"}
+    assert "# note: dovecot: upstream's Dovecot 1:2.3.21+dfsg1-3 stays" in text
+    assert "note: dovecot: upstream's Dovecot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("version", "os_release", "note"),
+    [
+        (UPSTREAM_VERSION, DEBIAN_13, "replaced by Debian GNU/Linux 13 (trixie)'s own"),
+        ("1:2.3.19.1+dfsg1-2.1+deb12u7", DEBIAN_12, None),
+        ("", DEBIAN_12, None),
+    ],
+    ids=["upstream-on-debian13", "debians-own", "not-installed"],
+)
+def test_other_dovecots_get_the_default_packages(tmp_path, version, os_release, note):
+    pillar, text = adopt_host(tmp_path, version, os_release)
+    assert "dovecot" not in pillar["chatmail"]
+    assert (f"# note: dovecot: upstream's Dovecot {UPSTREAM_VERSION} is " in text) == bool(note)
+    if note:
+        assert note in text
+
+
+def fake_debs(tmp_path) -> tuple[Path, Path, dict]:
+    """/root with .debs named as upstream's deployer saves them (their URL's last part)
+    and a defaults.yaml whose pins are those files' sha256, staged into target."""
+    root, target = tmp_path / "root", tmp_path / "dovecot-upstream"
+    root.mkdir()
+    defaults = yaml.safe_load(DEFAULTS_PATH.read_text())
+    upstream = defaults["dovecot"]["upstream"]
+    upstream["dir"] = str(target)
+    for package in upstream["sha256"]:
+        for arch in upstream["sha256"][package]:
+            data = f"{package} {arch} .deb".encode()
+            name = upstream["url"].replace("{package}", package).replace("{arch}", arch)
+            (root / name.rsplit("/", 1)[1]).write_bytes(data)
+            upstream["sha256"][package][arch] = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(defaults))
+    return root, target, upstream
+
+
+def test_upstreams_debs_in_root_are_staged_where_the_formula_looks(tmp_path, capsys):
+    root, target, upstream = fake_debs(tmp_path)
+    # one download was cut short: its hash is not the pinned one, so it stays where it is
+    broken = root / "dovecot-lmtpd_2.3.21%2Bdfsg1-3_arm64.deb"
+    broken.write_bytes(b"truncated")
+    stage = ["--defaults", str(tmp_path / "defaults.yaml"), "--stage-debs", str(root)]
+    adopt_host(tmp_path, UPSTREAM_VERSION, DEBIAN_12, *stage)
+    placed = sorted(p.name for p in target.iterdir())
+    assert placed == sorted(
+        f"{package}_{arch}.deb" for package in UPSTREAM for arch in ("amd64", "arm64")
+        if (package, arch) != ("dovecot-lmtpd", "arm64")
+    )  # fmt: skip
+    for name in placed:
+        downloaded = root / name.replace("_", "_2.3.21%2Bdfsg1-3_", 1)
+        assert (target / name).read_bytes() == downloaded.read_bytes()
+        assert (target / name).stat().st_mode & 0o777 == 0o644
+    assert len([line for line in capsys.readouterr().err.splitlines() if "placed" in line]) == 5
+    # a second run finds them in place
+    adopt_host(tmp_path, UPSTREAM_VERSION, DEBIAN_12, *stage)
+    assert "placed" not in capsys.readouterr().err
+
+
+def test_debs_are_not_staged_where_upstreams_dovecot_goes(tmp_path):
+    root, target, _ = fake_debs(tmp_path)
+    stage = ["--defaults", str(tmp_path / "defaults.yaml"), "--stage-debs", str(root)]
+    adopt_host(tmp_path, UPSTREAM_VERSION, DEBIAN_13, *stage)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_staged_debs_are_the_files_the_formula_installs(render, arch):
+    """packages.sls names the same files: with them in place it downloads nothing."""
+    pillar = {"chatmail": {"mail_domain": "chat.example.org", "dovecot": {"packages": "upstream"}}}
+    states = render("debian12", f"dovecot-upstream-{arch}", pillar=pillar,
+                    grains=grains("debian12", arch)).states  # fmt: skip
+    for package in UPSTREAM:
+        deb = state_args(states, f"chatmail-dovecot-packages-{package}-deb", "file")
+        assert deb["name"] == str(staged_deb(DOVECOT["upstream"], package, arch))
+        assert deb["source_hash"] == f"sha256={DOVECOT['upstream']['sha256'][package][arch]}"
