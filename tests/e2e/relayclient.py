@@ -304,9 +304,11 @@ def start_rpc(accounts_dir: Path):
     return rpc
 
 
-def online_account(deltachat, relay: RelayClient):
-    """A Delta Chat profile configured for a fresh account on the relay, online."""
-    addr, password = relay.gencreds()
+def online_account(deltachat, relay: RelayClient, addr: str = "", password: str = ""):
+    """A Delta Chat profile configured for an account on the relay (a fresh one unless
+    given), online."""
+    if not addr:
+        addr, password = relay.gencreds()
     account = deltachat.add_account()
     account.add_transport_from_qr(dclogin_qr(addr, password))
     account.set_config("bcc_self", "0")
