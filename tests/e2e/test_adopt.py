@@ -159,7 +159,7 @@ def make_account(container, name: str, password: str, messages: list[bytes]) -> 
 #: not installed here). The hashes are the same, so are the logins.
 PASSWD_FILE = "/etc/dovecot/upstream-test-users"
 
-_DOVECOT_COMMON = f"""\
+_DOVECOT_COMMON = """\
 protocols = imap lmtp
 listen = 0.0.0.0
 auth_mechanisms = plain
@@ -169,40 +169,40 @@ mail_uid = vmail
 mail_gid = vmail
 mail_privileged_group = vmail
 lmtp_add_received_header = no
-namespace inbox {{
+namespace inbox {
   inbox = yes
   separator = /
-  mailbox Drafts {{
+  mailbox Drafts {
     special_use = \\Drafts
-  }}
-  mailbox Junk {{
+  }
+  mailbox Junk {
     special_use = \\Junk
-  }}
-  mailbox Trash {{
+  }
+  mailbox Trash {
     special_use = \\Trash
-  }}
-  mailbox Sent {{
+  }
+  mailbox Sent {
     special_use = \\Sent
-  }}
-}}
-service lmtp {{
+  }
+}
+service lmtp {
   user = vmail
-  unix_listener /var/spool/postfix/private/dovecot-lmtp {{
+  unix_listener /var/spool/postfix/private/dovecot-lmtp {
     user = postfix
     group = postfix
     mode = 0600
-  }}
-}}
-service auth {{
-  unix_listener /var/spool/postfix/private/auth {{
+  }
+}
+service auth {
+  unix_listener /var/spool/postfix/private/auth {
     user = postfix
     group = postfix
     mode = 0660
-  }}
-}}
-service auth-worker {{
+  }
+}
+service auth-worker {
   user = vmail
-}}
+}
 ssl = required
 ssl_min_protocol = TLSv1.3
 """
