@@ -22,9 +22,11 @@ import os
 import time
 
 import pytest
+from deltachat_rpc_client import DeltaChat
 
 import lab as labctl
 import relayctl
+from fleetclient import start_lab_rpc
 
 
 @pytest.fixture(scope="package")
@@ -95,3 +97,13 @@ def client_netns(dns_filled):
     if os.environ.get("CHATMAIL_LAB_REUSE"):  # the namespace is ours, the lab is not
         netns = {k: dns_filled.state[k] for k in ("netns", "netns_etc")}
         labctl.teardown(netns, state_file=labctl.STATE_DIR / "netns.json")
+
+
+@pytest.fixture(scope="module")
+def deltachat(client_netns, tmp_path_factory):
+    """A deltachat-rpc-server in the lab's client namespace, one per test module."""
+    rpc = start_lab_rpc(client_netns.client_prefix, tmp_path_factory.mktemp("dc"))
+    try:
+        yield DeltaChat(rpc)
+    finally:
+        rpc.close()

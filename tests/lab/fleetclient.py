@@ -227,6 +227,16 @@ def start_lab_rpc(netns_prefix: list[str], accounts_dir: Path):
     return rpc
 
 
+def wait_for_text(account, text: str, timeout: float = 120):
+    """The next incoming message with this text (securejoin's own messages are skipped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = account.wait_for_incoming_msg().get_snapshot()
+        if msg.text == text:
+            return msg
+    raise TimeoutError(f"{account.addr} got no message {text!r} in {timeout} s")
+
+
 def dclogin_qr(addr: str, password: str, relay: labctl.RelaySpec) -> str:
     """Delta Chat's login code for the relay by its name (resolved by the lab DNS).
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from deltachat_rpc_client import DeltaChat, EventType
-from fleetclient import online_account, start_lab_rpc
+from deltachat_rpc_client import EventType
+from fleetclient import online_account, wait_for_text
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -22,25 +22,6 @@ pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 #: OpenSMTPD with the self-signed `_` relay (encryption without verification); a name
 #: relay with the IP-address relay (accounts user@[198.18.0.14] from its /new).
 PAIRS = [("relay1", "relay2"), ("relay2", "relay3"), ("relay1", "relay4")]
-
-
-@pytest.fixture(scope="module")
-def deltachat(client_netns, tmp_path_factory):
-    rpc = start_lab_rpc(client_netns.client_prefix, tmp_path_factory.mktemp("dc"))
-    try:
-        yield DeltaChat(rpc)
-    finally:
-        rpc.close()
-
-
-def wait_for_text(account, text: str, timeout: float = 120):
-    """The next incoming message with this text (securejoin's own messages are skipped)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = account.wait_for_incoming_msg().get_snapshot()
-        if msg.text == text:
-            return msg
-    raise TimeoutError(f"{account.addr} got no message {text!r} in {timeout} s")
 
 
 def wait_for_read(account, msg_id: int) -> None:

@@ -21,9 +21,8 @@ from contextlib import ExitStack, contextmanager
 
 import lab as labctl
 import pytest
-from deltachat_rpc_client import DeltaChat
 from relayclient import encrypted_mail, message_id, plain_mail, unverified_context
-from fleetclient import Account, online_account, outbound_session, start_lab_rpc
+from fleetclient import Account, online_account, outbound_session, wait_for_text
 from test_fleet import TLS_LOG
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
@@ -163,24 +162,6 @@ def test_mail_crosses_over_https_when_port_25_is_blocked(https_fleet, users, sou
         time.sleep(1)
     received = journal(https_fleet.relay(destination), since, "-u", "mxdeliv")
     assert any(f"from=<{sender.addr}>" in line and "status=200" in line for line in received)
-
-
-@pytest.fixture(scope="module")
-def deltachat(client_netns, tmp_path_factory):
-    rpc = start_lab_rpc(client_netns.client_prefix, tmp_path_factory.mktemp("dc-https"))
-    try:
-        yield DeltaChat(rpc)
-    finally:
-        rpc.close()
-
-
-def wait_for_text(account, text: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = account.wait_for_incoming_msg().get_snapshot()
-        if msg.text == text:
-            return msg
-    raise TimeoutError(f"{account.addr} got no message {text!r} in {timeout} s")
 
 
 def test_delta_chat_both_ways_over_https_with_port_25_blocked(https_fleet, deltachat):
