@@ -143,6 +143,8 @@ def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
             "/etc/postfix/main.cf"
         )
         relay.local_data("_peer.test. 300 IN A 127.0.0.1")
+        # and its MX, so no MTA asks the forwarder about a name that does not exist there
+        relay.local_data("_peer.test. 300 IN MX 10 _peer.test.")
         addr, password = relay.new_account()
         peer = "bob@_peer.test"
         relay.send(465, addr, password, [peer], encrypted_mail(addr, [peer], message_id("x")))
@@ -190,6 +192,8 @@ def test_opensmtpd_sends_over_https_first_and_hands_refusals_and_failures_to_its
         assert 'action "mxtransport" lmtp "127.0.0.1:10083"' in conf
         assert 'tag "smtp_channel"' in conf
         relay.local_data("_peer.test. 300 IN A 127.0.0.1")
+        # and its MX, so no MTA asks the forwarder about a name that does not exist there
+        relay.local_data("_peer.test. 300 IN MX 10 _peer.test.")
         addr, password = relay.new_account()
         cases = [("bob@_peer.test", "channel=https result=refused"), ("carol@_peer.test", None)]
         for peer, https in cases:
