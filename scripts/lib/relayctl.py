@@ -421,6 +421,11 @@ class Relay:
             ]
         )
         log(f"unpacked {tarball.name} to {self.root} in {time.monotonic() - started:.1f} s")
+        # Booted with --resolv-conf=off, as a real host keeps its resolv.conf across reboots
+        # (nspawn's default would put the host's back on every boot, under a relay whose
+        # /etc/resolv.conf points at its own unbound): until the formula's resolver state
+        # takes over, the host's resolver of today, not of the day the rootfs was built.
+        shutil.copy("/etc/resolv.conf", self.root / "etc/resolv.conf")
         if not self.shared_apt_cache:
             archives = self.root / "var/cache/apt/archives"
             archives.mkdir(parents=True, exist_ok=True)
@@ -448,6 +453,7 @@ class Relay:
             "-b",
             f"--machine={self.name}",
             "--console=read-only",
+            "--resolv-conf=off",
             f"--bind={pip_cache()}:/root/.cache/pip",
         ]
         if self.shared_apt_cache:
@@ -457,8 +463,7 @@ class Relay:
         if self.mail_fs.is_mount():
             cmd.append(f"--bind={self.mail_fs}:{MAILBOXES_PARENT}")
         if self.network_bridge:
-            # The rootfs carries its own resolv.conf (the lab's DNS), not the host's.
-            cmd += [f"--network-bridge={self.network_bridge}", "--resolv-conf=off"]
+            cmd.append(f"--network-bridge={self.network_bridge}")
         with open(self.log_path, "ab") as console:
             proc = subprocess.Popen(
                 cmd,

@@ -62,9 +62,11 @@ def _remove_stale_sessions() -> None:
 _RUNNING: list[relayctl.Relay] = []
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """Stop the container after the last test of this folder, not at the end of the whole
-    session: the rest of the suite should not share the host with a running relay."""
+    session: the rest of the suite should not share the host with a running relay. Last,
+    after pytest's own teardown ran the test's fixtures' finalizers, which may still use it."""
     here = Path(__file__).parent
     if nextitem is None or here not in Path(nextitem.path).parents:
         while _RUNNING:
@@ -128,10 +130,10 @@ def selected_platforms() -> tuple:
 def pytest_generate_tests(metafunc):
     # Session scope: pytest groups the tests by platform and tears one container down
     # before it boots the next.
-    # A module may name the platforms it applies to (ON_PLATFORMS: platform ids).
+    # A test or module may name the platforms it applies to (mark.on_platforms: ids).
     if "platform" in metafunc.fixturenames:
-        only = getattr(metafunc.module, "ON_PLATFORMS", None)
-        platforms = [p for p in selected_platforms() if only is None or p.id in only]
+        only = metafunc.definition.get_closest_marker("on_platforms")
+        platforms = [p for p in selected_platforms() if only is None or p.id in only.args]
         metafunc.parametrize(
             "platform", platforms, ids=[p.id for p in platforms], indirect=True, scope="session"
         )

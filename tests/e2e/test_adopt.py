@@ -41,10 +41,13 @@ from relayclient import (
     start_rpc,
 )
 
-pytestmark = [pytest.mark.container, pytest.mark.timeout(2400)]
-#: Upstream relays are Debian 12 with Postfix (its only documented target): adopted there.
-#: The refusal of `mta: opensmtpd` is a pillar's, tested on the same container.
-ON_PLATFORMS = ("debian12-postfix",)
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.timeout(2400),
+    # Upstream relays are Debian 12 with Postfix (its only documented target): adopted there.
+    # The refusal of `mta: opensmtpd` is a pillar's, tested on the same container.
+    pytest.mark.on_platforms("debian12-postfix"),
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SESSIONS_DIR = Path("/var/tmp/chatmail-test")

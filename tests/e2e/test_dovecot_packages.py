@@ -17,7 +17,12 @@ import relayctl
 from deltachat_rpc_client import DeltaChat
 from relayclient import online_account, ping_pong, start_rpc
 
-pytestmark = [pytest.mark.container, pytest.mark.timeout(3600)]
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.timeout(3600),
+    # Dovecot and its packages do not depend on the MTA: debian13-postfix covers trixie.
+    pytest.mark.on_platforms("debian12-postfix", "debian13-postfix"),
+]
 
 API_PORT = 8077
 TOKENS_FILE = "/etc/chatmail/api-tokens.json"
@@ -60,9 +65,6 @@ def dovecot_check(relay) -> dict:
 @pytest.fixture(scope="module")
 def patched_relay(relay, relay_pillar, platform):
     """The session's relay switched to the patched build (the last test switches back)."""
-    if platform.mta != "postfix":
-        # Dovecot and its packages do not depend on the MTA: debian13-postfix covers trixie
-        pytest.skip("the same Dovecot packages as the release's Postfix relay")
     stock = installed(relay)
     assert "+chatmail" not in stock
     relay.container.provide_dovecot_packages(dovecotbuild.ensure_built(platform.suite))

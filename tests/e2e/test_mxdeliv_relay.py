@@ -124,14 +124,11 @@ def wait_for_line(relay, needles: tuple[str, ...], *match: str, timeout: float =
         time.sleep(0.5)
 
 
-def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
-    relay, relay_pillar, platform
-):
-    """The HTTPS-first transport with the real Postfix: a _ peer domain that resolves to
-    this very relay, so its own nginx and /mxdeliv answer (refusing: the peer is not our
-    domain), then, with /mxdeliv gone, the SMTP channel (Postfix's smtp client, port 25)."""
-    if platform.mta != "postfix":
-        pytest.skip("Postfix's transport (OpenSMTPD's: the next test)")
+@pytest.fixture
+def https_first(relay, relay_pillar):
+    """The relay with the HTTPS-first transport (daemons.mxtransport) and a _ peer domain
+    that resolves to this very relay, so its own nginx and /mxdeliv answer (refusing: the
+    peer is not our domain). Switched off again after the test, as an operator would."""
     container = relay.container
     pillar = relay_pillar()
     pillar["chatmail"]["daemons"] = {"mxtransport": True}
@@ -139,86 +136,80 @@ def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
     try:
         result = container.apply()
         assert result.ok, result.summary()
-        assert "default_transport = mxtransport:inet:127.0.0.1:10083" in container.read_file(
-            "/etc/postfix/main.cf"
-        )
         relay.local_data("_peer.test. 300 IN A 127.0.0.1")
-        # and its MX, so no MTA asks the forwarder about a name that does not exist there
-        relay.local_data("_peer.test. 300 IN MX 10 _peer.test.")
-        addr, password = relay.new_account()
-        peer = "bob@_peer.test"
-        relay.send(465, addr, password, [peer], encrypted_mail(addr, [peer], message_id("x")))
-        # over HTTPS: the receiver's refusal is the reply Postfix bounces with
-        line = wait_for_line(relay, (f"to=<{peer}>",), "-u", "mxtransport")
-        assert "channel=https result=refused relay=_peer.test" in line, line
-        bounced = wait_for_line(relay, (f"to=<{peer}>",), "-t", "postfix/mxtransport/lmtp")
-        assert "status=bounced" in bounced and "Relay access denied" in bounced, bounced
-        # without /mxdeliv (its listener stopped: nginx answers 502): the SMTP channel
-        container.run(["systemctl", "stop", "mxdeliv"])
-        peer2 = "carol@_peer.test"
-        relay.send(465, addr, password, [peer2], encrypted_mail(addr, [peer2], message_id("y")))
-        line = wait_for_line(relay, (f"to=<{peer2}>", "channel=smtp"), "-u", "mxtransport")
-        assert "channel=smtp result=accepted relay=_peer.test" in line, line
-        assert "https: HTTP 502" in line, line
-        # queued again for Postfix's smtp client, which tries port 25 of _peer.test
-        smtp = wait_for_line(relay, (f"to=<{peer2}>", "status="), "-t", "postfix/smtp")
-        assert "relay=" in smtp, smtp
+        yield container
     finally:
         container.run(["systemctl", "start", "mxdeliv"], check=False)
         container.configure_salt(relay_pillar())
         result = container.apply()
     assert result.ok, result.summary()
-    assert "default_transport" not in container.read_file("/etc/postfix/main.cf")
-
-
-def test_opensmtpd_sends_over_https_first_and_hands_refusals_and_failures_to_its_relay(
-    relay, relay_pillar, platform
-):
-    """The HTTPS-first transport behind the real smtpd: a _ peer domain that resolves to this
-    very relay, whose /mxdeliv refuses (the peer is not our domain). smtpd 7.6 would retry
-    an LMTP refusal for days, so the transport hands it to the SMTP channel, smtpd's relay
-    takes it to port 25 (this relay again), which refuses it there, and smtpd bounces. With
-    /mxdeliv gone, the same SMTP channel."""
-    if platform.mta != "opensmtpd":
-        pytest.skip("OpenSMTPD's transport (Postfix's: the test before)")
-    container = relay.container
-    pillar = relay_pillar()
-    pillar["chatmail"]["daemons"] = {"mxtransport": True}
-    container.configure_salt(pillar)
-    try:
-        result = container.apply()
-        assert result.ok, result.summary()
+    if relay.platform.mta == "postfix":
+        assert "default_transport" not in container.read_file("/etc/postfix/main.cf")
+    else:
         conf = container.read_file("/etc/smtpd.conf")
-        assert 'action "mxtransport" lmtp "127.0.0.1:10083"' in conf
-        assert 'tag "smtp_channel"' in conf
-        relay.local_data("_peer.test. 300 IN A 127.0.0.1")
-        # and its MX, so no MTA asks the forwarder about a name that does not exist there
-        relay.local_data("_peer.test. 300 IN MX 10 _peer.test.")
-        addr, password = relay.new_account()
-        cases = [("bob@_peer.test", "channel=https result=refused"), ("carol@_peer.test", None)]
-        for peer, https in cases:
-            if https is None:  # /mxdeliv's listener stopped: nginx answers 502
-                container.run(["systemctl", "stop", "mxdeliv"])
-            msg = encrypted_mail(addr, [peer], message_id("x"))
-            relay.send(465, addr, password, [peer], msg)
-            if https:
-                line = wait_for_line(relay, (f"to=<{peer}>", "channel=https"), "-u", "mxtransport")
-                assert f"{https} relay=_peer.test" in line and "Relay access denied" in line, line
-            line = wait_for_line(relay, (f"to=<{peer}>", "channel=smtp"), "-u", "mxtransport")
-            assert "channel=smtp result=accepted relay=_peer.test" in line, line
-            if https is None:
-                assert "https: HTTP 502" in line, line
-            # smtpd's SMTP relay (not the transport again) met port 25's refusal: a bounce
-            refused = wait_for_line(
-                relay, (" mta delivery ", f"to=<{peer}>", "PermFail"), "-u", "opensmtpd"
-            )
-            assert "Invalid recipient" in refused, refused
-        agent = journal(relay, "-u", "opensmtpd")
-        assert "user=opensmtpd" in agent and "Loop detected" not in agent
-    finally:
-        container.run(["systemctl", "start", "mxdeliv"], check=False)
-        container.configure_salt(relay_pillar())
-        result = container.apply()
-    assert result.ok, result.summary()
+        assert "smtp_channel" not in conf and 'action "mxtransport" relay tls' in conf
+
+
+@pytest.mark.on_platforms("debian12-postfix", "debian13-postfix")
+def test_postfix_sends_over_https_first_and_falls_back_to_its_smtp_client(
+    relay, https_first
+):
+    """The HTTPS-first transport with the real Postfix: over HTTPS to the peer (this relay),
+    then, with /mxdeliv gone, the SMTP channel (Postfix's smtp client, port 25)."""
+    container = https_first
+    assert "default_transport = mxtransport:inet:127.0.0.1:10083" in container.read_file(
+        "/etc/postfix/main.cf"
+    )
+    addr, password = relay.new_account()
+    peer = "bob@_peer.test"
+    relay.send(465, addr, password, [peer], encrypted_mail(addr, [peer], message_id("x")))
+    # over HTTPS: the receiver's refusal is the reply Postfix bounces with
+    line = wait_for_line(relay, (f"to=<{peer}>",), "-u", "mxtransport")
+    assert "channel=https result=refused relay=_peer.test" in line, line
+    bounced = wait_for_line(relay, (f"to=<{peer}>",), "-t", "postfix/mxtransport/lmtp")
+    assert "status=bounced" in bounced and "Relay access denied" in bounced, bounced
+    # without /mxdeliv (its listener stopped: nginx answers 502): the SMTP channel
+    container.run(["systemctl", "stop", "mxdeliv"])
+    peer2 = "carol@_peer.test"
+    relay.send(465, addr, password, [peer2], encrypted_mail(addr, [peer2], message_id("y")))
+    line = wait_for_line(relay, (f"to=<{peer2}>", "channel=smtp"), "-u", "mxtransport")
+    assert "channel=smtp result=accepted relay=_peer.test" in line, line
+    assert "https: HTTP 502" in line, line
+    # queued again for Postfix's smtp client, which tries port 25 of _peer.test
+    smtp = wait_for_line(relay, (f"to=<{peer2}>", "status="), "-t", "postfix/smtp")
+    assert "relay=" in smtp, smtp
+
+
+@pytest.mark.on_platforms("debian13-opensmtpd")
+def test_opensmtpd_sends_over_https_first_and_hands_refusals_and_failures_to_its_relay(
+    relay, https_first
+):
+    """The HTTPS-first transport behind the real smtpd. smtpd 7.6 would retry an LMTP
+    refusal for days, so the transport hands the peer's refusal to the SMTP channel, smtpd's
+    relay takes it to port 25 (this relay again), which refuses it there, and smtpd bounces.
+    With /mxdeliv gone, the same SMTP channel."""
+    container = https_first
     conf = container.read_file("/etc/smtpd.conf")
-    assert "smtp_channel" not in conf and 'action "mxtransport" relay tls' in conf
+    assert 'action "mxtransport" lmtp "127.0.0.1:10083"' in conf
+    assert 'tag "smtp_channel"' in conf
+    addr, password = relay.new_account()
+    cases = [("bob@_peer.test", "channel=https result=refused"), ("carol@_peer.test", None)]
+    for peer, https in cases:
+        if https is None:  # /mxdeliv's listener stopped: nginx answers 502
+            container.run(["systemctl", "stop", "mxdeliv"])
+        msg = encrypted_mail(addr, [peer], message_id("x"))
+        relay.send(465, addr, password, [peer], msg)
+        if https:
+            line = wait_for_line(relay, (f"to=<{peer}>", "channel=https"), "-u", "mxtransport")
+            assert f"{https} relay=_peer.test" in line and "Relay access denied" in line, line
+        line = wait_for_line(relay, (f"to=<{peer}>", "channel=smtp"), "-u", "mxtransport")
+        assert "channel=smtp result=accepted relay=_peer.test" in line, line
+        if https is None:
+            assert "https: HTTP 502" in line, line
+        # smtpd's SMTP relay (not the transport again) met port 25's refusal: a bounce
+        refused = wait_for_line(
+            relay, (" mta delivery ", f"to=<{peer}>", "PermFail"), "-u", "opensmtpd"
+        )
+        assert "Invalid recipient" in refused, refused
+    agent = journal(relay, "-u", "opensmtpd")
+    assert "user=opensmtpd" in agent and "Loop detected" not in agent
